@@ -1,0 +1,39 @@
+"""diffusers_tree: TreeGRPO tree rollouts for diffusers.
+
+`TreeSDEScheduler` drops into any stock FLUX / SD3 / SDXL / SD1.5 pipeline; `dynamics`, `advantages` and `plan`
+hold the math as small pure functions.
+"""
+
+from .advantages import (
+    WindowPolicy,
+    aggregate_rewards,
+    backup_advantages,
+    effective_sample_size,
+    group_normalize,
+    sample_window_start,
+    window_probs,
+)
+from .dynamics import StepResult, ddim_step, flow_step
+from .plan import BranchPlan, tree_counts, unique_rows
+from .scheduling_tree_sde import TreeSDEScheduler, TreeSDESchedulerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BranchPlan",
+    "StepResult",
+    "TreeSDEScheduler",
+    "TreeSDESchedulerOutput",
+    "WindowPolicy",
+    "aggregate_rewards",
+    "backup_advantages",
+    "ddim_step",
+    "effective_sample_size",
+    "flow_step",
+    "group_normalize",
+    "sample_window_start",
+    "tree_counts",
+    "unique_rows",
+    "window_probs",
+    "__version__",
+]

@@ -1,0 +1,175 @@
+"""The branching plan: per denoising step, how many children each frontier node gets and whether the step is SDE.
+
+Step indices run up from noise as in the paper: step i takes the frontier from level i to level i+1; level 0 is
+the root (one shared noise per tree), level T holds the leaves. Children of node j at level i are the nodes
+`j·b_i … j·b_i + b_i - 1` at level i+1, so the leaves of node j at level i are a contiguous block of
+`num_leaves / frontier_sizes[i]` leaves: the ancestor of leaf l at level i is `l // (num_leaves / frontier_sizes[i])`.
+
+Three shapes (SPEC §2.1, §5):
+- `tree` (TreeGRPO): ODE everywhere except a window of `window_width` SDE steps starting at `window_start`,
+  where every node gets `branch_factor` children. Leaves `k^w`.
+- `flat` (DanceGRPO-style): G trajectories from one root noise, SDE at every step; the root splits into G at
+  step 0 and each trajectory is a single-child SDE chain after it.
+- `mix` (MixGRPO-style): G trajectories, ODE outside a window of SDE steps; identical until the window, so the
+  split into G happens at the window's first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    """Immutable branching plan of one tree.
+
+    Args:
+        branch_factors (`tuple[int, ...]`): children per frontier node at each step i = 0 … T-1.
+        sde_steps (`tuple[bool, ...]`): whether step i is stochastic (its edges carry log-probs and are trained).
+        algorithm (`str`): `"tree"`, `"flat"` or `"mix"`; the name of the shape, for logs.
+
+    Example:
+        ```py
+        >>> from diffusers_tree.plan import BranchPlan
+        >>> plan = BranchPlan.tree(num_steps=10, branch_factor=3, window_width=3, window_start=2)
+        >>> plan.num_leaves, plan.trained_parents, plan.rows_per_tree
+        (27, 13, 150)
+        ```
+    """
+
+    branch_factors: tuple[int, ...]
+    sde_steps: tuple[bool, ...]
+    algorithm: str = "tree"
+
+    def __post_init__(self):
+        if len(self.branch_factors) != len(self.sde_steps) or not self.branch_factors:
+            raise ValueError(
+                f"branch_factors ({len(self.branch_factors)} steps) and sde_steps ({len(self.sde_steps)} steps) "
+                "must be non-empty and of equal length."
+            )
+        for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps)):
+            if factor < 1:
+                raise ValueError(f"branch factor at step {i} is {factor}; it must be >= 1.")
+            if factor > 1 and not sde:
+                raise ValueError(f"step {i} branches into {factor} but is ODE: deterministic children are identical.")
+
+    # ---- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def tree(cls, num_steps: int, branch_factor: int, window_width: int, window_start: int) -> BranchPlan:
+        """TreeGRPO: `branch_factor` children per node at each of the `window_width` SDE steps from `window_start`."""
+        _check_window(num_steps, window_width, window_start)
+        if branch_factor < 1:
+            raise ValueError(f"branch_factor must be >= 1, got {branch_factor}.")
+        window = range(window_start, window_start + window_width)
+        return cls(
+            branch_factors=tuple(branch_factor if i in window else 1 for i in range(num_steps)),
+            sde_steps=tuple(i in window for i in range(num_steps)),
+            algorithm="tree",
+        )
+
+    @classmethod
+    def flat(cls, num_steps: int, num_trajectories: int) -> BranchPlan:
+        """DanceGRPO-style: `num_trajectories` SDE trajectories from one shared root noise."""
+        if num_steps < 1 or num_trajectories < 1:
+            raise ValueError(f"num_steps ({num_steps}) and num_trajectories ({num_trajectories}) must be >= 1.")
+        return cls(
+            branch_factors=(num_trajectories,) + (1,) * (num_steps - 1),
+            sde_steps=(True,) * num_steps,
+            algorithm="flat",
+        )
+
+    @classmethod
+    def mix(cls, num_steps: int, num_trajectories: int, window_width: int, window_start: int) -> BranchPlan:
+        """MixGRPO-style: `num_trajectories` trajectories, SDE only inside the window, ODE elsewhere."""
+        _check_window(num_steps, window_width, window_start)
+        window = range(window_start, window_start + window_width)
+        return cls(
+            branch_factors=tuple(num_trajectories if i == window_start else 1 for i in range(num_steps)),
+            sde_steps=tuple(i in window for i in range(num_steps)),
+            algorithm="mix",
+        )
+
+    # ---- derived counts -----------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.branch_factors)
+
+    @cached_property
+    def frontier_sizes(self) -> tuple[int, ...]:
+        """Nodes per tree at each level 0 … T (level i is the frontier before step i)."""
+        sizes = [1]
+        for factor in self.branch_factors:
+            sizes.append(sizes[-1] * factor)
+        return tuple(sizes)
+
+    @property
+    def num_leaves(self) -> int:
+        return self.frontier_sizes[-1]
+
+    @property
+    def num_nodes(self) -> int:
+        """All nodes of one tree, root and leaves included."""
+        return sum(self.frontier_sizes)
+
+    @property
+    def rows_per_tree(self) -> int:
+        """Denoiser rows to sample one tree (per CFG half): one forward per node before each step."""
+        return sum(self.frontier_sizes[:-1])
+
+    @property
+    def trained_edges(self) -> int:
+        """Edges with a log-prob (children created by SDE steps)."""
+        return sum(self.frontier_sizes[i + 1] for i in range(self.num_steps) if self.sde_steps[i])
+
+    @property
+    def trained_parents(self) -> int:
+        """Parent nodes of trained edges: one training forward each, shared by all its children."""
+        return sum(self.frontier_sizes[i] for i in range(self.num_steps) if self.sde_steps[i])
+
+    @property
+    def window_start(self) -> int | None:
+        """First SDE step, or `None` if there is none."""
+        return next((i for i, sde in enumerate(self.sde_steps) if sde), None)
+
+    @property
+    def window_width(self) -> int:
+        return sum(self.sde_steps)
+
+    def ancestor_of_leaf(self, level: int, leaf: int) -> int:
+        """Index (within its tree) of the ancestor at `level` of leaf `leaf`."""
+        return leaf // (self.num_leaves // self.frontier_sizes[level])
+
+    def describe(self) -> str:
+        """One line per step: `step i: SDE x3 (1 -> 3 nodes)`."""
+        lines = []
+        for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps)):
+            kind = f"SDE x{factor}" if sde else "ODE"
+            lines.append(f"step {i}: {kind} ({self.frontier_sizes[i]} -> {self.frontier_sizes[i + 1]} nodes)")
+        return "\n".join(lines)
+
+
+def _check_window(num_steps: int, window_width: int, window_start: int) -> None:
+    if not 1 <= window_width <= num_steps:
+        raise ValueError(f"window_width must be between 1 and num_steps={num_steps}, got {window_width}.")
+    if not 0 <= window_start <= num_steps - window_width:
+        raise ValueError(
+            f"window_start={window_start} does not fit a window of width {window_width} in {num_steps} steps; "
+            f"allowed: 0 … {num_steps - window_width}."
+        )
+
+
+def tree_counts(branch_factor: int, window_width: int) -> dict[str, int]:
+    """Closed forms of SPEC §2.1: leaves k^w, trained edges k + … + k^w, trained parents (k^w - 1)/(k - 1)."""
+    k, w = branch_factor, window_width
+    parents = w if k == 1 else (k**w - 1) // (k - 1)
+    return {"leaves": k**w, "trained_edges": sum(k**d for d in range(1, w + 1)), "trained_parents": parents}
+
+
+def unique_rows(num_steps: int, branch_factor: int, window_width: int, window_start: int) -> int:
+    """Closed form of rows per tree (per CFG half): s + (k^w - 1)/(k - 1) + k^w·(T - s - w)."""
+    k, w, s = branch_factor, window_width, window_start
+    return s + tree_counts(k, w)["trained_parents"] + k**w * (num_steps - s - w)
+
+
+__all__ = ["BranchPlan", "tree_counts", "unique_rows"]
