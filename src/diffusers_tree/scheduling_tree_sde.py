@@ -2,7 +2,7 @@
 
 Notation (SPEC §2): step index i runs up from noise (i = 0 is the root, pure noise), as in the paper; for the flow
 family step i goes from `sigmas[i]` down to `sigmas[i+1]`, for the DDPM family from `timesteps[i]` to
-`timesteps[i] - num_train_timesteps // num_inference_steps`. `branch_factor` = k, `window_width` = w,
+`timesteps[i+1]` (DDIM's `t - num_train_timesteps // num_inference_steps` for its default spacing). `branch_factor` = k, `window_width` = w,
 `window_start` = s, `window_ratio` = r, `eta` = η.
 
 Two ways to use it:
@@ -273,9 +273,12 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
                          generator=generator)
 
     def alpha_pair(self, step_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, ᾱ_prev) of DDIM step(s): ᾱ_prev at t - num_train_timesteps // num_inference_steps."""
-        t = self.timesteps.cpu()[step_index].long()
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        """(ᾱ_t, ᾱ_prev) of DDIM step(s). ᾱ_prev is read at the next timestep of the schedule (for DDIM's
+        "leading"/"trailing" spacings that is DDIM's t - num_train_timesteps // num_inference_steps; for
+        "linspace" it keeps the step on the grid the sampler really visits), and `final_alpha_cumprod` after the
+        last step."""
+        grid = torch.cat([self.timesteps.cpu().long(), torch.tensor([-1])])
+        t, prev_t = grid[step_index], grid[step_index + 1]
         alphas = self.base.alphas_cumprod.float()
         final = torch.as_tensor(self.base.final_alpha_cumprod, dtype=torch.float32)
         alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final)
