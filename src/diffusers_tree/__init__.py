@@ -14,7 +14,9 @@ from .advantages import (
     window_probs,
 )
 from .dynamics import StepResult, ddim_step, flow_step
+from .pipeline_tree_rollout import TreeRolloutOutput, TreeRolloutPipeline
 from .plan import BranchPlan, tree_counts, unique_rows
+from .record import RolloutRecord
 from .scheduling_tree_sde import TreeSDEScheduler, TreeSDESchedulerOutput
 
 __version__ = "0.1.0"
@@ -22,6 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BranchPlan",
     "StepResult",
+    "RolloutRecord",
+    "TreeRolloutOutput",
+    "TreeRolloutPipeline",
     "TreeSDEScheduler",
     "TreeSDESchedulerOutput",
     "WindowPolicy",

@@ -27,7 +27,8 @@ def window_probs(num_steps: int, width: int, ratio: float) -> torch.Tensor:
     num_starts = num_steps - width
     if num_starts < 1:
         raise ValueError(
-            f"A window of width {width} in {num_steps} steps cannot avoid the last step; need window_width < num_steps."
+            f"A window of width {width} in {num_steps} steps cannot avoid the last step; "
+            "need window_width < num_steps."
         )
     if not 0 < ratio <= 1:
         raise ValueError(f"window_ratio must be in (0, 1], got {ratio}.")

@@ -48,7 +48,7 @@ class BranchPlan:
                 f"branch_factors ({len(self.branch_factors)} steps) and sde_steps ({len(self.sde_steps)} steps) "
                 "must be non-empty and of equal length."
             )
-        for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps)):
+        for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps, strict=True)):
             if factor < 1:
                 raise ValueError(f"branch factor at step {i} is {factor}; it must be >= 1.")
             if factor > 1 and not sde:
@@ -143,7 +143,7 @@ class BranchPlan:
     def describe(self) -> str:
         """One line per step: `step i: SDE x3 (1 -> 3 nodes)`."""
         lines = []
-        for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps)):
+        for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps, strict=True)):
             kind = f"SDE x{factor}" if sde else "ODE"
             lines.append(f"step {i}: {kind} ({self.frontier_sizes[i]} -> {self.frontier_sizes[i + 1]} nodes)")
         return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 Notation (SPEC §2): step index i runs up from noise (i = 0 is the root, pure noise), as in the paper; for the flow
 family step i goes from `sigmas[i]` down to `sigmas[i+1]`, for the DDPM family from `timesteps[i]` to
-`timesteps[i+1]` (DDIM's `t - num_train_timesteps // num_inference_steps` for its default spacing). `branch_factor` = k, `window_width` = w,
-`window_start` = s, `window_ratio` = r, `eta` = η.
+`timesteps[i+1]` (DDIM's `t - num_train_timesteps // num_inference_steps` for its default spacing).
+`branch_factor` = k, `window_width` = w, `window_start` = s, `window_ratio` = r, `eta` = η.
 
 Two ways to use it:
 1. Swapped into a stock pipeline (fixed-batch mode): every `k^w` consecutive rows of the batch are the leaves of
@@ -120,7 +120,9 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         allowed = FLOW_SDE_TYPES if self.family == "flow" else DDPM_SDE_TYPES
         sde_type = sde_type or allowed[0]
         if sde_type not in allowed:
-            raise ValueError(f"sde_type={sde_type!r} does not apply to {type(base).__name__}; choose one of {allowed}.")
+            raise ValueError(
+                f"sde_type={sde_type!r} does not apply to {type(base).__name__}; choose one of {allowed}."
+            )
         if algorithm not in ALGORITHMS:
             raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
         if branch_factor < 1 or window_width < 1:

@@ -84,7 +84,7 @@ def test_aggregate_rewards_modes():
 
 
 def binary_tree():
-    """root 0 -(ODE)-> 1; 1 -(SDE)-> 2, 3; 2 -(SDE)-> 4, 5; 3 -(SDE)-> 6, 7; leaves 4..7 each with an ODE tail 8..11."""
+    """root 0 -(ODE)-> 1; 1 -(SDE)-> 2, 3; 2 -(SDE)-> 4, 5; 3 -(SDE)-> 6, 7; then an ODE tail 4..7 -> 8..11."""
     parent = torch.tensor([-1, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7])
     log_prob = torch.tensor([NAN, NAN, -1.0, -2.0, 0.0, math.log(3.0), -5.0, -5.0, NAN, NAN, NAN, NAN])
     leaf_adv = torch.full((12,), NAN)

@@ -1,0 +1,116 @@
+"""One small adapter per pipeline family: prompt encoding, the denoiser call, timesteps, latents, decoding.
+
+The tree loop in `pipeline_tree_rollout.py` talks to a pipeline only through the `PipelineAdapter` protocol and
+never imports a model class. Adding a family = one file here that defines an adapter class and registers it with
+`@register_adapter("PipelineClassName", ...)`, plus its test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+_ADAPTERS: dict[str, type] = {}
+
+
+@dataclass
+class Conditioning:
+    """Prompt conditioning, encoded once per prompt and indexed per node row.
+
+    Args:
+        cond (`dict[str, torch.Tensor]`): per-prompt tensors `[P, ...]` passed to the denoiser by keyword.
+        uncond (`dict[str, torch.Tensor]`, *optional*): the negative-prompt tensors `[P, ...]` when CFG is on.
+        shared (`dict[str, Any]`): tensors the same for every row (FLUX's `txt_ids`/`img_ids`, guidance).
+        guidance_scale (`float`): g of `u + g·(c - u)` (CFG) or FLUX's distilled guidance.
+        height, width (`int`): the image size, for families whose denoiser or decoder needs it.
+    """
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    guidance_scale: float
+    height: int
+    width: int
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.uncond is not None
+
+    @property
+    def num_prompts(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+
+class PipelineAdapter(Protocol):
+    """What the tree loop needs from a pipeline family."""
+
+    pipe: Any
+    prediction_type: str  # "flow" | "epsilon" | "v_prediction"
+
+    @property
+    def denoiser(self) -> torch.nn.Module: ...
+
+    def encode(self, prompts: list[str], *, negative_prompt: str | list[str] | None, guidance_scale: float,
+               height: int, width: int, max_sequence_length: int | None) -> Conditioning: ...
+
+    def prepare_latents(self, num: int, height: int, width: int, generator, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def set_timesteps(self, scheduler, num_inference_steps: int, latents: torch.Tensor) -> None: ...
+
+    def model_forward(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict[str, torch.Tensor],
+                      conditioning: Conditioning) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor: ...
+
+
+def register_adapter(*pipeline_class_names: str):
+    """Class decorator: use this adapter for pipelines of these class names (and their subclasses)."""
+
+    def wrap(cls):
+        for name in pipeline_class_names:
+            _ADAPTERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def adapter_for(pipe) -> PipelineAdapter:
+    """The adapter registered for `pipe`'s class (or the nearest registered base class)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__](pipe)
+    raise ValueError(
+        f"No tree-rollout adapter for {type(pipe).__name__}; supported: {sorted(_ADAPTERS)}. "
+        "Add one file in diffusers_tree/adapters/ to support a new family."
+    )
+
+
+def guided_model_output(
+    adapter: PipelineAdapter,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_index: torch.Tensor,
+    conditioning: Conditioning,
+) -> torch.Tensor:
+    """The denoiser output used by every step formula: with CFG, one batched forward over [uncond; cond] rows and
+    `u + g·(c - u)`; without, the conditional output. `latents` `[R, ...]`, `timestep` and `prompt_index` `[R]`.
+    The same function runs at sampling and at training time, so the guided output matches exactly."""
+    cond = {k: v[prompt_index] for k, v in conditioning.cond.items()}
+    if not conditioning.do_cfg:
+        return adapter.model_forward(latents, timestep, cond, conditioning)
+    both = {k: torch.cat([conditioning.uncond[k][prompt_index], cond[k]]) for k in cond}
+    out = adapter.model_forward(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both, conditioning)
+    uncond_out, cond_out = out.chunk(2)
+    return uncond_out + conditioning.guidance_scale * (cond_out - uncond_out)
+
+
+def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] to float images in [0, 1], as the pipelines' `output_type="pt"`."""
+    return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+from . import flux, sd, sd3, sdxl  # noqa: E402,F401  (registers the built-in families)
+
+__all__ = ["Conditioning", "PipelineAdapter", "adapter_for", "guided_model_output", "register_adapter"]

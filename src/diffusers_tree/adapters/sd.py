@@ -1,0 +1,45 @@
+"""Stable Diffusion 1.x/2.x (UNet, ε- or v-prediction, CFG over [uncond; cond])."""
+
+from __future__ import annotations
+
+import torch
+
+from . import Conditioning, postprocess_decoded, register_adapter
+
+
+@register_adapter("StableDiffusionPipeline")
+class StableDiffusionAdapter:
+    default_guidance_scale = 7.5
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
+        do_cfg = guidance_scale > 1
+        cond, uncond = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, do_cfg, negative_prompt)
+        return Conditioning(
+            cond={"encoder_hidden_states": cond},
+            uncond={"encoder_hidden_states": uncond} if do_cfg else None,
+            guidance_scale=guidance_scale, height=height, width=width,
+        )
+
+    def prepare_latents(self, num, height, width, generator, dtype):
+        pipe = self.pipe
+        channels = pipe.unet.config.in_channels
+        return pipe.prepare_latents(num, channels, height, width, dtype, pipe._execution_device, generator)
+
+    def set_timesteps(self, scheduler, num_inference_steps, latents):
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+
+    def model_forward(self, latents, timestep, inputs, conditioning):
+        return self.pipe.unet(latents, timestep, encoder_hidden_states=inputs["encoder_hidden_states"],
+                              return_dict=False)[0]
+
+    def decode(self, latents, conditioning):
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return postprocess_decoded(self.pipe, image)

@@ -1,0 +1,252 @@
+"""`TreeRolloutPipeline`: tree rollouts in which every unique node goes through the denoiser exactly once.
+
+The frontier of all trees of all prompts advances in lockstep (every tree has the same plan, so all frontier nodes
+sit at the same step): one timestep per step, the frontier batched (chunked to `max_batch_size` rows) with CFG's
+[uncond; cond] halves in the same forward. At an SDE step each frontier node's single model output gives the mean
+of all its `k` children. The noise convention is the scheduler's (`draw_branch_noise`), so with the same root
+latents and generator the leaves equal the stock pipeline's with `TreeSDEScheduler` swapped in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+
+from .adapters import Conditioning, PipelineAdapter, adapter_for, guided_model_output
+from .plan import BranchPlan
+from .record import RecordBuilder, RolloutRecord
+from .scheduling_tree_sde import TreeSDEScheduler, draw_branch_noise
+
+logger = logging.getLogger(__name__)
+
+# prune(step_index, latents [R, ...], model_output [R, ...], prompt_index [R]) -> indices of frontier rows to keep
+PruneFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TreeRolloutOutput(BaseOutput):
+    """Output of [`TreeRolloutPipeline.__call__`].
+
+    Args:
+        images (`torch.Tensor` or `list[PIL.Image.Image]`): every leaf, grouped by prompt, then tree, then leaf:
+            `[num_prompts · num_trees · num_leaves, 3, H, W]` in [0, 1] for `output_type="pt"`.
+        record ([`RolloutRecord`], *optional*): the tree structure, log-probs and latents for training.
+        rows (`int`): latent rows that went through the denoiser (CFG halves counted).
+    """
+
+    images: object
+    record: RolloutRecord | None
+    rows: int
+
+
+class TreeRolloutPipeline:
+    """Samples TreeGRPO trees (or the flat/mix peer shapes) with a stock pipeline's own components.
+
+    Args:
+        pipe: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` or `FluxPipeline`.
+        scheduler ([`TreeSDEScheduler`]): the tree scheduler; its plan decides the tree shape.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
+        >>> from diffusers_tree.testing import tiny_sd3_pipeline
+        >>> pipe = tiny_sd3_pipeline()
+        >>> tree = TreeRolloutPipeline.from_pipe(pipe, scheduler=TreeSDEScheduler.from_scheduler(pipe.scheduler,
+        ...                                                               window_start=2))
+        >>> out = tree(["a red cat"], num_inference_steps=10, height=32, width=32, max_sequence_length=16,
+        ...            generator=torch.Generator().manual_seed(0))
+        >>> out.images.shape[0], out.rows  # 27 leaves; (2 + 13 + 27·5) nodes × 2 CFG halves
+        (27, 300)
+        ```
+    """
+
+    def __init__(self, pipe, scheduler: TreeSDEScheduler, adapter: PipelineAdapter | None = None):
+        if not isinstance(scheduler, TreeSDEScheduler):
+            raise TypeError(f"scheduler must be a TreeSDEScheduler, got {type(scheduler).__name__}; wrap it with "
+                            "TreeSDEScheduler.from_scheduler(pipe.scheduler, ...).")
+        self.pipe = pipe
+        self.scheduler = scheduler
+        self.adapter = adapter or adapter_for(pipe)
+
+    @classmethod
+    def from_pipe(cls, pipe, scheduler: TreeSDEScheduler | None = None, **tree_kwargs) -> TreeRolloutPipeline:
+        """Build from a loaded stock pipeline; `scheduler` defaults to wrapping `pipe.scheduler` with `tree_kwargs`."""
+        if scheduler is None:
+            scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, **tree_kwargs)
+        elif tree_kwargs:
+            raise ValueError(f"Pass tree settings {sorted(tree_kwargs)} to the scheduler, not with `scheduler=`.")
+        return cls(pipe, scheduler)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.adapter.denoiser
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.pipe.set_progress_bar_config(**kwargs)
+
+    # ---- public entry points ----------------------------------------------------------------------------------
+    def encode(self, prompts: list[str], *, guidance_scale: float | None = None, negative_prompt=None,
+               height: int | None = None, width: int | None = None,
+               max_sequence_length: int | None = None) -> Conditioning:
+        """Encode each prompt once (cond and, with CFG, uncond); reused for sampling and training forwards."""
+        height, width = self._size(height, width)
+        guidance_scale = self.adapter.default_guidance_scale if guidance_scale is None else guidance_scale
+        with torch.no_grad():
+            return self.adapter.encode(list(prompts), negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                       height=height, width=width, max_sequence_length=max_sequence_length)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | list[str],
+        *,
+        num_trees: int = 1,
+        num_inference_steps: int = 10,
+        window_start: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        conditioning: Conditioning | None = None,
+        max_batch_size: int = 64,
+        output_type: str = "pt",
+        return_record: bool = True,
+        record_device: str | torch.device | None = None,
+        prune: PruneFn | None = None,
+    ) -> TreeRolloutOutput:
+        """Roll out `num_trees` trees per prompt.
+
+        Args:
+            prompts (`str` or `list[str]`): one prompt per group.
+            num_trees (`int`, defaults to 1): trees per prompt.
+            num_inference_steps (`int`, defaults to 10): T.
+            window_start (`int`, *optional*): override the scheduler's window start (the trainer's epoch draw).
+            guidance_scale (`float`, *optional*): CFG scale (FLUX: distilled guidance); the family's default.
+            generator (`torch.Generator`, *optional*): draws the root noise, then one branch-noise tensor per SDE
+                step (falls back to the scheduler's `manual_seed` generator, then torch's global RNG).
+            latents (`torch.Tensor`, *optional*): root latents `[num_prompts · num_trees, ...]` in the pipeline's
+                own layout (packed for FLUX).
+            conditioning ([`Conditioning`], *optional*): pre-encoded prompts from [`~TreeRolloutPipeline.encode`].
+            max_batch_size (`int`, defaults to 64): most latent rows per denoiser forward, CFG halves included.
+            output_type (`str`, defaults to `"pt"`): `"pt"`, `"pil"`, `"np"` or `"latent"`.
+            return_record (`bool`, defaults to `True`): build the [`RolloutRecord`] for training.
+            record_device (`str`, *optional*): keep the record's latents there (e.g. `"cpu"`) to bound GPU memory.
+            prune (`callable`, *optional*): called before each step's transition; returns the frontier rows to
+                keep (used by the pruned tree search). With pruning the record is not built.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        height, width = self._size(height, width)
+        if conditioning is None:
+            conditioning = self.encode(prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                       height=height, width=width, max_sequence_length=max_sequence_length)
+        if conditioning.num_prompts != len(prompts):
+            raise ValueError(f"conditioning has {conditioning.num_prompts} prompts but {len(prompts)} were given.")
+        if num_trees < 1 or max_batch_size < (2 if conditioning.do_cfg else 1):
+            raise ValueError(f"num_trees ({num_trees}) must be >= 1 and max_batch_size ({max_batch_size}) >= 2.")
+        num_roots = len(prompts) * num_trees
+        dtype = next(iter(conditioning.cond.values())).dtype
+        if latents is None:
+            latents = self.adapter.prepare_latents(num_roots, height, width, generator, dtype)
+        elif latents.shape[0] != num_roots:
+            raise ValueError(f"latents has {latents.shape[0]} rows; expected num_prompts × num_trees = {num_roots}.")
+        self.adapter.set_timesteps(self.scheduler, num_inference_steps, latents)
+        if window_start is not None:
+            self.scheduler.set_window_start(window_start)
+        plan = self.scheduler.plan
+        noise_generator = generator or self.scheduler.noise_generator
+        leaves, record, rows = self._expand(latents, conditioning, plan, num_trees, noise_generator, max_batch_size,
+                                            prune, return_record and prune is None, record_device)
+        images = leaves if output_type == "latent" else self.decode(leaves, conditioning, max_batch_size, output_type)
+        return TreeRolloutOutput(images=images, record=record, rows=rows)
+
+    def best_of_tree(self, prompts, scorer, **call_kwargs):
+        """Score every leaf with `scorer(images, prompts)` and return the best image per prompt (see `search.py`)."""
+        from .search import best_of_tree
+
+        return best_of_tree(self, prompts, scorer, **call_kwargs)
+
+    def tree_search(self, prompts, scorer, beam: int, **call_kwargs):
+        """Pruned tree search: keep the best `beam` nodes per prompt at each window depth (see `search.py`)."""
+        from .search import tree_search
+
+        return tree_search(self, prompts, scorer, beam=beam, **call_kwargs)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def model_output(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_index: torch.Tensor,
+                     conditioning: Conditioning, max_batch_size: int) -> torch.Tensor:
+        """Guided denoiser output for frontier rows, in chunks of at most `max_batch_size` denoiser rows."""
+        chunk = max_batch_size // (2 if conditioning.do_cfg else 1)
+        outputs = []
+        for start in range(0, latents.shape[0], chunk):
+            part = slice(start, start + chunk)
+            outputs.append(guided_model_output(self.adapter, latents[part], timestep[part], prompt_index[part],
+                                               conditioning))
+        return torch.cat(outputs)
+
+    def _expand(self, roots, conditioning, plan: BranchPlan, num_trees, generator, max_batch_size, prune,
+                build_record, record_device):
+        device = roots.device
+        num_roots = roots.shape[0]
+        x = roots
+        prompt = torch.arange(num_roots, device=device) // num_trees
+        builder = RecordBuilder(plan, prompt.shape[0] // num_trees, num_trees, record_device) if build_record else None
+        node = builder.add_roots(prompt) if builder else None
+        rows = 0
+        cfg_factor = 2 if conditioning.do_cfg else 1
+        with self.pipe.progress_bar(total=plan.num_steps) as progress:
+            for i in range(plan.num_steps):
+                timestep = self.scheduler.timesteps[i].expand(x.shape[0])
+                out = self.model_output(x, timestep, prompt, conditioning, max_batch_size)
+                rows += x.shape[0] * cfg_factor
+                if prune is not None:
+                    keep = prune(i, x, out, prompt)
+                    x, out, prompt = x[keep], out[keep], prompt[keep]
+                factor = plan.branch_factors[i]
+                source = torch.arange(x.shape[0], device=device).repeat_interleave(factor)
+                if plan.sde_steps[i]:
+                    # Eq. 7's window: one forward per parent, k children from its single mean
+                    noise = draw_branch_noise(1, source.shape[0], tuple(x.shape[1:]), generator=generator,
+                                              device=device)
+                    result = self.scheduler.transition(out[source], x[source], i, stochastic=True, noise=noise)
+                else:
+                    result = self.scheduler.transition(out, x, i, stochastic=False)
+                if builder:
+                    node = builder.add_step(i, node, source, x, result, self.scheduler.timesteps[i])
+                x, prompt = result.prev_sample, prompt[source]
+                progress.update()
+        record = builder.finish(x, node, rows) if builder else None
+        return x, record, rows
+
+    def decode(self, latents: torch.Tensor, conditioning: Conditioning, max_batch_size: int = 64,
+               output_type: str = "pt"):
+        """Decode latents in chunks to images in [0, 1] (`"pt"`), PIL (`"pil"`) or numpy (`"np"`)."""
+        with torch.no_grad():
+            images = torch.cat([self.adapter.decode(latents[s:s + max_batch_size], conditioning)
+                                for s in range(0, latents.shape[0], max_batch_size)])
+        if output_type == "pt":
+            return images
+        if output_type == "pil":
+            return _to_pil(images)
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).float().cpu().numpy()
+        raise ValueError(f"Unknown output_type {output_type!r}; choose 'pt', 'pil', 'np' or 'latent'.")
+
+    def _size(self, height, width):
+        pipe = self.pipe
+        size = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        return height or size * pipe.vae_scale_factor, width or size * pipe.vae_scale_factor
+
+
+def _to_pil(images: torch.Tensor):
+    from PIL import Image
+
+    array = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in array]

@@ -1,0 +1,167 @@
+"""The rollout record: what training needs from a tree rollout, and nothing after the window.
+
+Nodes are stored for levels 0 … L (L = the level after the last SDE step) plus the leaves; nodes of the ODE tail
+between level L and the leaves are not stored (each leaf's parent is its ancestor at level L, through an ODE edge
+with NaN log-prob, which the advantage backup passes through unchanged, Eq. 10). Latents are stored once per parent
+of a trained edge and once per trained child.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .plan import BranchPlan
+
+
+@dataclass
+class RolloutRecord:
+    """Tree structure, stored log-probs and latents of one rollout (all trees of all prompts).
+
+    Node arrays `[N]` (roots first, then each level in order; within a level tree-major, then node order):
+        parent (`torch.LongTensor`): parent node id, -1 for roots.
+        level (`torch.LongTensor`): steps from the root; the edge into a node at level l is step l - 1
+            (a leaf's edge from its level-L ancestor stands for the whole ODE tail).
+        prompt_index (`torch.LongTensor`): the node's prompt.
+        tree_index (`torch.LongTensor`): global tree id, `prompt · num_trees + tree`.
+        log_prob (`torch.FloatTensor`): stored log-prob of the edge into the node (NaN: root or ODE edge).
+    Parents of trained edges `[P]` (one training forward each):
+        parent_node, parent_step, parent_timestep, parent_prompt_index (`torch.Tensor`): node id, step index i,
+            the scheduler timestep the denoiser saw, and the prompt.
+        parent_latents (`torch.Tensor`): `[P, ...]` the latent the denoiser saw.
+    Trained edges `[E]` (children of one parent are contiguous):
+        edge_child (`torch.LongTensor`): child node id.
+        edge_parent (`torch.LongTensor`): index into the parent arrays.
+        child_latents (`torch.Tensor`): `[E, ...]` the sampled child latent (re-scored at training time).
+    Leaves `[num_prompts · num_trees · num_leaves]`, in image order:
+        leaf_node (`torch.LongTensor`), leaf_latents (`torch.Tensor`).
+    And: `plan` ([`BranchPlan`]), `num_prompts`, `num_trees`, `rows` (denoiser rows while sampling, CFG halves
+    counted).
+    """
+
+    plan: BranchPlan
+    num_prompts: int
+    num_trees: int
+    parent: torch.Tensor
+    level: torch.Tensor
+    prompt_index: torch.Tensor
+    tree_index: torch.Tensor
+    log_prob: torch.Tensor
+    parent_node: torch.Tensor
+    parent_step: torch.Tensor
+    parent_timestep: torch.Tensor
+    parent_prompt_index: torch.Tensor
+    parent_latents: torch.Tensor
+    edge_child: torch.Tensor
+    edge_parent: torch.Tensor
+    child_latents: torch.Tensor
+    leaf_node: torch.Tensor
+    leaf_latents: torch.Tensor
+    rows: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parent.numel()
+
+    @property
+    def edge_step(self) -> torch.Tensor:
+        """Step index of every trained edge `[E]`."""
+        return self.parent_step[self.edge_parent]
+
+    @property
+    def edge_log_prob(self) -> torch.Tensor:
+        """Stored (sampling-time) log-prob of every trained edge `[E]`."""
+        return self.log_prob[self.edge_child]
+
+    @property
+    def depth(self) -> torch.Tensor:
+        """Number of SDE edges between the root and each node `[N]` (window depth; leaves have depth w)."""
+        sde_before = torch.tensor([0, *torch.tensor(self.plan.sde_steps, dtype=torch.long).cumsum(0).tolist()])
+        return sde_before[self.level.cpu()].to(self.level.device)
+
+    @property
+    def leaf_prompt_index(self) -> torch.Tensor:
+        return self.prompt_index[self.leaf_node]
+
+    def node_values(self, leaf_values: torch.Tensor) -> torch.Tensor:
+        """Scatter per-leaf values `[num_leaves_total]` onto the node array `[N]` (NaN off the leaves), the input
+        layout of `backup_advantages`."""
+        values = torch.full((self.num_nodes,), float("nan"), dtype=torch.float32, device=self.parent.device)
+        values[self.leaf_node] = leaf_values.to(values)
+        return values
+
+    def to(self, device) -> RolloutRecord:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return RolloutRecord(**moved)
+
+
+class RecordBuilder:
+    """Accumulates a [`RolloutRecord`] step by step during a rollout (used by `TreeRolloutPipeline`)."""
+
+    def __init__(self, plan: BranchPlan, num_prompts: int, num_trees: int, device=None):
+        self.plan, self.num_prompts, self.num_trees, self.device = plan, num_prompts, num_trees, device
+        self.last_level = max((i + 1 for i, sde in enumerate(plan.sde_steps) if sde), default=0)
+        self.nodes: dict[str, list[torch.Tensor]] = {k: [] for k in ("parent", "level", "prompt", "tree", "log_prob")}
+        self.parents: dict[str, list[torch.Tensor]] = {k: [] for k in ("node", "step", "timestep", "prompt", "x")}
+        self.edges: dict[str, list[torch.Tensor]] = {k: [] for k in ("child", "parent", "x")}
+        self.num_nodes = self.num_parents = 0
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.device is None else tensor.to(self.device)
+
+    def _add_nodes(self, parent, level, prompt, tree, log_prob) -> torch.Tensor:
+        ids = torch.arange(self.num_nodes, self.num_nodes + parent.numel(), device=parent.device)
+        self.num_nodes += parent.numel()
+        for key, value in zip(("parent", "level", "prompt", "tree", "log_prob"),
+                              (parent, torch.full_like(parent, level), prompt, tree, log_prob), strict=True):
+            self.nodes[key].append(self._keep(value))
+        return ids
+
+    def add_roots(self, prompt: torch.Tensor) -> torch.Tensor:
+        self.tree = torch.arange(prompt.numel(), device=prompt.device)
+        self.prompt = prompt
+        nan = torch.full((prompt.numel(),), float("nan"), device=prompt.device)
+        return self._add_nodes(torch.full_like(prompt, -1), 0, prompt, self.tree, nan)
+
+    def add_step(self, step: int, node: torch.Tensor, source: torch.Tensor, x: torch.Tensor, result,
+                 timestep: torch.Tensor) -> torch.Tensor:
+        """Record step `step` (frontier `node` ids and latents `x`; children `source` → result rows).
+        Returns the node ids that stand for the new frontier."""
+        level, sde = step + 1, self.plan.sde_steps[step]
+        prompt, tree = self.prompt[source], self.tree[source]
+        if sde:
+            slot0 = self.num_parents
+            self.num_parents += node.numel()
+            for key, value in zip(("node", "step", "timestep", "prompt", "x"),
+                                  (node, torch.full_like(node, step), timestep.float().expand(node.numel()),
+                                   self.prompt, x), strict=True):
+                self.parents[key].append(self._keep(value))
+        if level <= self.last_level or level == self.plan.num_steps:
+            log_prob = result.log_prob if sde else torch.full((source.numel(),), float("nan"), device=x.device)
+            new = self._add_nodes(node[source], level, prompt, tree, log_prob.float())
+            if sde:
+                edge = (new, slot0 + source, result.prev_sample)
+                for key, value in zip(("child", "parent", "x"), edge, strict=True):
+                    self.edges[key].append(self._keep(value))
+        else:
+            new = node[source]  # ODE tail: the last stored ancestor stands in
+        self.prompt, self.tree = prompt, tree
+        return new
+
+    def finish(self, leaves: torch.Tensor, leaf_node: torch.Tensor, rows: int) -> RolloutRecord:
+        cat = torch.cat
+        return RolloutRecord(
+            plan=self.plan, num_prompts=self.num_prompts, num_trees=self.num_trees,
+            parent=cat(self.nodes["parent"]), level=cat(self.nodes["level"]), prompt_index=cat(self.nodes["prompt"]),
+            tree_index=cat(self.nodes["tree"]), log_prob=cat(self.nodes["log_prob"]),
+            parent_node=cat(self.parents["node"]), parent_step=cat(self.parents["step"]),
+            parent_timestep=cat(self.parents["timestep"]), parent_prompt_index=cat(self.parents["prompt"]),
+            parent_latents=cat(self.parents["x"]),
+            edge_child=cat(self.edges["child"]), edge_parent=cat(self.edges["parent"]),
+            child_latents=cat(self.edges["x"]),
+            leaf_node=self._keep(leaf_node), leaf_latents=self._keep(leaves), rows=rows,
+        )

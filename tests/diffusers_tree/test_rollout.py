@@ -1,0 +1,160 @@
+"""TreeRolloutPipeline: unique-node row counts, equality with the stock pipeline, the record, best-of-tree."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, backup_advantages, unique_rows  # noqa: E402
+from diffusers_tree.search import best_of_n, count_rows  # noqa: E402
+from diffusers_tree.testing import (  # noqa: E402
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
+
+FAMILIES = {
+    "sd": (tiny_sd_pipeline, {}),
+    "sdxl": (tiny_sdxl_pipeline, {}),
+    "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 16}),
+    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
+}
+PROMPTS = ["a red cat", "a blue dog"]
+SIZE = {"height": 32, "width": 32}
+
+
+def rollout_pipe(family, **tree_kwargs):
+    build, kwargs = FAMILIES[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    return TreeRolloutPipeline.from_pipe(pipe, **tree_kwargs), kwargs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_rows_equal_unique_node_count(family, guidance):
+    tree, kwargs = rollout_pipe(family, window_start=3)
+    k, w, s, T, trees = 3, 3, 3, 8, 2
+    with count_rows(tree.denoiser) as counter:  # counted at the model, independently of the pipeline's own count
+        out = tree(PROMPTS, num_trees=trees, num_inference_steps=T, guidance_scale=guidance, output_type="latent",
+                   max_batch_size=40, generator=torch.Generator().manual_seed(0), **SIZE, **kwargs)
+    cfg = 2 if guidance > 1 and family != "flux" else 1  # FLUX is guidance-distilled: one row per node
+    expected = len(PROMPTS) * trees * (s + (k**w - 1) // (k - 1) + k**w * (T - s - w)) * cfg
+    assert counter.rows == out.rows == expected == len(PROMPTS) * trees * unique_rows(T, k, w, s) * cfg
+    assert counter.max_rows <= 40  # chunked to max_batch_size, CFG halves included
+    assert out.images.shape[0] == len(PROMPTS) * trees * k**w
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_leaves_equal_stock_pipeline_with_tree_scheduler(family):
+    build, kwargs = FAMILIES[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    k, w, s, T = 2, 3, 2, 7
+    tree = TreeRolloutPipeline.from_pipe(pipe, branch_factor=k, window_width=w, window_start=s)
+    roots = tree.adapter.prepare_latents(len(PROMPTS), 32, 32, torch.Generator().manual_seed(5), torch.float32)
+    out = tree(PROMPTS, num_inference_steps=T, latents=roots, generator=torch.Generator().manual_seed(11),
+               output_type="latent", max_batch_size=6, **SIZE, **kwargs)
+
+    pipe.scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=k, window_width=w,
+                                                     window_start=s).manual_seed(11)
+    stock = pipe(PROMPTS, num_images_per_prompt=k**w, num_inference_steps=T,
+                 latents=roots.repeat_interleave(k**w, dim=0), output_type="latent", **SIZE, **kwargs).images
+    assert stock.shape == out.images.shape
+    torch.testing.assert_close(out.images, stock, rtol=1e-4, atol=1e-4)
+    assert (out.images - stock).abs().max() < 1e-3 * stock.abs().max()
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd"])
+def test_record_rescoring_gives_stored_log_probs(family):
+    """The training recompute: one forward per parent (CFG as sampled) re-scores every child to ratio 1."""
+    tree, kwargs = rollout_pipe(family, window_start=1)
+    cond = tree.encode(PROMPTS, guidance_scale=4.0, **SIZE, **kwargs)
+    out = tree(PROMPTS, num_inference_steps=6, conditioning=cond, generator=torch.Generator().manual_seed(0),
+               output_type="latent", **SIZE, **kwargs)
+    record = out.record
+    assert record.parent_latents.shape[0] == len(PROMPTS) * 13 and record.child_latents.shape[0] == 2 * 39
+    with torch.no_grad():
+        model_output = tree.model_output(record.parent_latents, record.parent_timestep,
+                                         record.parent_prompt_index, cond, max_batch_size=64)
+    e = record.edge_parent
+    rescored = tree.scheduler.transition(model_output[e], record.parent_latents[e], record.edge_step,
+                                         stochastic=True, prev_sample=record.child_latents)
+    ratio = torch.exp(rescored.log_prob - record.edge_log_prob)
+    assert (ratio - 1).abs().max() < 1e-4
+
+
+def test_record_structure_and_backup():
+    tree, kwargs = rollout_pipe("flux", window_start=2)
+    out = tree(PROMPTS, num_trees=2, num_inference_steps=8, generator=torch.Generator().manual_seed(0),
+               output_type="latent", **SIZE, **kwargs)
+    r = out.record
+    per_tree = 3 + 3 + 9 + 27 + 27  # levels 0-2, window levels 3-5, leaves (ODE tail not stored)
+    assert r.num_nodes == 4 * per_tree
+    assert torch.equal(r.leaf_prompt_index, torch.arange(4 * 27) // 54)
+    assert torch.equal(r.tree_index[r.leaf_node], torch.arange(4 * 27) // 27)
+    assert torch.equal(r.depth[r.leaf_node], torch.full((108,), 3))
+    assert torch.isfinite(r.log_prob[r.edge_child]).all() and r.edge_child.numel() == 4 * 39
+    assert torch.isnan(r.log_prob[r.leaf_node]).all()  # the collapsed ODE tail
+    # each leaf's parent is a window-end node whose own stored latent is the trained child
+    leaf_values = torch.randn(108)
+    adv = backup_advantages(r.parent, r.node_values(leaf_values), r.log_prob)
+    window_end = r.parent[r.leaf_node]
+    torch.testing.assert_close(adv[window_end], leaf_values)  # Eq. 10
+    assert torch.isfinite(adv[r.edge_child]).all()
+
+
+@pytest.mark.parametrize("algorithm,expected_rows", [("flat", 1 + 8 * 5), ("mix", 2 + 1 + 8 * 3)])
+def test_peer_shapes_roll_out(algorithm, expected_rows):
+    tree, kwargs = rollout_pipe("sd3", algorithm=algorithm, branch_factor=2, window_width=3, window_start=2)
+    out = tree(PROMPTS, num_inference_steps=6, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+               output_type="latent", **SIZE, **kwargs)
+    assert out.rows == 2 * expected_rows and out.images.shape[0] == 2 * 8
+    trained = 8 * 6 if algorithm == "flat" else 8 * 3
+    assert out.record.edge_child.numel() == 2 * trained
+
+
+def brightness(images, prompts):
+    return [float(torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32).mean()) for im in images]
+
+
+def test_best_of_tree_returns_best_per_prompt():
+    tree, kwargs = rollout_pipe("sd3", window_start=1)
+    out = tree.best_of_tree(PROMPTS, brightness, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                            **SIZE, **kwargs)
+    assert len(out.images) == 2 and out.scores.shape == (2,)
+    for p in range(2):
+        assert out.candidate_scores[p].numel() == 27
+        assert out.scores[p] == out.candidate_scores[p].max()
+        assert brightness([out.images[p]], None)[0] == pytest.approx(float(out.scores[p]))
+
+
+def test_tree_search_prunes_and_spends_fewer_rows():
+    tree, kwargs = rollout_pipe("sd3", window_start=1)
+    full = tree(PROMPTS, num_inference_steps=6, guidance_scale=1.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **SIZE, **kwargs)
+    out = tree.tree_search(PROMPTS, brightness, beam=2, num_inference_steps=6, guidance_scale=1.0,
+                           generator=torch.Generator().manual_seed(0), **SIZE, **kwargs)
+    # per prompt: step 0 (1) + step 1 (1, branches) + step 2 (3 -> keep 2) + step 3 (6 -> keep 2)
+    #             + step 4 (6 -> keep 2) + step 5 (2): 1 + 1 + 3 + 6 + 6 + 2 = 19 rows, vs 1 + 1 + 3 + 9 + 27·2
+    assert out.rows == 2 * 19 < full.rows
+    assert [c.numel() for c in out.candidate_scores] == [2, 2]
+
+
+def test_best_of_n_counts_rows():
+    build, kwargs = FAMILIES["sd3"]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    out = best_of_n(pipe, PROMPTS, brightness, n=3, num_inference_steps=4, guidance_scale=1.0, **SIZE, **kwargs)
+    assert out.rows == 2 * 3 * 4 and [c.numel() for c in out.candidate_scores] == [3, 3]
+
+
+def test_errors():
+    tree, kwargs = rollout_pipe("sd3", window_start=1)
+    with pytest.raises(ValueError, match="expected num_prompts × num_trees = 2"):
+        tree(PROMPTS, latents=torch.zeros(3, 4, 16, 16), **SIZE, **kwargs)
+    with pytest.raises(TypeError, match="TreeSDEScheduler"):
+        TreeRolloutPipeline(tree.pipe, tree.pipe.scheduler)

@@ -1,0 +1,34 @@
+"""The library stays a pure diffusers add-on (STYLE.md, "Architecture"): it never imports the trainer's stack."""
+
+import ast
+from pathlib import Path
+
+LIBRARY = Path(__file__).resolve().parents[1] / "src" / "diffusers_tree"
+FORBIDDEN = {"accelerate", "peft", "pydantic", "typer", "rich", "treegrpo"}
+
+
+def imported_top_level_modules(path: Path) -> set[str]:
+    """Top-level names of every absolute import in `path`, wherever it sits (module level, function, try block)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_never_imports_trainer_packages():
+    files = sorted(LIBRARY.rglob("*.py"))
+    assert files, f"no Python files found under {LIBRARY}"
+    offenders = {
+        str(path.relative_to(LIBRARY)): sorted(imported_top_level_modules(path) & FORBIDDEN) for path in files
+    }
+    offenders = {path: names for path, names in offenders.items() if names}
+    assert not offenders, f"diffusers_tree must not import {sorted(FORBIDDEN)}; found: {offenders}"
+
+
+def test_checker_sees_nested_imports(tmp_path):
+    source = tmp_path / "example.py"
+    source.write_text("import os.path\nfrom . import sibling\ndef f():\n    from accelerate.utils import x\n")
+    assert imported_top_level_modules(source) == {"os", "accelerate"}
