@@ -130,8 +130,10 @@ class TreeRolloutPipeline:
             num_inference_steps (`int`, defaults to 10): T.
             window_start (`int`, *optional*): override the scheduler's window start (the trainer's epoch draw).
             guidance_scale (`float`, *optional*): CFG scale (FLUX: distilled guidance); the family's default.
-            generator (`torch.Generator`, *optional*): draws the root noise, then one branch-noise tensor per SDE
-                step (falls back to the scheduler's `manual_seed` generator, then torch's global RNG).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): draws the root noise, then one
+                branch-noise tensor per SDE step (falls back to the scheduler's `manual_seed` generator, then torch's
+                global RNG). A list of one generator per tree (`num_prompts · num_trees`, prompt-major) makes every
+                tree independent of its batch-mates, as a multi-process trainer needs.
             latents (`torch.Tensor`, *optional*): root latents `[num_prompts · num_trees, ...]` in the pipeline's
                 own layout (packed for FLUX).
             conditioning ([`Conditioning`], *optional*): pre-encoded prompts from [`~TreeRolloutPipeline.encode`].
@@ -149,6 +151,9 @@ class TreeRolloutPipeline:
                                        height=height, width=width, max_sequence_length=max_sequence_length)
         if conditioning.num_prompts != len(prompts):
             raise ValueError(f"conditioning has {conditioning.num_prompts} prompts but {len(prompts)} were given.")
+        if isinstance(generator, list) and (len(generator) != len(prompts) * num_trees or prune is not None):
+            raise ValueError(f"A generator list needs one generator per tree ({len(prompts) * num_trees}) and no "
+                             f"pruning; got {len(generator)}.")
         if num_trees < 1 or max_batch_size < (2 if conditioning.do_cfg else 1):
             raise ValueError(f"num_trees ({num_trees}) must be >= 1 and max_batch_size ({max_batch_size}) >= 2.")
         num_roots = len(prompts) * num_trees
@@ -213,8 +218,9 @@ class TreeRolloutPipeline:
                 source = torch.arange(x.shape[0], device=device).repeat_interleave(factor)
                 if plan.sde_steps[i]:
                     # Eq. 7's window: one forward per parent, k children from its single mean
-                    noise = draw_branch_noise(1, source.shape[0], tuple(x.shape[1:]), generator=generator,
-                                              device=device)
+                    trees = len(generator) if isinstance(generator, list) else 1
+                    noise = draw_branch_noise(trees, source.shape[0] // trees, tuple(x.shape[1:]),
+                                              generator=generator, device=device)
                     result = self.scheduler.transition(out[source], x[source], i, stochastic=True, noise=noise)
                 else:
                     result = self.scheduler.transition(out, x, i, stochastic=False)

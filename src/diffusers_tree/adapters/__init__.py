@@ -47,7 +47,9 @@ class PipelineAdapter(Protocol):
     """What the tree loop needs from a pipeline family."""
 
     pipe: Any
+    model: torch.nn.Module  # called for every forward; the pipeline's denoiser unless a trainer wraps it
     prediction_type: str  # "flow" | "epsilon" | "v_prediction"
+    default_guidance_scale: float
 
     @property
     def denoiser(self) -> torch.nn.Module: ...

@@ -16,6 +16,7 @@ class FluxAdapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -56,7 +57,7 @@ class FluxAdapter:
         if transformer.config.guidance_embeds:
             guidance = torch.full((latents.shape[0],), conditioning.guidance_scale, device=latents.device,
                                   dtype=torch.float32)
-        return transformer(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
+        return self.model(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
                            pooled_projections=inputs["pooled_projections"],
                            encoder_hidden_states=inputs["encoder_hidden_states"],
                            txt_ids=conditioning.shared["txt_ids"], img_ids=conditioning.shared["img_ids"],

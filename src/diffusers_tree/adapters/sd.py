@@ -12,6 +12,7 @@ class StableDiffusionAdapter:
     default_guidance_scale = 7.5
     def __init__(self, pipe):
         self.pipe = pipe
+        self.model = pipe.unet  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
 
     @property
@@ -36,7 +37,7 @@ class StableDiffusionAdapter:
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
 
     def model_forward(self, latents, timestep, inputs, conditioning):
-        return self.pipe.unet(latents, timestep, encoder_hidden_states=inputs["encoder_hidden_states"],
+        return self.model(latents, timestep, encoder_hidden_states=inputs["encoder_hidden_states"],
                               return_dict=False)[0]
 
     def decode(self, latents, conditioning):

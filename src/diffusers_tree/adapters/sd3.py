@@ -15,6 +15,7 @@ class StableDiffusion3Adapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -49,7 +50,7 @@ class StableDiffusion3Adapter:
         scheduler.set_timesteps(num_inference_steps, device=latents.device, **extra)
 
     def model_forward(self, latents, timestep, inputs, conditioning):
-        return self.pipe.transformer(hidden_states=latents, timestep=timestep,
+        return self.model(hidden_states=latents, timestep=timestep,
                                      encoder_hidden_states=inputs["encoder_hidden_states"],
                                      pooled_projections=inputs["pooled_projections"], return_dict=False)[0]
 

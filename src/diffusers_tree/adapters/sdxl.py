@@ -12,6 +12,7 @@ class StableDiffusionXLAdapter:
     default_guidance_scale = 5.0
     def __init__(self, pipe):
         self.pipe = pipe
+        self.model = pipe.unet  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
 
     @property
@@ -47,7 +48,7 @@ class StableDiffusionXLAdapter:
 
     def model_forward(self, latents, timestep, inputs, conditioning):
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-        return self.pipe.unet(latents, timestep, encoder_hidden_states=inputs["encoder_hidden_states"],
+        return self.model(latents, timestep, encoder_hidden_states=inputs["encoder_hidden_states"],
                               added_cond_kwargs=added, return_dict=False)[0]
 
     def decode(self, latents, conditioning):

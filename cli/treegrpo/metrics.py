@@ -1,0 +1,143 @@
+"""Run outputs besides checkpoints: metrics.jsonl, an optional tracker, sample grids and the reward curve PNG.
+
+Plots are drawn with PIL only (no matplotlib dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to `metrics.jsonl` (main process only); on resume, later epochs written
+    by the interrupted run are dropped so the file matches the resumed trajectory."""
+
+    def __init__(self, path: Path, *, resume_after_epoch: int | None = None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and resume_after_epoch is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] < resume_after_epoch]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif enabled and resume_after_epoch is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None,
+               scale: int = 1) -> Image.Image:
+    """Tile images into a grid (optionally upscaled with nearest-neighbour for tiny models)."""
+    width, height = images[0].size
+    width, height = width * scale, height * scale
+    rows = math.ceil(len(images) / columns)
+    label_h = 12 if labels else 0
+    grid = Image.new("RGB", (columns * width, rows * (height + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * width, (i // columns) * (height + label_h)
+        grid.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (x, y + label_h))
+        if labels:
+            draw.text((x + 2, y), labels[i][: max(4, width // 6)], fill="black")
+    return grid
+
+
+def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, x_label: str,
+                y_label: str, size: tuple[int, int] = (640, 400)) -> Path:
+    """A line chart of one or more (x, y) series, PNG."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    width, height = size
+    left, right, top, bottom = 60, 20, 30, 45
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = [p for values in series.values() for p in values if math.isfinite(p[1])]
+    if not points:
+        image.save(path)
+        return Path(path)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):
+        y = y0 + k * (y1 - y0) / 4
+        _, py = to_px(x0, y)
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{y:.3g}", fill="black")
+    for k in range(5):
+        x = x0 + k * (x1 - x0) / 4
+        px, _ = to_px(x, y0)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px - 10, height - bottom + 6), f"{x:.3g}", fill="black")
+    draw.text((width // 2 - 60, height - 16), x_label, fill="black")
+    draw.text((4, 4), f"{title}   ({y_label})", fill="black")
+    for i, (name, values) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        pixels = [to_px(x, y) for x, y in values if math.isfinite(y)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=color, width=2)
+        for px, py in pixels:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+        draw.text((width - right - 150, top + 6 + 14 * i), name, fill=color)
+    image.save(path)
+    return Path(path)
+
+
+class Tracker:
+    """TensorBoard (or W&B) logging when installed; a no-op otherwise, with one warning."""
+
+    def __init__(self, kind: str, log_dir: Path, enabled: bool, config: dict | None = None):
+        self.writer = None
+        self.wandb = None
+        if not enabled or kind == "none":
+            return
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(log_dir))
+            except ImportError:
+                logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only "
+                               "(pip install tensorboard).")
+        elif kind == "wandb":
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="treegrpo", dir=str(log_dir), config=config or {})
+            except ImportError:
+                logger.warning("wandb is not installed; metrics go to metrics.jsonl only (pip install wandb).")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,49 @@
+"""Derived values of a recipe (what `treegrpo check` prints); never written back into the recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers_tree import BranchPlan, window_probs
+from diffusers_tree.scheduling_tree_sde import build_plan
+
+from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Per-epoch sizes of a run, per CFG half (double the rows when CFG is on: guidance > 1, not FLUX)."""
+
+    algorithm: str
+    num_processes: int
+    prompts_per_process: int
+    leaves_per_prompt: int
+    rows_by_window_start: dict[int, int]  # rollout rows per epoch for each possible window start
+    expected_rollout_rows: float  # averaged over the window policy (Eq. 7 for geometric)
+    trained_edges: int  # per epoch, all processes (flat: before timestep_fraction)
+    trained_parents: int  # per epoch = training forwards per CFG half
+    independent_rows: int  # rows if every leaf were an independent trajectory (k^w · T per tree)
+
+
+def make_plan(recipe: Recipe, num_processes: int = 1) -> RunPlan:
+    s, t = recipe.sampling, recipe.tree
+    steps, trees = s.num_inference_steps, recipe.data.prompts_per_epoch * t.num_trees
+    starts = [0] if t.algorithm == "flat" else list(range(steps - t.window_width))
+    plans: dict[int, BranchPlan] = {
+        start: build_plan(t.algorithm, steps, t.branch_factor, t.window_width, start) for start in starts}
+    rows = {start: plan.rows_per_tree * trees for start, plan in plans.items()}
+    if t.algorithm == "flat":
+        expected = float(rows[0])
+    elif t.window_policy == "geometric":
+        probs = window_probs(steps, t.window_width, t.window_ratio)
+        expected = float(sum(float(p) * rows[i] for i, p in enumerate(probs)))
+    else:
+        expected = float(rows[t.window_start])
+    any_plan = plans[starts[0]]
+    return RunPlan(
+        algorithm=t.algorithm, num_processes=num_processes,
+        prompts_per_process=recipe.data.prompts_per_epoch // num_processes,
+        leaves_per_prompt=any_plan.num_leaves * t.num_trees, rows_by_window_start=rows,
+        expected_rollout_rows=expected, trained_edges=any_plan.trained_edges * trees,
+        trained_parents=any_plan.trained_parents * trees, independent_rows=any_plan.num_leaves * steps * trees,
+    )

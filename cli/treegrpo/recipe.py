@@ -1,0 +1,300 @@
+"""Recipes: the TOML schema (pydantic, `extra="forbid"`, frozen), loading, `--set` overrides, the resolved copy.
+
+Every field is documented once, here, in `Field(description=...)`; `docs/recipes.md` is generated from this schema
+(`python -m treegrpo.recipe_docs`). Derived values live in `treegrpo.planning.RunPlan`, never back in the recipe.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RecipeError(ValueError):
+    """A recipe or override is invalid; the message names the key, the value and what is allowed."""
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraRecipe(_Table):
+    rank: int = Field(32, gt=0, description="LoRA rank r.")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: the family's attention projections "
+        "(SD3/FLUX: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; UNets: to_q/k/v, to_out.0).")
+    init_seed: int = Field(0, description="Seed of the LoRA initialisation (identical on every process).")
+
+
+class ModelRecipe(_Table):
+    pretrained: str = Field(..., description="Hub id, local diffusers folder, or `builtin:digits` (the shipped tiny "
+                            "model).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `pretrained`.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Dtype of the frozen weights and of the "
+                                                    "mixed-precision forwards; trainable weights stay fp32.")
+    lora: LoraRecipe | None = Field(None, description="LoRA settings; absent = full fine-tuning of the denoiser.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save "
+                                         "memory.")
+
+
+class SamplingRecipe(_Table):
+    num_inference_steps: int = Field(10, ge=2, description="T, denoising steps per rollout.")
+    guidance_scale: float | None = Field(None, ge=0, description="CFG scale (FLUX: distilled guidance); default: "
+                                         "the pipeline family's default.")
+    height: int = Field(512, gt=0, description="Image height in pixels.")
+    width: int = Field(512, gt=0, description="Image width in pixels.")
+    sde_type: Literal["flow_sde", "dance_sde", "cps", "ddim"] | None = Field(
+        None, description="Stochastic step: flow_sde (Flow-GRPO), dance_sde (DanceGRPO), cps; ddim for UNet "
+        "(DDPM-family) models. Default: flow_sde for flow models, ddim for UNets.")
+    eta: float | None = Field(None, gt=0, description="Noise level η of the SDE step; default per sde_type "
+                              "(flow_sde 0.7, dance_sde 0.3, cps 0.8, ddim 1.0).")
+    max_sequence_length: int | None = Field(None, gt=0, description="T5 token length (SD3/FLUX); default: the "
+                                            "pipeline's, or the value stored with a builtin model.")
+    negative_prompt: str | None = Field(None, description="Negative prompt for CFG (default empty).")
+    max_batch_size: int = Field(64, ge=2, description="Most latent rows per denoiser forward while sampling (CFG "
+                                "halves included).")
+
+
+class TreeRecipe(_Table):
+    algorithm: Literal["tree", "flat", "mix"] = Field(
+        "tree", description="tree (TreeGRPO), flat (DanceGRPO-style: k^w SDE trajectories from one noise), mix "
+        "(MixGRPO-style: k^w trajectories, SDE only in the window).")
+    branch_factor: int = Field(3, ge=1, description="k, children per node at each window step.")
+    window_width: int = Field(3, ge=1, description="w, SDE steps per rollout (leaves = k^w).")
+    window_ratio: float = Field(0.5, gt=0, le=1, description="r of Eq. 7 (geometric window policy).")
+    window_policy: Literal["geometric", "fixed", "shifting"] = Field(
+        "geometric", description="geometric (Eq. 7, drawn every epoch), fixed (`window_start`), shifting "
+        "(starts at `window_start`, advances `shift_step` every `shift_every` epochs, wraps).")
+    window_start: int = Field(0, ge=0, description="Start for the fixed and shifting policies.")
+    shift_step: int = Field(1, ge=1, description="Steps the shifting window advances.")
+    shift_every: int = Field(1, ge=1, description="Epochs between advances of the shifting window.")
+    num_trees: int = Field(1, ge=1, description="Trees per prompt (leaves of all a prompt's trees form its group).")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="flat only: fraction of each trajectory's steps "
+                                     "trained (DanceGRPO's timestep_fraction).")
+
+
+class RewardRecipe(_Table):
+    kind: str = Field(..., description="Reward kind: pickscore, hpsv2, imagereward, aesthetic, clipscore, jpeg, "
+                      "digits, python.")
+    weight: float = Field(1.0, description="Weight in the aggregation.")
+    name: str | None = Field(None, description="Name in metrics (default: the kind).")
+    function: str | None = Field(None, description="python kind: `module:function` taking (images, prompts).")
+    pretrained: str | None = Field(None, description="Override of the reward model (hub id or local path).")
+    processor: str | None = Field(None, description="Override of the image/text processor (hub id or path).")
+    scale: str | float | None = Field(None, description="Score scale: pickscore raw|flow_grpo|mixgrpo; clipscore "
+                                      "a float multiplier.")
+    clamp: bool | None = Field(None, description="clipscore: clamp the score at 0.")
+    version: str | None = Field(None, description="hpsv2: v2.1 (default) or v2.0.")
+    quality: int | None = Field(None, description="jpeg: JPEG quality used to measure compressibility.")
+    batch_size: int | None = Field(None, gt=0, description="Images per reward-model forward.")
+
+    def options(self) -> dict:
+        """The kind-specific options that are set (passed to `treegrpo.rewards.build_reward`)."""
+        skip = {"kind", "weight", "name"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+class AdvantageRecipe(_Table):
+    aggregation: Literal["advantage", "reward"] = Field(
+        "advantage", description="Several rewards: normalize each then weight (advantage) or weight raw rewards "
+        "then normalize (reward).")
+    eps: float = Field(1e-4, gt=0, description="Added to the per-prompt reward std (Eq. 9).")
+    clip: float = Field(5.0, gt=0, description="Advantages are clipped to [-clip, clip].")
+    weighting: Literal["prob", "mean"] = Field("prob", description="Backup weights: softmax of stored log-probs "
+                                               "(Eq. 11) or a plain mean.")
+    depth_normalize: bool = Field(False, description="BranchGRPO variant: normalize edge advantages per depth.")
+
+
+class DataRecipe(_Table):
+    prompts: str = Field(..., description="Prompt file, one prompt a line (relative to the recipe's folder).")
+    prompts_per_epoch: int = Field(16, gt=0, description="Prompts per epoch across all processes.")
+    eval_prompts: str | None = Field(None, description="Prompts for sample grids (default: the first training "
+                                     "prompts).")
+
+
+class TrainRecipe(_Table):
+    epochs: int = Field(250, gt=0, description="Training epochs (one rollout + update round each).")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    seed: int = Field(0, description="Seed of everything: prompt order, window starts, noise, LoRA init.")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip ε (Eq. 12).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    micro_batch_size: int = Field(8, gt=0, description="Parent nodes per training forward/backward.")
+    updates_per_epoch: int = Field(1, gt=0, description="Optimizer steps per epoch; the epoch's parents are split "
+                                   "evenly and each share accumulates over its micro-batches.")
+    kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the adapter-disabled reference (0 = off).")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trainable weights, used for samples "
+                                    "and the final export (absent = off).")
+    max_ratio_error: float = Field(1e-3, gt=0, description="Warn if the first micro-batch's ratio differs from 1 by "
+                                   "more than this.")
+
+
+class OutputRecipe(_Table):
+    dir: str = Field(..., description="Run folder: metrics.jsonl, checkpoints/, samples/, final/, "
+                     "recipe.resolved.toml (relative to the working directory).")
+    checkpoint_every: int = Field(10, gt=0, description="Epochs between checkpoints.")
+    keep_checkpoints: int = Field(3, gt=0, description="Newest checkpoints kept.")
+    eval_every: int = Field(10, gt=0, description="Epochs between sample grids.")
+    samples: bool = Field(True, description="Write sample grids (before, every eval_every epochs, final).")
+    log_with: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker for metrics "
+                                                              "besides metrics.jsonl (silently none if missing).")
+    push_to_hub: str | None = Field(None, description="`user/repo` to push the final LoRA to at the end.")
+
+
+class Recipe(_Table):
+    model: ModelRecipe
+    sampling: SamplingRecipe = SamplingRecipe()
+    tree: TreeRecipe = TreeRecipe()
+    reward: list[RewardRecipe] = Field(..., min_length=1, description="One or more [[reward]] tables.")
+    advantage: AdvantageRecipe = AdvantageRecipe()
+    data: DataRecipe
+    train: TrainRecipe = TrainRecipe()
+    output: OutputRecipe
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Recipe:
+        t, s = self.tree, self.sampling
+        steps = s.num_inference_steps
+        if t.algorithm != "flat" and t.window_width >= steps:
+            raise ValueError(
+                f"tree.window_width={t.window_width} must be smaller than sampling.num_inference_steps={steps}: "
+                "the window never covers the last step (Eq. 7). Lower window_width or raise num_inference_steps.")
+        if t.algorithm != "flat" and t.window_policy != "geometric" and t.window_start > steps - t.window_width - 1:
+            raise ValueError(
+                f"tree.window_start={t.window_start} does not fit: with num_inference_steps={steps} and "
+                f"window_width={t.window_width} the start must be 0 … {steps - t.window_width - 1}.")
+        if t.algorithm == "tree" and t.branch_factor < 2:
+            raise ValueError(f"tree.branch_factor={t.branch_factor}: a tree needs at least 2 children per node "
+                             "to compare siblings. Use branch_factor >= 2.")
+        if t.branch_factor ** t.window_width * t.num_trees < 2:
+            raise ValueError("Each prompt needs at least 2 leaves for a group-relative advantage; raise "
+                             "tree.branch_factor, tree.window_width or tree.num_trees.")
+        names = [r.name or r.kind for r in self.reward]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Reward names must be unique, got {names}; set `name` on repeated kinds.")
+        return self
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a TOML recipe, apply `table.key=value` overrides, validate. Raises `RecipeError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {str(path)!r} does not exist.")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path}: not valid TOML: {err}") from None
+    for override in overrides or []:
+        apply_override(raw, override)
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("prompts"), str):
+        data["prompts"] = _relative_to(path.parent, data["prompts"])
+        if isinstance(data.get("eval_prompts"), str):
+            data["eval_prompts"] = _relative_to(path.parent, data["eval_prompts"])
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_describe(err, source)) from None
+
+
+def _relative_to(folder: Path, value: str) -> str:
+    candidate = Path(value)
+    if candidate.is_absolute() or candidate.exists() or not (folder / candidate).exists():
+        return value
+    return str(folder / candidate)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`table.key=value` (value parsed as a TOML value, else taken as a string); `reward.0.weight=2` indexes lists."""
+    if "=" not in override:
+        raise RecipeError(f"Override {override!r} must look like table.key=value (e.g. tree.branch_factor=2).")
+    dotted, text = (part.strip() for part in override.split("=", 1))
+    keys = dotted.split(".")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[_index(key, node, dotted)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"Override {override!r}: {key!r} is a value, not a table.")
+    if isinstance(node, list):
+        node[_index(keys[-1], node, dotted)] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _index(key: str, items: list, dotted: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise RecipeError(f"Override {dotted!r}: {key!r} must be an index 0 … {len(items) - 1}.")
+    return int(key)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {where!r}. Check the spelling; `docs/recipes.md` lists every key."
+    if first["type"] == "missing":
+        return f"{source}: missing required key {where!r}."
+    value = first.get("input")
+    message = first["msg"].removeprefix("Value error, ")
+    if where:
+        return f"{source}: {where} = {value!r}: {message}"
+    return f"{source}: {message}"
+
+
+def to_toml(recipe: Recipe) -> str:
+    """Serialize a recipe to TOML (the resolved copy written next to a run's outputs)."""
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    lines: list[str] = []
+
+    def emit_table(name: str, table: dict) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        lines.append("")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                emit_table(f"{name}.{key}", value)
+
+    for name, table in data.items():
+        if isinstance(table, list):
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                lines.append("")
+        else:
+            emit_table(name, table)
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+__all__ = ["Recipe", "RecipeError", "apply_override", "load_recipe", "to_toml", "validate_recipe"]

@@ -1,0 +1,65 @@
+"""Console output of a run: a rich progress bar over epochs with the current phase, one summary line per epoch,
+loud warnings. Only the main process prints."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+logger = logging.getLogger("treegrpo")
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, enabled: bool | None = None):
+        self.console = console or Console(stderr=True)
+        self.enabled = int(os.environ.get("RANK", "0")) == 0 if enabled is None else enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[bold yellow]WARNING[/]: {message}")
+        logger.warning(message)
+
+    def phase(self, name: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, phase=name)
+
+    @contextmanager
+    def epochs(self, total: int, start: int):
+        reporter = self
+
+        class _Epochs:
+            def epoch_done(self, metrics: dict) -> None:
+                reporter.info(summary_line(metrics, total))
+                if reporter._progress is not None:
+                    reporter._progress.advance(reporter._task)
+
+        if not self.enabled:
+            yield _Epochs()
+            return
+        columns = [TextColumn("[bold]epochs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[phase]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            self._progress = progress
+            self._task = progress.add_task("epochs", total=total, completed=start, phase="")
+            try:
+                yield _Epochs()
+            finally:
+                self._progress, self._task = None, None
+
+
+def summary_line(m: dict, total: int) -> str:
+    """`epoch 3/20  reward 0.512 ± 0.210  ratio 1.0000  clip 0.00  window 2  rows 300/26  1.2s+0.1s+0.8s`"""
+    return (f"epoch {m['epoch'] + 1}/{total}  reward {m['reward/mean']:.4f} ± {m['reward/std']:.3f}  "
+            f"ratio {m['policy/ratio_mean']:.4f}  clip {m['policy/clip_frac']:.2f}  "
+            f"window {m['tree/window_start']}  rows {m['model/rollout_rows']}/{m['model/train_rows']}  "
+            f"{m['time/rollout_s']:.1f}s+{m['time/score_s']:.1f}s+{m['time/train_s']:.1f}s")

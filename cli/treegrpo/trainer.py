@@ -1,0 +1,359 @@
+"""The training run: set up once, then for every epoch roll out trees, score the leaves, back advantages up the
+tree, and update the policy (the per-epoch math lives in `grpo.py`); checkpoints, metrics, samples, final LoRA."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
+
+from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .grpo import (
+    TrainingError,
+    derive_seed,
+    epoch_prompt_indices,
+    process_share,
+    select_edges,
+    train_on_record,
+    tree_advantages,
+    tree_generators,
+)
+from .metrics import MetricsLog, Tracker, image_grid, plot_curves
+from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
+from .recipe import Recipe, to_toml
+from .reporting import Reporter
+
+logger = logging.getLogger(__name__)
+
+
+class SetupError(ValueError):
+    """The run cannot start: bad prompts file, reward, process count, missing checkpoint. Exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was written; exit code 130."""
+
+
+@dataclass
+class Run:
+    """Everything an epoch needs, built once by `setup`."""
+
+    recipe: Recipe
+    accelerator: object
+    pipe: object
+    denoiser_name: str
+    rollout: TreeRolloutPipeline
+    model: torch.nn.Module  # the (possibly DDP-wrapped) denoiser
+    optimizer: torch.optim.Optimizer
+    params: list
+    rewards: list
+    prompts: list[str]
+    window: WindowPolicy
+    sample_kwargs: dict
+    out_dir: Path
+    reporter: Reporter
+    interrupted: list = field(default_factory=lambda: [False])
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.model.dtype]
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+
+
+def setup(recipe: Recipe, reporter: Reporter) -> Run:
+    from treegrpo.rewards import build_reward
+
+    accelerator = make_accelerator(recipe)
+    _importable_reward_modules(recipe)
+    out_dir = Path(recipe.output.dir)
+    prompts = read_prompts(recipe.data.prompts)
+    world = accelerator.num_processes
+    if recipe.data.prompts_per_epoch % world:
+        raise SetupError(f"data.prompts_per_epoch={recipe.data.prompts_per_epoch} must be divisible by the "
+                         f"{world} processes (a prompt's trees stay on one process).")
+    rewards = []
+    for spec in recipe.reward:
+        try:
+            reward = build_reward(spec.kind, device=accelerator.device, dtype=DTYPES[recipe.model.dtype],
+                                  **spec.options())
+        except (ValueError, TypeError) as err:
+            raise SetupError(f"[[reward]] kind={spec.kind!r}: {err}") from None
+        reward.name = spec.name or spec.kind
+        rewards.append(reward)
+    loaded = load_pipeline(recipe.model.pretrained, dtype=recipe.model.dtype, revision=recipe.model.revision,
+                           device=accelerator.device)
+    pipe, name = loaded.pipe, loaded.denoiser_name
+    denoiser = getattr(pipe, name)
+    if recipe.model.lora is not None:
+        lora = recipe.model.lora
+        add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
+                 seed=derive_seed(recipe.train.seed, lora.init_seed), denoiser_name=name)
+    else:
+        denoiser.requires_grad_(True)
+        denoiser.float()
+    if recipe.model.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    s, t = recipe.sampling, recipe.tree
+    scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, sde_type=s.sde_type, eta=s.eta,
+                                                branch_factor=t.branch_factor, window_width=t.window_width,
+                                                window_start=min(t.window_start, s.num_inference_steps - 2),
+                                                window_ratio=t.window_ratio, algorithm=t.algorithm)
+    rollout = TreeRolloutPipeline(pipe, scheduler)
+    rollout.set_progress_bar_config(disable=True)
+    params = trainable_parameters(denoiser)
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, betas=recipe.train.adam_betas,
+                                  weight_decay=recipe.train.weight_decay)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    rollout.adapter.model = model
+    window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
+                          start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
+        if t.algorithm != "flat" else None
+    sample_kwargs = {
+        "guidance_scale": s.guidance_scale if s.guidance_scale is not None
+        else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
+        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
+        "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
+    }
+    return Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
+               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
+               sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter)
+
+
+def _importable_reward_modules(recipe: Recipe) -> None:
+    """`python` rewards name `module:function`; look for the module in the working directory too, as users expect
+    from `python -m`."""
+    cwd = str(Path.cwd())
+    if any(spec.kind == "python" for spec in recipe.reward) and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise SetupError(f"data.prompts = {path!r}: no such file (one prompt per line).")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise SetupError(f"data.prompts = {path!r} has no prompts (one prompt per line).")
+    return prompts
+
+
+def run_epoch(run: Run, epoch: int) -> dict:
+    """One epoch: rollout → scores → advantages → update. Returns the epoch's metrics (global over processes)."""
+    r, acc = run.recipe, run.accelerator
+    t0 = time.perf_counter()
+    window_start = run.window.start_for_epoch(epoch, r.train.seed) if run.window else 0
+    global_indices = epoch_prompt_indices(len(run.prompts), epoch, r.data.prompts_per_epoch, r.train.seed)
+    local_indices = process_share(global_indices, acc.process_index, acc.num_processes)
+    local_prompts = [run.prompts[i] for i in local_indices]
+    run.reporter.phase("rollout")
+    kwargs = run.sample_kwargs
+    conditioning = run.rollout.encode(local_prompts, guidance_scale=kwargs["guidance_scale"],
+                                      negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
+                                      width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
+    out = run.rollout(local_prompts, num_trees=r.tree.num_trees, num_inference_steps=r.sampling.num_inference_steps,
+                      window_start=window_start, conditioning=conditioning,
+                      generator=tree_generators(r.train.seed, epoch, local_indices, r.tree.num_trees),
+                      max_batch_size=r.sampling.max_batch_size, output_type="pt")
+    record = out.record
+    t1 = time.perf_counter()
+    _check_interrupt(run, epoch, stepped=False)
+    run.reporter.phase("scoring")
+    scores = score_leaves(run, out.images, [local_prompts[int(p)] for p in record.leaf_prompt_index.cpu()])
+    t2 = time.perf_counter()
+    _check_interrupt(run, epoch, stepped=False)
+    run.reporter.phase("training")
+    adv = tree_advantages(record, scores, [spec.weight for spec in r.reward], aggregation=r.advantage.aggregation,
+                          eps=r.advantage.eps, weighting=r.advantage.weighting,
+                          depth_normalize=r.advantage.depth_normalize)
+    seed = derive_seed(r.train.seed, epoch, acc.process_index, 7)
+    mask = select_edges(record, algorithm=r.tree.algorithm, timestep_fraction=r.tree.timestep_fraction,
+                        generator=torch.Generator().manual_seed(seed))
+    stats = train_on_record(accelerator=acc, adapter=run.rollout.adapter, scheduler=run.rollout.scheduler,
+                            record=record, conditioning=conditioning, edge_advantage=adv.advantage, edge_mask=mask,
+                            optimizer=run.optimizer, params=run.params, train=r.train, adv_clip=r.advantage.clip,
+                            generator=torch.Generator().manual_seed(seed + 1),
+                            reference=_reference_context(run) if r.train.kl_beta > 0 else None)
+    t3 = time.perf_counter()
+    return _epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
+
+
+def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Every reward on every leaf: float32 `[num_rewards, num_leaves]`; non-finite scores stop the run."""
+    from treegrpo.rewards import to_pil
+
+    pil = to_pil(images)
+    rows = []
+    for reward in run.rewards:
+        try:
+            values = torch.as_tensor(reward(pil, prompts), dtype=torch.float32).flatten().cpu()
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise TrainingError(f"reward {reward.name!r} failed: {err} Stopping; the last checkpoint is intact.") \
+                from None
+        if values.numel() != len(pil):
+            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {len(pil)} images.")
+        if not torch.isfinite(values).all():
+            raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
+                                "images; stopping. The last checkpoint is intact.")
+        rows.append(values)
+    return torch.stack(rows)
+
+
+def _epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times) -> dict:
+    acc, r = run.accelerator, run.recipe
+    weights = torch.tensor([spec.weight for spec in r.reward]).unsqueeze(1)
+    all_scores = acc.gather(scores.T.contiguous().to(acc.device)).T.cpu()  # [R, global leaves]
+    total = (weights * all_scores).sum(0)
+    local = torch.tensor([rollout_rows, stats.train_rows, stats.trained_edges, stats.trained_parents],
+                         dtype=torch.float64, device=acc.device)
+    summed = acc.reduce(local, reduction="sum").cpu()
+    diag = torch.tensor([stats.ratio_mean, stats.clip_frac, stats.approx_kl, stats.loss, stats.grad_norm,
+                         stats.first_ratio_error, adv.ess_mean, stats.kl], dtype=torch.float64, device=acc.device)
+    diag = acc.reduce(diag, reduction="mean").cpu()
+    t0, t1, t2, t3 = times
+    metrics = {
+        "epoch": epoch, "reward/mean": float(total.mean()), "reward/std": float(total.std(unbiased=False)),
+        "tree/window_start": window_start, "tree/ess_mean": float(diag[6]),
+        "policy/ratio_mean": float(diag[0]), "policy/clip_frac": float(diag[1]), "policy/approx_kl": float(diag[2]),
+        "policy/first_ratio_error": float(diag[5]), "policy/kl_ref": float(diag[7]),
+        "train/loss": float(diag[3]), "train/grad_norm": float(diag[4]),
+        "train/lr": run.optimizer.param_groups[0]["lr"],
+        "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": t3 - t0,
+        "model/rollout_rows": int(summed[0]), "model/train_rows": int(summed[1]),
+        "model/trained_edges": int(summed[2]), "model/trained_parents": int(summed[3]),
+    }
+    for spec, values in zip(r.reward, all_scores, strict=True):
+        name = spec.name or spec.kind
+        metrics[f"reward/{name}/mean"] = float(values.mean())
+        metrics[f"reward/{name}/std"] = float(values.std(unbiased=False))
+    if stats.first_ratio_error > r.train.max_ratio_error:
+        run.reporter.warn(
+            f"epoch {epoch}: the first micro-batch's ratio differs from 1 by {stats.first_ratio_error:.2e} "
+            f"(> {r.train.max_ratio_error}). Sampling and training disagree: likely a dtype mismatch (bf16 latents "
+            "re-scored in another precision), CFG applied differently, or a stochastic layer (dropout) in train mode.")
+    return metrics
+
+
+def _reference_context(run: Run):
+    denoiser = run.denoiser
+
+    class _Disabled:
+        def __enter__(self):
+            denoiser.disable_adapters()
+
+        def __exit__(self, *exc):
+            denoiser.enable_adapters()
+            return False
+
+    return _Disabled
+
+
+def _check_interrupt(run: Run, epoch: int, *, stepped: bool) -> None:
+    flag = torch.tensor([1.0 if run.interrupted[0] else 0.0], device=run.accelerator.device)
+    if float(run.accelerator.reduce(flag, reduction="sum")) > 0:
+        raise Interrupted(epoch + (1 if stepped else 0))
+
+
+def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | None:
+    """A grid of ODE samples from the stock pipeline (its own scheduler) with the current weights."""
+    if not run.accelerator.is_main_process or not run.recipe.output.samples:
+        return None
+    pipe, kwargs = run.pipe, dict(run.sample_kwargs)
+    accepted = inspect.signature(pipe.__call__).parameters
+    call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
+                      generator=torch.Generator().manual_seed(seed), **call).images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, 96 // images[0].size[0])
+    image_grid(images, columns=min(8, len(images)), labels=prompts, scale=scale).save(path)
+    return path
+
+
+def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = None) -> Path:
+    """Run the recipe end to end. Returns `<output.dir>/final`."""
+    reporter = reporter or Reporter()
+    run = setup(recipe, reporter)
+    acc, out_dir = run.accelerator, run.out_dir
+    start = 0
+    if resume:
+        found = latest_checkpoint(out_dir)
+        if found is None:
+            raise SetupError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; start without --resume.")
+        start = load_checkpoint(acc, found).epoch
+        reporter.info(f"resumed from {found} (epoch {start})")
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.resolved.toml").write_text(to_toml(recipe))
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_after_epoch=start if resume else None,
+                             enabled=acc.is_main_process)
+    tracker = Tracker(recipe.output.log_with, out_dir / "logs", acc.is_main_process)
+    eval_prompts = read_prompts(recipe.data.eval_prompts) if recipe.data.eval_prompts else run.prompts[:8]
+    if start == 0:
+        save_samples(run, out_dir / "samples" / "before.png", eval_prompts, recipe.train.seed)
+    previous = signal.signal(signal.SIGINT, lambda *_: run.interrupted.__setitem__(0, True))
+    epoch = start
+    try:
+        with reporter.epochs(recipe.train.epochs, start) as progress:
+            for epoch in range(start, recipe.train.epochs):
+                metrics = run_epoch(run, epoch)
+                metrics_log.write(metrics)
+                tracker.log(metrics, epoch)
+                progress.epoch_done(metrics)
+                done = epoch + 1
+                if done % recipe.output.eval_every == 0 and done < recipe.train.epochs:
+                    save_samples(run, out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
+                                 recipe.train.seed)
+                if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs:
+                    _checkpoint(run, done)
+                _check_interrupt(run, epoch, stepped=True)
+    except Interrupted as stop:
+        _checkpoint(run, stop.args[0])
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tracker.close()
+    return finish(run, metrics_log, eval_prompts)
+
+
+def _checkpoint(run: Run, completed_epochs: int) -> Path:
+    recipe = run.recipe
+    lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder)) \
+        if recipe.model.lora else None
+    state = TrainerState(epoch=completed_epochs, prompt_position=completed_epochs * recipe.data.prompts_per_epoch,
+                         seed=recipe.train.seed)
+    return save_checkpoint(run.accelerator, run.out_dir, state, save_lora=lora,
+                           keep=recipe.output.keep_checkpoints)
+
+
+def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str]) -> Path:
+    """Final LoRA (diffusers format) or full weights, the after-training grid and the reward curve."""
+    final = run.out_dir / "final"
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if run.recipe.model.lora is not None:
+            save_lora(run.pipe, run.denoiser, run.denoiser_name, final)
+        else:
+            acc.unwrap_model(run.model).save_pretrained(final / run.denoiser_name)
+        save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
+        history = metrics_log.read()
+        plot_curves({"reward/mean": [(m["epoch"], m["reward/mean"]) for m in history]},
+                    run.out_dir / "reward_curve.png", title="reward per epoch", x_label="epoch",
+                    y_label="mean reward")
+    acc.wait_for_everyone()
+    return final
