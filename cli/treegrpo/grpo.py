@@ -115,7 +115,7 @@ class TrainStats:
 
 def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, conditioning: Conditioning,
                     edge_advantage: torch.Tensor, edge_mask: torch.Tensor, optimizer, params, train, adv_clip: float,
-                    generator: torch.Generator, reference=None) -> TrainStats:
+                    generator: torch.Generator, reference=None, ema=None) -> TrainStats:
     """PPO-clip updates over the epoch's parents: one forward with grad per parent node (CFG exactly as sampled)
     gives the new log-prob of all its children; `updates_per_epoch` optimizer steps, each accumulating over
     micro-batches of `micro_batch_size` parents. `reference()` is a context manager disabling the adapter (KL)."""
@@ -156,6 +156,8 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
         totals["grad"] += float(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
     n = max(micro_batches, 1)
     return TrainStats(loss=totals["loss"] / max(len(updates), 1), ratio_mean=totals["ratio"] / n,
                       first_ratio_error=first_error or 0.0, clip_frac=totals["clip"] / n,

@@ -108,10 +108,12 @@ def trainable_parameters(denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in denoiser.parameters() if p.requires_grad]
 
 
-def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(denoiser: torch.nn.Module, full_state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft's naming; pass `full_state_dict` (gathered by accelerate) for sharded models."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    state = get_peft_model_state_dict(denoiser, state_dict=full_state_dict)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
 def lora_metadata(denoiser: torch.nn.Module) -> dict:
@@ -122,12 +124,13 @@ def lora_metadata(denoiser: torch.nn.Module) -> dict:
     return metadata
 
 
-def save_lora(pipe, denoiser: torch.nn.Module, denoiser_name: str, directory: str | Path) -> Path:
+def save_lora(pipe, denoiser: torch.nn.Module, denoiser_name: str, directory: str | Path,
+              full_state_dict: dict | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` in the diffusers format (`<Pipeline>.save_lora_weights`, with the
     LoRA metadata so that alpha ≠ rank loads correctly). Returns the file path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    layers = lora_state_dict(denoiser)
+    layers = lora_state_dict(denoiser, full_state_dict)
     metadata = lora_metadata(denoiser)
     type(pipe).save_lora_weights(str(directory), **{f"{denoiser_name}_lora_layers": layers,
                                                    f"{denoiser_name}_lora_adapter_metadata": metadata})

@@ -82,7 +82,11 @@ class TreeRecipe(_Table):
                                      "trained (DanceGRPO's timestep_fraction).")
 
 
-class RewardRecipe(_Table):
+class RewardRecipe(BaseModel):
+    """One [[reward]] table. Besides the fields below, any option the kind accepts may be given (e.g.
+    `clip_pretrained` for aesthetic); unknown options are rejected with the list of allowed ones."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
     kind: str = Field(..., description="Reward kind: pickscore, hpsv2, imagereward, aesthetic, clipscore, jpeg, "
                       "digits, python.")
     weight: float = Field(1.0, description="Weight in the aggregation.")
@@ -101,6 +105,16 @@ class RewardRecipe(_Table):
         """The kind-specific options that are set (passed to `treegrpo.rewards.build_reward`)."""
         skip = {"kind", "weight", "name"}
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+    @model_validator(mode="after")
+    def _known_kind_and_options(self) -> RewardRecipe:
+        from treegrpo.rewards import reward_options
+
+        allowed = reward_options(self.kind)  # raises ValueError listing the known kinds
+        unknown = sorted(set(self.options()) - set(allowed))
+        if unknown:
+            raise ValueError(f"reward kind {self.kind!r} does not take {unknown}; it takes {sorted(allowed)}.")
+        return self
 
 
 class AdvantageRecipe(_Table):

@@ -16,6 +16,7 @@ import torch
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
 
 from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .ema import EMA
 from .grpo import (
     TrainingError,
     derive_seed,
@@ -60,6 +61,7 @@ class Run:
     sample_kwargs: dict
     out_dir: Path
     reporter: Reporter
+    ema: EMA | None = None
     interrupted: list = field(default_factory=lambda: [False])
 
     @property
@@ -119,6 +121,10 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
                                   weight_decay=recipe.train.weight_decay)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     rollout.adapter.model = model
+    ema = None
+    if recipe.train.ema_decay is not None:
+        ema = EMA(params, recipe.train.ema_decay)
+        accelerator.register_for_checkpointing(ema)
     window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
                           start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
         if t.algorithm != "flat" else None
@@ -130,7 +136,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     }
     return Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
                optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
-               sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter)
+               sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
 
 
 def _importable_reward_modules(recipe: Recipe) -> None:
@@ -185,7 +191,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
     stats = train_on_record(accelerator=acc, adapter=run.rollout.adapter, scheduler=run.rollout.scheduler,
                             record=record, conditioning=conditioning, edge_advantage=adv.advantage, edge_mask=mask,
                             optimizer=run.optimizer, params=run.params, train=r.train, adv_clip=r.advantage.clip,
-                            generator=torch.Generator().manual_seed(seed + 1),
+                            generator=torch.Generator().manual_seed(seed + 1), ema=run.ema,
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
     return _epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
@@ -269,7 +275,8 @@ def _check_interrupt(run: Run, epoch: int, *, stepped: bool) -> None:
 
 def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | None:
     """A grid of ODE samples from the stock pipeline (its own scheduler) with the current weights."""
-    if not run.accelerator.is_main_process or not run.recipe.output.samples:
+    # sharded weights need every process in the forward; otherwise only the main process samples
+    if not run.recipe.output.samples or not (run.accelerator.is_main_process or _is_sharded(run)):
         return None
     pipe, kwargs = run.pipe, dict(run.sample_kwargs)
     accepted = inspect.signature(pipe.__call__).parameters
@@ -278,6 +285,8 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
     with torch.no_grad():
         images = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
                       generator=torch.Generator().manual_seed(seed), **call).images
+    if not run.accelerator.is_main_process:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 96 // images[0].size[0])
     image_grid(images, columns=min(8, len(images)), labels=prompts, scale=scale).save(path)
@@ -330,9 +339,19 @@ def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = N
     return finish(run, metrics_log, eval_prompts)
 
 
+def _is_sharded(run: Run) -> bool:
+    return str(run.accelerator.distributed_type).endswith("FSDP")
+
+
+def _full_state(run: Run) -> dict | None:
+    """With FSDP the weights are sharded: gather a full state dict (every process must call this)."""
+    return run.accelerator.get_state_dict(run.model) if _is_sharded(run) else None
+
+
 def _checkpoint(run: Run, completed_epochs: int) -> Path:
     recipe = run.recipe
-    lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder)) \
+    full = _full_state(run) if recipe.model.lora else None
+    lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder, full)) \
         if recipe.model.lora else None
     state = TrainerState(epoch=completed_epochs, prompt_position=completed_epochs * recipe.data.prompts_per_epoch,
                          seed=recipe.train.seed)
@@ -345,12 +364,16 @@ def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str]) -> Path:
     final = run.out_dir / "final"
     acc = run.accelerator
     acc.wait_for_everyone()
+    if run.ema is not None:
+        run.ema.copy_to_params()  # export (and sample) the averaged weights
+    full = _full_state(run)
     if acc.is_main_process:
         if run.recipe.model.lora is not None:
-            save_lora(run.pipe, run.denoiser, run.denoiser_name, final)
+            save_lora(run.pipe, run.denoiser, run.denoiser_name, final, full)
         else:
-            acc.unwrap_model(run.model).save_pretrained(final / run.denoiser_name)
-        save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
+            acc.unwrap_model(run.model).save_pretrained(final / run.denoiser_name, state_dict=full)
+    save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
+    if acc.is_main_process:
         history = metrics_log.read()
         plot_curves({"reward/mean": [(m["epoch"], m["reward/mean"]) for m in history]},
                     run.out_dir / "reward_curve.png", title="reward per epoch", x_label="epoch",

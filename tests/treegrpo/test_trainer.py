@@ -43,7 +43,8 @@ def test_run_end_to_end_metrics_rows_ratio(workdir, tiny_sd3_dir):
     assert abs(metrics[0]["policy/ratio_mean"] - 1) < 1e-5
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     assert (workdir / "run" / "recipe.resolved.toml").is_file() and (workdir / "run" / "reward_curve.png").is_file()
-    assert (workdir / "run" / "samples" / "before.png").is_file() and (workdir / "run" / "samples" / "final.png").is_file()
+    samples = workdir / "run" / "samples"
+    assert (samples / "before.png").is_file() and (samples / "final.png").is_file()
     # the resolved recipe is itself a valid recipe equal to the one that ran
     assert load_recipe(workdir / "run" / "recipe.resolved.toml") == recipe
 
@@ -93,8 +94,9 @@ def test_resume_equals_uninterrupted_run(workdir, tiny_sd3_dir):
 def test_micro_batches_accumulate_to_the_same_update(workdir, tiny_sd3_dir):
     weights = []
     for micro in (1, 64):
+        out = json.dumps(str(workdir / str(micro)))
         recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=1),
-                             [f"train.micro_batch_size={micro}", f"output.dir={json.dumps(str(workdir / str(micro)))}"])
+                             [f"train.micro_batch_size={micro}", f"output.dir={out}"])
         train(recipe, reporter=QUIET)
         weights.append(load_file(workdir / str(micro) / "final" / "pytorch_lora_weights.safetensors"))
     for key in weights[0]:
@@ -117,6 +119,21 @@ def test_baselines_in_the_same_loop(workdir, tiny_sd3_dir, algorithm):
         assert m["model/rollout_rows"] == 2 * (s + 1 + 4 * (5 - s - 1)) * 2
         assert m["model/trained_edges"] == 2 * 4 * 2
     assert abs(m["policy/ratio_mean"] - 1) < 1e-5
+
+
+def test_ema_is_exported_and_resumes(workdir, tiny_sd3_dir):
+    recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2), ["train.ema_decay=0.5"])
+    train(recipe, reporter=QUIET)
+    plain = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2, name="plain.toml"),
+                        [f"output.dir={json.dumps(str(workdir / 'plain'))}"])
+    train(plain, reporter=QUIET)
+    ema = load_file(workdir / "run" / "final" / "pytorch_lora_weights.safetensors")
+    raw = load_file(workdir / "plain" / "final" / "pytorch_lora_weights.safetensors")
+    # same trajectory, but the export is the average: for lora_B (zero at init), after steps w1, w2:
+    # ema = 0.5·(0.5·0 + 0.5·w1) + 0.5·w2, strictly between 0 and w2 where they move the same way
+    key = next(k for k in raw if "lora_B" in k)
+    assert not torch.allclose(ema[key], raw[key])
+    assert ema[key].abs().sum() < raw[key].abs().sum()
 
 
 def test_kl_to_reference_runs(workdir, tiny_sd3_dir):

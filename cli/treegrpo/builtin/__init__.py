@@ -1,0 +1,66 @@
+"""Models shipped inside the package, named in recipes as `builtin:<name>`.
+
+`builtin:digits` is a tiny real `StableDiffusion3Pipeline` (16x16 handwritten digits, prompts like
+"a handwritten digit seven") plus the digit classifier its reward uses, both trained by
+`scripts/train_digits.py`. `digits/digits.json` holds how to call it; always pass its `pipeline_kwargs`
+(notably `max_sequence_length`: the SD3 default of 256 T5 tokens wrecks a model trained with 8).
+
+Example:
+
+```py
+>>> from treegrpo.builtin import load_digits_pipeline
+>>> pipe, meta = load_digits_pipeline()
+>>> images = pipe(["a handwritten digit seven"] * 4, **meta["pipeline_kwargs"]).images
+>>> images[0].size
+(16, 16)
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BUILTIN_DIGITS_DIR", "BUILTIN_PREFIX", "BUILTIN_MODELS", "load_digits_pipeline", "resolve_pretrained"]
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIGITS_DIR = Path(__file__).resolve().parent / "digits"
+BUILTIN_MODELS = {"digits": BUILTIN_DIGITS_DIR / "pipeline"}
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """Map `builtin:<name>` to the shipped diffusers folder; any other string (hub id, path) is returned as is."""
+    if not pretrained.startswith(BUILTIN_PREFIX):
+        return pretrained
+    name = pretrained[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(f"{BUILTIN_PREFIX}{n}" for n in sorted(BUILTIN_MODELS))
+        raise ValueError(f"unknown built-in model {pretrained!r}; known: {known}")
+    folder = BUILTIN_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{pretrained} is missing from this install ({folder} has no model_index.json); "
+            "reinstall the package or rebuild it with `python scripts/train_digits.py`."
+        )
+    return str(folder)
+
+
+def digits_metadata() -> dict[str, Any]:
+    """The shipped `digits.json`: call kwargs (`pipeline_kwargs`), prompt template, measured accuracies."""
+    return json.loads((BUILTIN_DIGITS_DIR / "digits.json").read_text())
+
+
+def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load `builtin:digits` as a `StableDiffusion3Pipeline` on `device`/`dtype` (eval mode, progress bar off).
+
+    Returns `(pipe, metadata)`; call the pipeline with `pipe(prompts, **metadata["pipeline_kwargs"])`.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_pretrained("builtin:digits"), torch_dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, digits_metadata()
