@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# transformers warns at import that torchvision is missing (we use PIL processors on purpose); keep the CLI quiet
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -143,6 +148,133 @@ def run(
                                    "continue with --resume")
         raise typer.Exit(130) from None
     console.print(f"done: LoRA/weights in {final}")
+
+
+def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
+    found = list(prompt or [])
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            _fail(f"--prompts {str(prompts_file)!r}: no such file (one prompt per line).")
+        found += [line.strip() for line in prompts_file.read_text().splitlines()
+                  if line.strip() and not line.startswith("#")]
+    if not found:
+        _fail("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
+    return found
+
+
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, or builtin:digits.")]
+LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: run folder's final/, a file, "
+                                                "or a hub repo id.")]
+PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")]
+PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", help="A prompt file, one prompt per line.")]
+StepsOption = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Guidance scale (default: the model's).")]
+SizeOption = Annotated[int | None, typer.Option(help="Image size in pixels (default: the model's).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed; the same seed gives paired samples.")]
+
+
+@app.command()
+def sample(
+    model: ModelArg,
+    lora: LoraOption = None,
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images and grid.png.")] = Path("samples"),
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt (plain sampling).")] = 4,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    height: SizeOption = None,
+    width: SizeOption = None,
+    seed: SeedOption = 0,
+    best_of_tree: Annotated[bool, typer.Option("--best-of-tree", help="Sample a TreeGRPO tree per prompt and "
+                                                "keep the leaf the --reward scores highest.")] = False,
+    reward: Annotated[str | None, typer.Option("--reward", help="Scorer for --best-of-tree: kind or "
+                                                "kind:key=value,... (e.g. pickscore:scale=raw).")] = None,
+    branch_factor: Annotated[int, typer.Option(min=2, help="k of the tree.")] = 3,
+    window_width: Annotated[int, typer.Option(min=1, help="w of the tree.")] = 3,
+    window_start: Annotated[int | None, typer.Option(help="s of the tree (default: drawn from Eq. 7).")] = None,
+    beam: Annotated[int | None, typer.Option(min=1, help="Pruned tree search: keep this many nodes per "
+                                              "prompt at each window depth.")] = None,
+) -> None:
+    """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
+    import torch
+
+    from treegrpo.inference import (
+        InferenceError,
+        Settings,
+        best_of_tree_images,
+        build_rewards,
+        call_kwargs,
+        generate,
+        load_for_inference,
+        save_images,
+    )
+    from treegrpo.models import ModelLoadError
+
+    _quiet_libraries()
+    prompts = _prompts(prompt, prompts_file)
+    settings = Settings(steps=steps, guidance_scale=guidance, height=height, width=width, seed=seed)
+    try:
+        loaded = load_for_inference(model, lora)
+        kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
+        if best_of_tree or beam:
+            if reward is None:
+                _fail("--best-of-tree needs --reward KIND to score the leaves.")
+            (scorer,) = build_rewards([reward], loaded.pipe.device, torch.float32)
+            result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=branch_factor,
+                                         window_width=window_width, window_start=window_start, beam=beam, seed=seed)
+            grid = save_images(result.images, prompts, out, columns=min(8, len(prompts)))
+            for p, score in zip(prompts, result.scores.tolist(), strict=True):
+                console.print(f"{score:10.4f}  {p}")
+            console.print(f"best-of-tree: {result.rows} denoiser rows; grid {grid}")
+            return
+        images = generate(loaded.pipe, prompts, num_images, kwargs, seed)
+        grid = save_images(images, [p for p in prompts for _ in range(num_images)], out, columns=num_images)
+    except (InferenceError, ModelLoadError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"wrote {len(images)} images and {grid}")
+
+
+@app.command("eval")
+def evaluate_command(
+    model: ModelArg,
+    reward: Annotated[list[str], typer.Option("--reward", help="Reward kind or kind:key=value,... (repeatable).")],
+    lora: LoraOption = None,
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 4,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    seed: SeedOption = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise."""
+    from treegrpo.inference import InferenceError, Settings, evaluate, write_json
+    from treegrpo.models import ModelLoadError
+
+    _quiet_libraries()
+    prompts = _prompts(prompt, prompts_file)
+    try:
+        data = evaluate(model, prompts, reward, lora=lora, num_images=num_images,
+                        settings=Settings(steps=steps, guidance_scale=guidance, seed=seed))
+    except (InferenceError, ModelLoadError, ValueError) as err:
+        _fail(str(err))
+    table = Table(title=f"{model}: {len(prompts)} prompts × {num_images} images")
+    table.add_column("reward")
+    for label in data["results"]:
+        table.add_column(label)
+    for name in next(iter(data["results"].values())):
+        cells = []
+        for scores in data["results"].values():
+            entry = scores[name]
+            text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+            if "accuracy" in entry:
+                text += f"  (acc {entry['accuracy']:.1%})"
+            cells.append(text)
+        table.add_row(name, *cells)
+    console.print(table)
+    if json_out is not None:
+        write_json(data, json_out)
 
 
 def main() -> None:

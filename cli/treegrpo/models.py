@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ TRANSFORMER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Only these keys go into the LoRA metadata: extra keys from a newer peft break loading with an older one.
 LORA_METADATA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and loaders look for
 
 
 class ModelLoadError(ValueError):
@@ -109,29 +113,85 @@ def trainable_parameters(denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def lora_state_dict(denoiser: torch.nn.Module, full_state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA weights in peft's naming; pass `full_state_dict` (gathered by accelerate) for sharded models."""
+    """The LoRA weights in peft's naming, made loader-proof: every module's scaling (alpha / r, its rank and alpha
+    patterns, rsLoRA's alpha / sqrt(r)) is multiplied into `lora_B`, and modules of smaller rank are padded with zero
+    rows of `lora_A` / columns of `lora_B` up to the largest rank. The file then means the same under r = alpha =
+    that rank (scaling 1), which is what diffusers assumes when the metadata is missing or unsupported
+    (diffusers < 0.34). Pass `full_state_dict` (gathered by accelerate) for sharded models."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(denoiser, state_dict=full_state_dict)
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    parts = {k: _LORA_KEY.match(k) for k in state}
+    ranks = {m["module"]: state[k].shape[0] for k, m in parts.items() if m and m["kind"].endswith("A")}
+    if not ranks:
+        return state
+    rank = max(ranks.values())
+    scalings = _lora_scalings(denoiser)
+    for key, match in parts.items():
+        if match is None:  # e.g. DoRA's lora_magnitude_vector: unchanged
+            continue
+        module, kind = match["module"], match["kind"]
+        pad = rank - ranks[module]
+        if kind.endswith("A") and pad:
+            state[key] = torch.cat([state[key], state[key].new_zeros(pad, *state[key].shape[1:])], dim=0)
+        elif kind.endswith("B"):
+            value = state[key] * _module_scaling(denoiser, scalings, module)
+            if pad and match["param"] != "bias":
+                value = torch.cat([value, value.new_zeros(value.shape[0], pad, *value.shape[2:])], dim=1)
+            state[key] = value.contiguous()
+    return state
 
 
-def lora_metadata(denoiser: torch.nn.Module) -> dict:
-    config = denoiser.peft_config["default"].to_dict()
-    metadata = {k: config[k] for k in LORA_METADATA_KEYS if k in config}
-    if isinstance(metadata.get("target_modules"), set):
-        metadata["target_modules"] = sorted(metadata["target_modules"])
+# `<module>.lora_A.weight`, `<module>.lora_B.bias`, `<module>.lora_embedding_B`, ... (adapter name already removed)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                       r"(?:\.(?P<param>weight|bias))?$")
+_WRAPPER_PREFIXES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def _lora_scalings(denoiser: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
+    """Module name → the scaling peft multiplies its LoRA output by (what the forward really uses)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(name, module) for name, module in denoiser.named_modules() if isinstance(module, LoraLayer)]
+    return {_WRAPPER_PREFIXES.sub("", name): float(module.scaling[adapter])
+            for name, module in layers if adapter in module.scaling}
+
+
+def _module_scaling(denoiser: torch.nn.Module, scalings: dict[str, float], module: str) -> float:
+    if module in scalings:
+        return scalings[module]
+    config = denoiser.peft_config["default"]  # not found (unusual wrapping): the config's uniform scaling
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError(f"LoRA export: no LoRA layer named {module!r} in the model, and rank/alpha patterns make "
+                         "its scaling ambiguous; export from the unwrapped model.")
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def lora_metadata(denoiser: torch.nn.Module, layers: dict[str, torch.Tensor]) -> dict:
+    """The LoRA metadata for `layers` from `lora_state_dict` (scaling baked in): r = lora_alpha = the stored rank,
+    no patterns, and only the keys in `LORA_METADATA_KEYS` (so an older peft can build the `LoraConfig`)."""
+    config = denoiser.peft_config["default"]
+    rank = max((v.shape[0] for k, v in layers.items() if (m := _LORA_KEY.match(k)) and m["kind"].endswith("A")),
+               default=config.r)
+    targets = config.target_modules
+    metadata = {"r": int(rank), "lora_alpha": int(rank),
+                "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+                "rank_pattern": {}, "alpha_pattern": {}, "use_dora": bool(config.use_dora),
+                "lora_bias": bool(getattr(config, "lora_bias", False))}
     return metadata
 
 
 def save_lora(pipe, denoiser: torch.nn.Module, denoiser_name: str, directory: str | Path,
               full_state_dict: dict | None = None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in the diffusers format (`<Pipeline>.save_lora_weights`, with the
-    LoRA metadata so that alpha ≠ rank loads correctly). Returns the file path."""
+    """Write `pytorch_lora_weights.safetensors` in the diffusers format (`<Pipeline>.save_lora_weights` with
+    `<denoiser>_lora_layers` and `<denoiser>_lora_adapter_metadata`): the scaling is baked into `lora_B` and the
+    metadata says r = lora_alpha, so every diffusers version and `load_lora_weights` path gives the trained outputs.
+    Returns the file path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = lora_state_dict(denoiser, full_state_dict)
-    metadata = lora_metadata(denoiser)
+    metadata = lora_metadata(denoiser, layers)
     type(pipe).save_lora_weights(str(directory), **{f"{denoiser_name}_lora_layers": layers,
                                                    f"{denoiser_name}_lora_adapter_metadata": metadata})
-    return directory / "pytorch_lora_weights.safetensors"
+    return directory / LORA_WEIGHT_NAME

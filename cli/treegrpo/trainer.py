@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +79,6 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     from treegrpo.rewards import build_reward
 
     accelerator = make_accelerator(recipe)
-    _importable_reward_modules(recipe)
     out_dir = Path(recipe.output.dir)
     prompts = read_prompts(recipe.data.prompts)
     world = accelerator.num_processes
@@ -137,14 +135,6 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     return Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
                optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
                sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
-
-
-def _importable_reward_modules(recipe: Recipe) -> None:
-    """`python` rewards name `module:function`; look for the module in the working directory too, as users expect
-    from `python -m`."""
-    cwd = str(Path.cwd())
-    if any(spec.kind == "python" for spec in recipe.reward) and cwd not in sys.path:
-        sys.path.insert(0, cwd)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -43,6 +43,10 @@ def import_function(spec: str) -> Callable:
             sys.modules[name] = module
             file_spec.loader.exec_module(module)
         else:
+            # a module in the working directory is importable, as with `python -m` (console scripts drop '')
+            cwd = os.getcwd()
+            if cwd not in sys.path:
+                sys.path.append(cwd)
             module = importlib.import_module(module_name)
     except Exception as error:
         raise ValueError(

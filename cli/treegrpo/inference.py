@@ -1,0 +1,163 @@
+"""`treegrpo sample` and `treegrpo eval`: inference with a base model, optionally with a trained LoRA (local folder or
+hub repo), plain ODE sampling or best-of-tree / pruned tree search with any reward as scorer."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
+
+from .grpo import derive_seed
+from .metrics import image_grid
+from .models import load_pipeline
+
+
+class InferenceError(ValueError):
+    """Bad inference input (reward spec, prompts, LoRA); exit code 2."""
+
+
+@dataclass
+class Settings:
+    """Sampling settings; `None` fields take the model's stored defaults, then the family's."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+    seed: int = 0
+
+
+def parse_reward_spec(spec: str) -> tuple[str, dict]:
+    """`kind` or `kind:key=value,key=value` (values parsed as numbers/booleans when they look like one)."""
+    kind, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        if "=" not in item:
+            raise InferenceError(f"--reward {spec!r}: options must look like key=value (e.g. pickscore:scale=raw).")
+        key, value = item.split("=", 1)
+        options[key.strip()] = _literal(value.strip())
+    return kind.strip(), options
+
+
+def _literal(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def build_rewards(specs: list[str], device, dtype) -> list:
+    from treegrpo.rewards import build_reward
+
+    rewards = []
+    for spec in specs:
+        kind, options = parse_reward_spec(spec)
+        try:
+            reward = build_reward(kind, device=device, dtype=dtype, **options)
+        except ValueError as err:
+            raise InferenceError(f"--reward {spec!r}: {err}") from None
+        rewards.append(reward)
+    return rewards
+
+
+def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", device: str | None = None):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_pipeline(model, dtype=dtype, device=device)
+    if lora:
+        from treegrpo.hub import load_lora_into
+
+        load_lora_into(loaded.pipe, lora)
+    loaded.pipe.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def call_kwargs(pipe, defaults: dict, settings: Settings) -> dict:
+    """Keyword arguments for a stock pipeline call: explicit settings, then the model's stored defaults."""
+    values = {"num_inference_steps": settings.steps, "guidance_scale": settings.guidance_scale,
+              "height": settings.height, "width": settings.width,
+              "max_sequence_length": settings.max_sequence_length}
+    merged = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in merged.items() if v is not None and k in accepted}
+
+
+def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int, batch_size: int = 16):
+    """ODE samples of the stock pipeline; image j of prompt p uses the noise seeded by (seed, p, j), so the same
+    seed gives paired samples for base and base + LoRA."""
+    images = []
+    for p, prompt in enumerate(prompts):
+        for start in range(0, num_images, batch_size):
+            count = min(batch_size, num_images - start)
+            generators = [torch.Generator().manual_seed(derive_seed(seed, p, start + j)) for j in range(count)]
+            with torch.no_grad():
+                images += pipe(prompt, num_images_per_prompt=count, generator=generators, **kwargs).images
+    return images
+
+
+def best_of_tree_images(pipe, prompts: list[str], scorer, kwargs: dict, *, branch_factor: int, window_width: int,
+                        window_start: int | None, beam: int | None, seed: int):
+    """Best leaf per prompt of a TreeGRPO tree (or of the pruned search when `beam` is set)."""
+    scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=branch_factor,
+                                                window_width=window_width, window_start=window_start)
+    scheduler.manual_seed(seed)
+    rollout = TreeRolloutPipeline(pipe, scheduler)
+    call = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
+    steps = kwargs.get("num_inference_steps", 10)
+    generator = torch.Generator().manual_seed(seed)
+    if beam:
+        return rollout.tree_search(prompts, scorer, beam=beam, num_inference_steps=steps, generator=generator,
+                                   **call)
+    return rollout.best_of_tree(prompts, scorer, num_inference_steps=steps, generator=generator, **call)
+
+
+def save_images(images, prompts_per_image: list[str], out_dir: Path, columns: int) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, prompts_per_image, strict=True)):
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48]
+        image.save(out_dir / f"{i:04d}_{slug}.png")
+    scale = max(1, 128 // images[0].size[0])
+    grid = out_dir / "grid.png"
+    image_grid(images, columns=columns, labels=prompts_per_image, scale=scale).save(grid)
+    return grid
+
+
+def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: str | None, num_images: int,
+             settings: Settings, dtype: str = "fp32") -> dict:
+    """Mean ± std of every reward over `num_images` samples per prompt, for the base model and (if given) the base
+    with the LoRA, on paired noise. Digit-style rewards with an `accuracy` method also report accuracy."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rewards = build_rewards(reward_specs, device, torch.float32)
+    results = {}
+    variants = [("base", None)] + ([("lora", lora)] if lora else [])
+    for label, lora_path in variants:
+        loaded = load_for_inference(model, lora_path, dtype=dtype, device=device)
+        kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
+        images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed)
+        image_prompts = [p for p in prompts for _ in range(num_images)]
+        scores = {}
+        for reward in rewards:
+            values = torch.as_tensor(reward(images, image_prompts), dtype=torch.float32)
+            scores[reward.name] = {"mean": float(values.mean()), "std": float(values.std(unbiased=False)),
+                                   "n": values.numel()}
+            if hasattr(reward, "accuracy"):
+                scores[reward.name]["accuracy"] = float(reward.accuracy(images, image_prompts))
+        results[label] = scores
+        del loaded
+    return {"model": model, "lora": lora, "prompts": len(prompts), "images_per_prompt": num_images,
+            "seed": settings.seed, "results": results}
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,50 @@
+"""`treegrpo sample` (plain, best-of-tree, pruned) and `treegrpo eval` on a tiny pipeline saved to disk."""
+
+import json
+
+from typer.testing import CliRunner
+
+from treegrpo.app import app
+
+runner = CliRunner()
+TINY = ["--steps", "5", "--seed", "1"]
+
+
+def test_sample_plain_writes_images_and_grid(workdir, tiny_sd3_dir):
+    out = workdir / "s"
+    result = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "a red cat", "--prompt", "a dog",
+                                 "--num-images", "2", "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("00*.png"))) == 4 and (out / "grid.png").is_file()
+
+
+def test_sample_best_of_tree_and_beam(workdir, tiny_sd3_dir):
+    for extra in (["--best-of-tree"], ["--beam", "2"]):
+        out = workdir / extra[0].strip("-")
+        result = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "a red cat", "--out", str(out),
+                                     "--reward", "python:function=test_rewards:brightness", "--window-start", "1",
+                                     "--branch-factor", "2", *extra, *TINY])
+        assert result.exit_code == 0, result.output
+        assert (out / "grid.png").is_file() and "denoiser rows" in result.output
+
+
+def test_sample_errors_exit_2(workdir, tiny_sd3_dir):
+    assert runner.invoke(app, ["sample", str(tiny_sd3_dir), *TINY]).exit_code == 2  # no prompts
+    result = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "x", "--best-of-tree", *TINY])
+    assert result.exit_code == 2 and "--reward" in result.output
+    result = runner.invoke(app, ["sample", "/no/such/model", "--prompt", "x"])
+    assert result.exit_code == 2 and "neither a diffusers folder" in result.output
+
+
+def test_eval_table_and_json(workdir, tiny_sd3_dir):
+    out = workdir / "eval.json"
+    result = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--prompts", str(workdir / "prompts.txt"),
+                                 "--reward", "jpeg", "--reward", "python:function=test_rewards:brightness",
+                                 "--num-images", "2", "--json", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["results"]["base"]) == {"jpeg", "brightness"}
+    assert data["results"]["base"]["brightness"]["n"] == 8
+    assert "brightness" in result.output
+    bad = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--prompt", "x", "--reward", "jpeg:quality"])
+    assert bad.exit_code == 2 and "key=value" in bad.output

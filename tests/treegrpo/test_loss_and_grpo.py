@@ -1,0 +1,92 @@
+"""The loss (Eq. 12), the KL term and the epoch helpers, against hand-computed values."""
+
+import math
+
+import torch
+
+from diffusers_tree import BranchPlan
+from treegrpo.grpo import epoch_prompt_indices, process_share, select_edges, tree_advantages
+from treegrpo.loss import gaussian_mean_kl, grpo_edge_loss, ppo_clip_loss
+
+
+def test_ppo_clip_loss_values():
+    # ratios e^0.2 ≈ 1.2214 and e^-0.2 ≈ 0.8187 with ε = 0.1:
+    #   A = +2, r = 1.2214: max(-2·1.2214, -2·1.1) = -2.2     (clipped: no extra credit above 1 + ε)
+    #   A = -1, r = 1.2214: max(1.2214, 1.1) = 1.2214           (unclipped: pessimistic)
+    #   A = +1, r = 0.8187: max(-0.8187, -0.9) = -0.8187
+    #   A = 9 (clipped to 5), r = 1: -5
+    log_prob = torch.tensor([0.2, 0.2, -0.2, 0.0])
+    advantage = torch.tensor([2.0, -1.0, 1.0, 9.0])
+    loss, ratio = ppo_clip_loss(log_prob, torch.zeros(4), advantage, clip_range=0.1, adv_clip=5.0)
+    expected = torch.tensor([-2.2, math.exp(0.2), -math.exp(-0.2), -5.0])
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ratio, torch.exp(log_prob))
+
+
+def test_grpo_edge_loss_normalizes_by_the_update_and_reports():
+    out = grpo_edge_loss(torch.tensor([0.0, 0.5]), torch.zeros(2), torch.tensor([1.0, 1.0]), clip_range=1e-4,
+                         adv_clip=5.0, normalizer=4)
+    # edge losses -1 and max(-e^0.5, -(1+1e-4)) = -1.0001; summed over 2 edges, divided by the update's 4 edges
+    assert abs(float(out.loss) - (-1.0 - 1.0001) / 4) < 1e-6
+    assert out.clip_frac == 0.5 and abs(out.ratio_max_error - (math.exp(0.5) - 1)) < 1e-6
+    # the gradient of a clipped edge is zero: only edge 0 contributes
+    lp = torch.tensor([0.0, 0.5], requires_grad=True)
+    grpo_edge_loss(lp, torch.zeros(2), torch.ones(2), clip_range=1e-4, adv_clip=5.0, normalizer=4).loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([-0.25, 0.0]))
+
+
+def test_gaussian_mean_kl():
+    mean, ref = torch.zeros(2, 3), torch.full((2, 3), 0.5)
+    # (0.5)² / (2 · 0.25²) = 2 per element
+    torch.testing.assert_close(gaussian_mean_kl(mean, ref, torch.tensor(0.25)), torch.tensor([2.0, 2.0]))
+
+
+def test_epoch_prompts_cover_every_prompt_each_pass_and_shares_split():
+    seen = [i for e in range(5) for i in epoch_prompt_indices(10, e, 4, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert epoch_prompt_indices(10, 2, 4, seed=3) == epoch_prompt_indices(10, 2, 4, seed=3)
+    assert epoch_prompt_indices(10, 2, 4, seed=3) != epoch_prompt_indices(10, 2, 4, seed=4)
+    items = list(range(8))
+    assert process_share(items, 1, 2) == [4, 5, 6, 7] and process_share(items, 0, 4) == [0, 1]
+
+
+class _Record:
+    """The fields of a RolloutRecord that select_edges and tree_advantages read, for a hand-built flat tree."""
+
+    def __init__(self):
+        # flat plan, 3 steps, 2 trajectories: root 0 -> (1, 2) at step 0; 1 -> 3 -> 5; 2 -> 4 -> 6
+        self.plan = BranchPlan.flat(3, 2)
+        self.parent = torch.tensor([-1, 0, 0, 1, 2, 3, 4])
+        self.level = torch.tensor([0, 1, 1, 2, 2, 3, 3])
+        self.log_prob = torch.tensor([float("nan"), 0.0, 0.0, -1.0, -2.0, 0.0, 0.0])
+        self.edge_child = torch.tensor([1, 2, 3, 4, 5, 6])
+        self.leaf_node = torch.tensor([5, 6])
+        self.prompt_index = torch.zeros(7, dtype=torch.long)
+        self.num_nodes = 7
+
+    @property
+    def leaf_prompt_index(self):
+        return self.prompt_index[self.leaf_node]
+
+    def node_values(self, leaf_values):
+        values = torch.full((7,), float("nan"))
+        values[self.leaf_node] = leaf_values
+        return values
+
+
+def test_select_edges_flat_fraction():
+    record = _Record()
+    mask = select_edges(record, algorithm="flat", timestep_fraction=1 / 3, generator=torch.Generator().manual_seed(0))
+    # one step per trajectory: each trajectory's 3 edges (steps 0, 1, 2) contribute exactly one
+    assert int(mask[[0, 2, 4]].sum()) == 1 and int(mask[[1, 3, 5]].sum()) == 1
+    assert select_edges(record, algorithm="tree", timestep_fraction=0.5, generator=None).all()
+
+
+def test_tree_advantages_per_trajectory_for_flat():
+    record = _Record()
+    adv = tree_advantages(record, torch.tensor([[1.0, 3.0]]), [1.0], aggregation="advantage", eps=1e-4,
+                          weighting="prob", depth_normalize=False)
+    a = 1 / (1 + 1e-4)  # rewards 1 and 3: mean 2, std 1
+    # single-child SDE chains carry each trajectory's advantage to all its edges
+    torch.testing.assert_close(adv.advantage, torch.tensor([-a, a, -a, a, -a, a]))
+    torch.testing.assert_close(adv.leaf_advantage, torch.tensor([-a, a]))
