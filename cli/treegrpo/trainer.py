@@ -168,7 +168,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
     t1 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("scoring")
-    scores = score_leaves(run, out.images, [local_prompts[int(p)] for p in record.leaf_prompt_index.cpu()])
+    scores, accuracies = score_leaves(run, out.images,
+                                      [local_prompts[int(p)] for p in record.leaf_prompt_index.cpu()])
     t2 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("training")
@@ -184,11 +185,16 @@ def run_epoch(run: Run, epoch: int) -> dict:
                             generator=torch.Generator().manual_seed(seed + 1), ema=run.ema,
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
-    return _epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
+    metrics = _epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
+    for name, value in accuracies.items():  # rewards that can also judge right/wrong (e.g. digits)
+        local = torch.tensor([value], dtype=torch.float64, device=acc.device)
+        metrics[f"reward/{name}/accuracy"] = float(acc.reduce(local, reduction="mean"))
+    return metrics
 
 
-def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Every reward on every leaf: float32 `[num_rewards, num_leaves]`; non-finite scores stop the run."""
+def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and the
+    leaf accuracy of rewards that define `accuracy(images, prompts)`."""
     from treegrpo.rewards import to_pil
 
     pil = to_pil(images)
@@ -205,7 +211,9 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> torch.Te
             raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
                                 "images; stopping. The last checkpoint is intact.")
         rows.append(values)
-    return torch.stack(rows)
+    accuracies = {reward.name: float(reward.accuracy(pil, prompts)) for reward in run.rewards
+                  if callable(getattr(reward, "accuracy", None))}
+    return torch.stack(rows), accuracies
 
 
 def _epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times) -> dict:
