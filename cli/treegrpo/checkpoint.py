@@ -50,9 +50,10 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, *, save_
     tmp = final.parent / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / "accelerate").mkdir(parents=True)  # before any rank writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()  # every rank's files are written before the folder is published
     if accelerator.is_main_process:
         if save_lora is not None:
             save_lora(tmp)
