@@ -277,6 +277,27 @@ def evaluate_command(
         write_json(data, json_out)
 
 
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (the output.dir of `treegrpo run`).")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repo id `user/name`; created if it does not exist.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps "
+                                          "its visibility).")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created from main if "
+                                                 "needed).")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub id of the base model, for the card "
+                                                   "when the run used a local folder.")] = None,
+) -> None:
+    """Upload a run's LoRA to the Hub with a model card, sample grids, reward curve, recipe and metrics."""
+    from treegrpo.hub import PushError, push_run
+
+    try:
+        url = push_run(run_dir, repo, private=private, revision=revision, base_model=base_model)
+    except PushError as err:
+        _fail(str(err))
+    console.print(f"pushed: {url}", soft_wrap=True, highlight=False)  # one line: the URL stays copyable
+
+
 def main() -> None:
     """Entry point of the `treegrpo` console script and of `python -m treegrpo`."""
     app(prog_name="treegrpo")

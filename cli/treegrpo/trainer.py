@@ -79,6 +79,13 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     from treegrpo.rewards import build_reward
 
     accelerator = make_accelerator(recipe)
+    if recipe.output.push_to_hub:
+        from treegrpo.hub import HubError, check_can_push
+
+        try:
+            check_can_push(recipe.output.push_to_hub)  # fail before training, not after it
+        except HubError as err:
+            raise SetupError(f"output.push_to_hub = {recipe.output.push_to_hub!r}: {err}") from None
     out_dir = Path(recipe.output.dir)
     prompts = read_prompts(recipe.data.prompts)
     world = accelerator.num_processes
@@ -334,7 +341,12 @@ def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = N
     finally:
         signal.signal(signal.SIGINT, previous)
         tracker.close()
-    return finish(run, metrics_log, eval_prompts)
+    final = finish(run, metrics_log, eval_prompts)
+    if recipe.output.push_to_hub and acc.is_main_process:
+        from treegrpo.hub import push_after_training
+
+        reporter.info(f"pushed to {push_after_training(out_dir, recipe.output.push_to_hub)}")
+    return final
 
 
 def _is_sharded(run: Run) -> bool:

@@ -47,5 +47,6 @@ def test_two_processes_match_one(workdir, tiny_sd3_dir):
     for key in first:
         # Adam divides by sqrt(v): reduction-order noise in near-zero gradients can move single weights by ~1% of
         # one step (lr = 1e-2); on average the two runs agree to float precision
-        torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=1e-4)
+        # (the exported lora_B carries the LoRA scale alpha / r = 2, doubling these differences)
+        torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=2e-4)
     assert moved < 1e-5  # mean |Δ| per weight, vs steps of ~1e-2

@@ -68,7 +68,8 @@ def test_validation_messages(change, message):
 
 
 def test_recipes_reference_is_generated_from_schema():
-    assert (ROOT / "docs" / "recipes.md").read_text() == render(), "run: python -m treegrpo.recipe_docs > docs/recipes.md"
+    expected = render()
+    assert (ROOT / "docs" / "recipes.md").read_text() == expected, "python -m treegrpo.recipe_docs > docs/recipes.md"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
