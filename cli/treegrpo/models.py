@@ -90,9 +90,9 @@ def add_lora(denoiser: torch.nn.Module, *, rank: int, alpha: float, target_modul
     from peft import LoraConfig
 
     targets = target_modules or (UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS)
-    present = {name.split(".")[-1] for name, _ in denoiser.named_modules()} | {
-        ".".join(name.split(".")[-2:]) for name, _ in denoiser.named_modules()}
-    missing = [t for t in targets if t not in present]
+    names = [name for name, _ in denoiser.named_modules()]
+    # peft matches a target against the end of a module's dotted name
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ModelLoadError(f"model.lora.target_modules: {missing} not found in the {denoiser_name}; "
                              f"choose module names it has (default: {targets}).")

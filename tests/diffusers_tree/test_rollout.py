@@ -49,6 +49,14 @@ def test_rows_equal_unique_node_count(family, guidance):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_roots_are_unit_noise_whatever_the_base_scheduler(family):
+    """SDXL ships an Euler scheduler (init_noise_sigma ≈ 14.6); the tree steps DDIM from unit-variance noise."""
+    tree, _ = rollout_pipe(family)
+    roots = tree.adapter.prepare_latents(4, 32, 32, torch.Generator().manual_seed(0), torch.float32)
+    assert abs(float(roots.std()) - 1) < 0.1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_leaves_equal_stock_pipeline_with_tree_scheduler(family):
     build, kwargs = FAMILIES[family]
     pipe = build()

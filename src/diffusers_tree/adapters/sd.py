@@ -31,7 +31,10 @@ class StableDiffusionAdapter:
     def prepare_latents(self, num, height, width, generator, dtype):
         pipe = self.pipe
         channels = pipe.unet.config.in_channels
-        return pipe.prepare_latents(num, channels, height, width, dtype, pipe._execution_device, generator)
+        latents = pipe.prepare_latents(num, channels, height, width, dtype, pipe._execution_device, generator)
+        # the stock pipeline scales by its own scheduler's init_noise_sigma (Euler: ~14.6); the tree scheduler
+        # steps DDIM on variance-preserving latents (init_noise_sigma = 1), so the root is unit noise
+        return latents / pipe.scheduler.init_noise_sigma
 
     def set_timesteps(self, scheduler, num_inference_steps, latents):
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
