@@ -60,7 +60,7 @@ def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype 
     """
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_pretrained("builtin:digits"), torch_dtype=dtype)
-    pipe.to(device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_pretrained("builtin:digits"))  # fp32 on disk
+    pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, digits_metadata()
