@@ -52,8 +52,13 @@ def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None
         x, y = (i % columns) * width, (i // columns) * (height + label_h)
         grid.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (x, y + label_h))
         if labels:
-            draw.text((x + 2, y), labels[i][: max(4, width // 6)], fill="black")
+            draw.text((x + 2, y), short_label(labels[i], max(4, width // 6)), fill="black")
     return grid
+
+
+def short_label(text: str, max_chars: int) -> str:
+    """The end of a prompt (where prompts differ: "…digit seven"), cut to `max_chars`."""
+    return text if len(text) <= max_chars else "…" + text[-(max_chars - 1):]
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, x_label: str,

@@ -294,7 +294,7 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 96 // images[0].size[0])
-    image_grid(images, columns=min(8, len(images)), labels=prompts, scale=scale).save(path)
+    image_grid(images, columns=min(10, len(images)), labels=prompts, scale=scale).save(path)
     return path
 
 
@@ -316,7 +316,7 @@ def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = N
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_after_epoch=start if resume else None,
                              enabled=acc.is_main_process)
     tracker = Tracker(recipe.output.log_with, out_dir / "logs", acc.is_main_process)
-    eval_prompts = read_prompts(recipe.data.eval_prompts) if recipe.data.eval_prompts else run.prompts[:8]
+    eval_prompts = read_prompts(recipe.data.eval_prompts) if recipe.data.eval_prompts else run.prompts[:10]
     if start == 0:
         save_samples(run, out_dir / "samples" / "before.png", eval_prompts, recipe.train.seed)
     previous = signal.signal(signal.SIGINT, lambda *_: run.interrupted.__setitem__(0, True))

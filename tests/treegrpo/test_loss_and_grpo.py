@@ -90,3 +90,10 @@ def test_tree_advantages_per_trajectory_for_flat():
     # single-child SDE chains carry each trajectory's advantage to all its edges
     torch.testing.assert_close(adv.advantage, torch.tensor([-a, a, -a, a, -a, a]))
     torch.testing.assert_close(adv.leaf_advantage, torch.tensor([-a, a]))
+
+
+def test_grid_labels_keep_the_end_of_the_prompt():
+    from treegrpo.metrics import short_label
+
+    assert short_label("a handwritten digit seven", 12) == "…digit seven"
+    assert short_label("a cat", 12) == "a cat"
