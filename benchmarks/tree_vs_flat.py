@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "digits.toml")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tree-epochs", type=int, default=None,
+                        help="epochs for tree only (e.g. as many as fit in flat's wall clock), for time-to-target")
     parser.add_argument("--samples-per-digit", type=int, default=20)
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--plots", type=Path, default=ROOT / "docs" / "img")
@@ -114,7 +116,9 @@ def main() -> None:
     for seed in args.seeds:
         for algorithm in results:
             out = work / f"{algorithm}-{seed}"
-            metrics = run_one(args.recipe, extra + [f'tree.algorithm="{algorithm}"', f"train.seed={seed}"], out)
+            epochs = [f"train.epochs={args.tree_epochs}"] if algorithm == "tree" and args.tree_epochs else []
+            metrics = run_one(args.recipe, extra + epochs + [f'tree.algorithm="{algorithm}"', f"train.seed={seed}"],
+                              out)
             accuracy = ode_accuracy(out / "final", args.samples_per_digit, seed)
             results[algorithm].append(summarize(algorithm, metrics, accuracy))
             print(f"# {algorithm} seed {seed}: {results[algorithm][-1]['iter_s']:.2f} s/iter, "
@@ -128,6 +132,7 @@ def main() -> None:
     for name, runs in results.items():
         reach = [time_to_reach(r["curve"], flat["final_reward"]) for r, flat in zip(runs, results["flat"],
                                                                                      strict=True)]
+        print(f"<!-- {name}: time to flat's final reward per seed: {reach} -->")
         print(f"| {name} | {spread([r['iter_s'] for r in runs])} | {spread([r['rollout_s'] for r in runs])} | "
               f"{spread([r['score_s'] for r in runs])} | {spread([r['train_s'] for r in runs])} | "
               f"{statistics.mean(r['rollout_rows'] for r in runs):.0f} | "
