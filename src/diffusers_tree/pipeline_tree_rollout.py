@@ -145,6 +145,12 @@ class TreeRolloutPipeline:
                 keep (used by the pruned tree search). With pruning the record is not built.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if conditioning is not None:  # encoded for one image size (FLUX's image ids, SDXL's time ids): use it
+            encoded = (conditioning.height, conditioning.width)
+            if (height or encoded[0], width or encoded[1]) != encoded:
+                raise ValueError(f"height/width {height}x{width} differ from the conditioning's "
+                                 f"{conditioning.height}x{conditioning.width}; encode for the size you sample.")
+            height, width = conditioning.height, conditioning.width
         height, width = self._size(height, width)
         if conditioning is None:
             conditioning = self.encode(prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,

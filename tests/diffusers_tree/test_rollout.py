@@ -160,6 +160,17 @@ def test_best_of_n_counts_rows():
     assert out.rows == 2 * 3 * 4 and [c.numel() for c in out.candidate_scores] == [3, 3]
 
 
+def test_size_comes_from_the_conditioning():
+    """FLUX's image ids (and SDXL's time ids) are encoded for one size; a rollout given pre-encoded conditioning but
+    no height/width used to fall back to the pipeline default (1024 px for FLUX) and crash or sample the wrong size."""
+    tree, kwargs = rollout_pipe("flux", window_start=1)
+    cond = tree.encode(PROMPTS, **SIZE, **kwargs)
+    out = tree(PROMPTS, num_inference_steps=4, conditioning=cond, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match="differ from the conditioning"):
+        tree(PROMPTS, num_inference_steps=4, conditioning=cond, height=64, width=64)
+
+
 def test_errors():
     tree, kwargs = rollout_pipe("sd3", window_start=1)
     with pytest.raises(ValueError, match="expected num_prompts × num_trees = 2"):

@@ -30,6 +30,8 @@ FAMILIES = {
             {"guidance_scale": 3.0, "max_sequence_length": 16}),
     "sd": (['sampling.guidance_scale=7.5', 'sampling.max_sequence_length=77'], "StableDiffusionPipeline",
            {"guidance_scale": 7.5}),
+    "sdxl": (['sampling.guidance_scale=5.0'], "StableDiffusionXLPipeline", {"guidance_scale": 5.0}),
+    "flux": ([], "FluxPipeline", {"max_sequence_length": 16}),
 }
 # Runs in a fresh process: stock pipeline + LoRA from the (fake or cached) Hub; writes what it computed.
 LOAD_SCRIPT = textwrap.dedent("""
@@ -139,15 +141,18 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed(hub, tiny_sd3_dir, tmp_path_factory):
-    """Train a tiny SD3 and a tiny SD1.5 run, push both with `treegrpo push` in subprocesses, load them back by repo
+    """Train a tiny run of each family (SD3, SD1.5, SDXL, FLUX), push each with `treegrpo push` in subprocesses, load
+    them back by repo
     id in a fresh process (online), then again with HF_HUB_OFFLINE=1 from the cache that load filled."""
-    from diffusers_tree.testing import tiny_sd_pipeline
+    from diffusers_tree.testing import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("hub_runs")
     (root / "prompts.txt").write_text(f"{PROMPT}\na blue dog\na green tree\na white house\n")
     (root / "test_rewards.py").write_text(REWARD_MODULE)
-    models = {"sd3": tiny_sd3_dir, "sd": root / "tiny_sd"}
+    models = {"sd3": tiny_sd3_dir, "sd": root / "tiny_sd", "sdxl": root / "tiny_sdxl", "flux": root / "tiny_flux"}
     tiny_sd_pipeline().save_pretrained(models["sd"])
+    tiny_sdxl_pipeline().save_pretrained(models["sdxl"])
+    tiny_flux_pipeline().save_pretrained(models["flux"])
     env = subprocess_env(root / "hf_home", HF_ENDPOINT=hub.url, HF_TOKEN=hub.token)
     state = {"root": root, "env": env, "models": models, "reference": {}, "push": {}, "cards": {}}
     with pytest.MonkeyPatch.context() as patch:
@@ -193,7 +198,7 @@ def check_reproduces(state, job, counts):
 
 
 def test_stock_pipeline_in_fresh_process_loads_repo_id_and_reproduces_training(pushed):
-    assert {job["family"] for job in pushed["online"]} == {"sd3", "sd"}
+    assert {job["family"] for job in pushed["online"]} == {"sd3", "sd", "sdxl", "flux"}  # all four families
     for job in pushed["online"]:
         check_reproduces(pushed, job, pushed["online_counts"])
 
