@@ -168,7 +168,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
                                       negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
                                       width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
     out = run.rollout(local_prompts, num_trees=r.tree.num_trees, num_inference_steps=r.sampling.num_inference_steps,
-                      window_start=window_start, conditioning=conditioning,
+                      window_start=window_start, conditioning=conditioning, height=kwargs["height"],
+                      width=kwargs["width"],
                       generator=tree_generators(r.train.seed, epoch, local_indices, r.tree.num_trees),
                       max_batch_size=r.sampling.max_batch_size, output_type="pt")
     record = out.record
