@@ -165,7 +165,7 @@ class TreeRolloutPipeline:
         num_roots = len(prompts) * num_trees
         dtype = next(iter(conditioning.cond.values())).dtype
         if latents is None:
-            latents = self.adapter.prepare_latents(num_roots, height, width, generator, dtype)
+            latents = self.prepare_roots(num_roots, height, width, generator, dtype)
         elif latents.shape[0] != num_roots:
             raise ValueError(f"latents has {latents.shape[0]} rows; expected num_prompts × num_trees = {num_roots}.")
         self.adapter.set_timesteps(self.scheduler, num_inference_steps, latents)
@@ -177,6 +177,14 @@ class TreeRolloutPipeline:
                                             prune, return_record and prune is None, record_device)
         images = leaves if output_type == "latent" else self.decode(leaves, conditioning, max_batch_size, output_type)
         return TreeRolloutOutput(images=images, record=record, rows=rows)
+
+    def prepare_roots(self, num: int, height: int, width: int, generator, dtype: torch.dtype) -> torch.Tensor:
+        """Root noise in the pipeline's layout, at the tree scheduler's scale. The stock `prepare_latents` scales by
+        the pipeline's own scheduler (SDXL's Euler: init_noise_sigma ≈ 14.6), while the tree scheduler steps from
+        its own `init_noise_sigma` (1: DDIM on variance-preserving latents, or flow matching)."""
+        latents = self.adapter.prepare_latents(num, height, width, generator, dtype)
+        scale = self.scheduler.init_noise_sigma / getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
+        return latents if scale == 1 else latents * scale
 
     def best_of_tree(self, prompts, scorer, **call_kwargs):
         """Score every leaf with `scorer(images, prompts)` and return the best image per prompt (see `search.py`)."""

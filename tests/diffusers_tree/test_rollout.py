@@ -52,7 +52,7 @@ def test_rows_equal_unique_node_count(family, guidance):
 def test_roots_are_unit_noise_whatever_the_base_scheduler(family):
     """SDXL ships an Euler scheduler (init_noise_sigma ≈ 14.6); the tree steps DDIM from unit-variance noise."""
     tree, _ = rollout_pipe(family)
-    roots = tree.adapter.prepare_latents(4, 32, 32, torch.Generator().manual_seed(0), torch.float32)
+    roots = tree.prepare_roots(4, 32, 32, torch.Generator().manual_seed(0), torch.float32)
     assert abs(float(roots.std()) - 1) < 0.1
 
 
@@ -63,7 +63,7 @@ def test_leaves_equal_stock_pipeline_with_tree_scheduler(family):
     pipe.set_progress_bar_config(disable=True)
     k, w, s, T = 2, 3, 2, 7
     tree = TreeRolloutPipeline.from_pipe(pipe, branch_factor=k, window_width=w, window_start=s)
-    roots = tree.adapter.prepare_latents(len(PROMPTS), 32, 32, torch.Generator().manual_seed(5), torch.float32)
+    roots = tree.prepare_roots(len(PROMPTS), 32, 32, torch.Generator().manual_seed(5), torch.float32)
     out = tree(PROMPTS, num_inference_steps=T, latents=roots, generator=torch.Generator().manual_seed(11),
                output_type="latent", max_batch_size=6, **SIZE, **kwargs)
 

@@ -57,7 +57,8 @@ class PipelineAdapter(Protocol):
     def encode(self, prompts: list[str], *, negative_prompt: str | list[str] | None, guidance_scale: float,
                height: int, width: int, max_sequence_length: int | None) -> Conditioning: ...
 
-    def prepare_latents(self, num: int, height: int, width: int, generator, dtype: torch.dtype) -> torch.Tensor: ...
+    def prepare_latents(self, num: int, height: int, width: int, generator, dtype: torch.dtype) -> torch.Tensor:
+        """Noise as the stock pipeline draws it (scaled by the pipeline's own scheduler)."""
 
     def set_timesteps(self, scheduler, num_inference_steps: int, latents: torch.Tensor) -> None: ...
 
@@ -106,6 +107,13 @@ def guided_model_output(
     out = adapter.model_forward(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both, conditioning)
     uncond_out, cond_out = out.chunk(2)
     return uncond_out + conditioning.guidance_scale * (cond_out - uncond_out)
+
+
+def unet_latents(pipe, num: int, height: int, width: int, generator, dtype: torch.dtype) -> torch.Tensor:
+    """Initial noise of the UNet pipelines, drawn by the pipeline itself, scaled by its scheduler's
+    `init_noise_sigma` (the rollout pipeline rescales it to the tree scheduler's)."""
+    channels = pipe.unet.config.in_channels
+    return pipe.prepare_latents(num, channels, height, width, dtype, pipe._execution_device, generator)
 
 
 def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, postprocess_decoded, register_adapter, unet_latents
 
 
 @register_adapter("StableDiffusionPipeline")
@@ -29,12 +29,7 @@ class StableDiffusionAdapter:
         )
 
     def prepare_latents(self, num, height, width, generator, dtype):
-        pipe = self.pipe
-        channels = pipe.unet.config.in_channels
-        latents = pipe.prepare_latents(num, channels, height, width, dtype, pipe._execution_device, generator)
-        # the stock pipeline scales by its own scheduler's init_noise_sigma (Euler: ~14.6); the tree scheduler
-        # steps DDIM on variance-preserving latents (init_noise_sigma = 1), so the root is unit noise
-        return latents / pipe.scheduler.init_noise_sigma
+        return unet_latents(self.pipe, num, height, width, generator, dtype)
 
     def set_timesteps(self, scheduler, num_inference_steps, latents):
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
