@@ -151,12 +151,14 @@ def run(
 
 
 def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
+    from treegrpo.trainer import SetupError, read_prompts
+
     found = list(prompt or [])
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            _fail(f"--prompts {str(prompts_file)!r}: no such file (one prompt per line).")
-        found += [line.strip() for line in prompts_file.read_text().splitlines()
-                  if line.strip() and not line.startswith("#")]
+        try:
+            found += read_prompts(str(prompts_file))
+        except SetupError as err:
+            _fail(f"--prompts: {err}")
     if not found:
         _fail("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
     return found

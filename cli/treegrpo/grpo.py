@@ -7,6 +7,7 @@ shape, a prompt's trees are the same whichever process samples them, and a resum
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +138,7 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
             out = _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, batch, edges,
                                     edge_advantage, train, adv_clip, normalizer, reference)
             sync = b == len(batches) - 1
-            with (_null() if sync else accelerator.no_sync(adapter.model)):
+            with (nullcontext() if sync else accelerator.no_sync(adapter.model)):
                 accelerator.backward(out.loss)
             for value in (out.ratio_mean, out.approx_kl, float(out.loss.detach())):
                 if not torch.isfinite(torch.tensor(value)):
@@ -195,10 +196,3 @@ def _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, bat
     return grpo_edge_loss(result.log_prob, old, edge_advantage.to(device)[edges_d], clip_range=train.clip_range,
                           adv_clip=adv_clip, normalizer=normalizer, kl=kl, kl_beta=train.kl_beta)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

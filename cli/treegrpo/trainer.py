@@ -117,7 +117,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     s, t = recipe.sampling, recipe.tree
     scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, sde_type=s.sde_type, eta=s.eta,
                                                 branch_factor=t.branch_factor, window_width=t.window_width,
-                                                window_start=min(t.window_start, s.num_inference_steps - 2),
+                                                window_start=0,  # replaced every epoch (run_epoch)
                                                 window_ratio=t.window_ratio, algorithm=t.algorithm)
     rollout = TreeRolloutPipeline(pipe, scheduler)
     rollout.set_progress_bar_config(disable=True)

@@ -121,7 +121,7 @@ def test_baselines_in_the_same_loop(workdir, tiny_sd3_dir, algorithm):
     assert abs(m["policy/ratio_mean"] - 1) < 1e-5
 
 
-def test_ema_is_exported_and_resumes(workdir, tiny_sd3_dir):
+def test_ema_weights_are_exported(workdir, tiny_sd3_dir):
     recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2), ["train.ema_decay=0.5"])
     train(recipe, reporter=QUIET)
     plain = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2, name="plain.toml"),

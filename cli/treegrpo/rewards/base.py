@@ -222,6 +222,15 @@ def load_image_processor(source: str):
     return AutoImageProcessor.from_pretrained(source, use_fast=False)
 
 
+def load_clip_parts(pretrained: str, processor: str):
+    """(tokenizer, image processor, CLIPModel) of a CLIP-style reward; the model on CPU in fp32 (cast by the caller,
+    after reading anything that loses precision in low-precision dtypes)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    return AutoTokenizer.from_pretrained(processor), load_image_processor(processor), CLIPModel.from_pretrained(
+        pretrained)
+
+
 def pixel_values(image_processor, images: list[Image.Image], device, dtype) -> torch.Tensor:
     """``[B, 3, S, S]`` model input from 8-bit PIL images."""
     pixels = image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]

@@ -19,7 +19,7 @@ from treegrpo.rewards.base import (
     check_batch,
     check_batch_size,
     clip_cosine,
-    load_image_processor,
+    load_clip_parts,
     pixel_values,
     resolve_dtype,
 )
@@ -77,11 +77,7 @@ class CLIPScoreReward:
     def load(self) -> CLIPScoreReward:
         """Load the tokenizer, image processor and model (once)."""
         if self._model is None:
-            from transformers import AutoTokenizer, CLIPModel
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.processor)
-            self._image_processor = load_image_processor(self.processor)
-            model = CLIPModel.from_pretrained(self.pretrained)
+            self._tokenizer, self._image_processor, model = load_clip_parts(self.pretrained, self.processor)
             self._model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         return self
 
