@@ -16,6 +16,7 @@ from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from .grpo import derive_seed
 from .metrics import image_grid
 from .models import load_pipeline
+from .rewards.base import score_with_accuracy
 
 
 class InferenceError(ValueError):
@@ -135,7 +136,7 @@ def save_images(images, prompts_per_image: list[str], out_dir: Path, columns: in
 def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: str | None, num_images: int,
              settings: Settings, dtype: str = "fp32") -> dict:
     """Mean ± std of every reward over `num_images` samples per prompt, for the base model and (if given) the base
-    with the LoRA, on paired noise. Digit-style rewards with an `accuracy` method also report accuracy."""
+    with the LoRA, on paired noise. Rewards that can judge right/wrong (digits) also report accuracy."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rewards = build_rewards(reward_specs, device, torch.float32)
     results = {}
@@ -147,11 +148,11 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
         image_prompts = [p for p in prompts for _ in range(num_images)]
         scores = {}
         for reward in rewards:
-            values = torch.as_tensor(reward(images, image_prompts), dtype=torch.float32)
+            values, accuracy = score_with_accuracy(reward, images, image_prompts)
             scores[reward.name] = {"mean": float(values.mean()), "std": float(values.std(unbiased=False)),
                                    "n": values.numel()}
-            if hasattr(reward, "accuracy"):
-                scores[reward.name]["accuracy"] = float(reward.accuracy(images, image_prompts))
+            if accuracy is not None:
+                scores[reward.name]["accuracy"] = float(accuracy)
         results[label] = scores
         del loaded
     return {"model": model, "lora": lora, "prompts": len(prompts), "images_per_prompt": num_images,

@@ -202,14 +202,15 @@ def run_epoch(run: Run, epoch: int) -> dict:
 
 def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
     """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and the
-    leaf accuracy of rewards that define `accuracy(images, prompts)`."""
+    leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`)."""
     from treegrpo.rewards import to_pil
+    from treegrpo.rewards.base import score_with_accuracy
 
     pil = to_pil(images)
-    rows = []
+    rows, accuracies = [], {}
     for reward in run.rewards:
         try:
-            values = torch.as_tensor(reward(pil, prompts), dtype=torch.float32).flatten().cpu()
+            values, accuracy = score_with_accuracy(reward, pil, prompts)
         except (ValueError, TypeError, RuntimeError) as err:
             raise TrainingError(f"reward {reward.name!r} failed: {err} Stopping; the last checkpoint is intact.") \
                 from None
@@ -219,8 +220,8 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[to
             raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
                                 "images; stopping. The last checkpoint is intact.")
         rows.append(values)
-    accuracies = {reward.name: float(reward.accuracy(pil, prompts)) for reward in run.rewards
-                  if callable(getattr(reward, "accuracy", None))}
+        if accuracy is not None:
+            accuracies[reward.name] = float(accuracy)
     return torch.stack(rows), accuracies
 
 

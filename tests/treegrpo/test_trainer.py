@@ -3,6 +3,7 @@ exact resume, micro-batch accumulation, baselines, failure behaviour."""
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -181,7 +182,7 @@ def test_missing_recipe_and_bad_override_exit_2(workdir):
 def test_check_prints_plan(workdir, tiny_sd3_dir):
     result = runner.invoke(app, ["check", str(write_recipe(workdir, tiny_sd3_dir)), "--set", "tree.branch_factor=3"])
     assert result.exit_code == 0, result.output
-    assert "leaves per prompt" in result.output and "9" in result.output
+    assert re.search(r"leaves per prompt\s*│\s*9\s", result.output), result.output  # k^w = 3^2
 
 
 def test_nan_reward_stops_with_exit_1_and_keeps_checkpoint(workdir, tiny_sd3_dir):

@@ -49,6 +49,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image, mode="RGB") for image in array]
 
 
+def score_with_accuracy(reward, images, prompts) -> tuple[torch.Tensor, float | None]:
+    """Scores `[N]` float32, and the accuracy for rewards that can also judge right/wrong (`score_and_accuracy`,
+    e.g. digits: one model pass for both); `None` for the others."""
+    both = getattr(reward, "score_and_accuracy", None)
+    if callable(both):
+        scores, accuracy = both(images, prompts)
+    else:
+        scores, accuracy = reward(images, prompts), None
+    return torch.as_tensor(scores, dtype=torch.float32).flatten().cpu(), accuracy
+
+
 def check_batch(images: list[Image.Image], prompts: list[str], name: str) -> int:
     """Validate one scoring call and return N."""
     if isinstance(images, torch.Tensor):

@@ -226,14 +226,18 @@ class DigitsReward:
         return self.model(pixels).float().softmax(dim=-1).cpu()
 
     def __call__(self, images: list[Image.Image] | torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        labels = prompt_digits(prompts)
-        if len(images) != len(labels):
-            raise ValueError(f"got {len(images)} images for {len(labels)} prompts; pass one prompt per image")
-        return self.probabilities(images).gather(1, labels[:, None])[:, 0]
+        return self.score_and_accuracy(images, prompts)[0]
 
     def accuracy(self, images: list[Image.Image] | torch.Tensor, prompts: list[str]) -> float:
         """Fraction of images whose most likely class is the prompted digit."""
+        return self.score_and_accuracy(images, prompts)[1]
+
+    def score_and_accuracy(self, images: list[Image.Image] | torch.Tensor, prompts: list[str]
+                           ) -> tuple[torch.Tensor, float]:
+        """The reward `[N]` and the accuracy from one classifier pass (the trainer logs both every epoch)."""
         labels = prompt_digits(prompts)
         if len(images) != len(labels):
             raise ValueError(f"got {len(images)} images for {len(labels)} prompts; pass one prompt per image")
-        return (self.probabilities(images).argmax(dim=-1) == labels).float().mean().item()
+        probabilities = self.probabilities(images)
+        scores = probabilities.gather(1, labels[:, None])[:, 0]
+        return scores, (probabilities.argmax(dim=-1) == labels).float().mean().item()
