@@ -253,10 +253,11 @@ class TreeRolloutPipeline:
                                 for s in range(0, latents.shape[0], max_batch_size)])
         if output_type == "pt":
             return images
+        processor = self.pipe.image_processor  # the pipelines' own conversion, as with output_type="pil"/"np"
         if output_type == "pil":
-            return _to_pil(images)
+            return processor.numpy_to_pil(processor.pt_to_numpy(images))
         if output_type == "np":
-            return images.permute(0, 2, 3, 1).float().cpu().numpy()
+            return processor.pt_to_numpy(images)
         raise ValueError(f"Unknown output_type {output_type!r}; choose 'pt', 'pil', 'np' or 'latent'.")
 
     def _size(self, height, width):
@@ -264,9 +265,3 @@ class TreeRolloutPipeline:
         size = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size
         return height or size * pipe.vae_scale_factor, width or size * pipe.vae_scale_factor
 
-
-def _to_pil(images: torch.Tensor):
-    from PIL import Image
-
-    array = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in array]
