@@ -29,8 +29,11 @@ def make_plan(recipe: Recipe, num_processes: int = 1) -> RunPlan:
     s, t = recipe.sampling, recipe.tree
     steps, trees = s.num_inference_steps, recipe.data.prompts_per_epoch * t.num_trees
     starts = [0] if t.algorithm == "flat" else list(range(steps - t.window_width))
+    # cps has no noise into sigma = 0: flat takes its last step as ODE (DDIM's case depends on the model's config)
+    zero_noise = (steps - 1,) if s.sde_type == "cps" else ()
     plans: dict[int, BranchPlan] = {
-        start: build_plan(t.algorithm, steps, t.branch_factor, t.window_width, start) for start in starts}
+        start: build_plan(t.algorithm, steps, t.branch_factor, t.window_width, start, zero_noise_steps=zero_noise)
+        for start in starts}
     rows = {start: plan.rows_per_tree * trees for start, plan in plans.items()}
     if t.algorithm == "flat":
         expected = float(rows[0])

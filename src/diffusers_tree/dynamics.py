@@ -111,7 +111,8 @@ def flow_sde_scale(sigma: torch.Tensor, *, sde_type: str, eta: float, sigma_max:
             raise ValueError(
                 "flow_sde at sigma = 1 needs `sigma_max` (Flow-GRPO uses sigmas[1]) for the 1 - sigma denominator."
             )
-    denominator_sigma = torch.where(at_one, torch.as_tensor(sigma_max or 0.0, dtype=sigma.dtype), sigma)
+    denominator_sigma = torch.where(at_one, torch.as_tensor(sigma_max or 0.0, dtype=sigma.dtype, device=sigma.device),
+                                    sigma)
     return eta * torch.sqrt(sigma / (1.0 - denominator_sigma))
 
 

@@ -69,13 +69,14 @@ class BranchPlan:
         )
 
     @classmethod
-    def flat(cls, num_steps: int, num_trajectories: int) -> BranchPlan:
-        """DanceGRPO-style: `num_trajectories` SDE trajectories from one shared root noise."""
+    def flat(cls, num_steps: int, num_trajectories: int, deterministic_steps: tuple[int, ...] = ()) -> BranchPlan:
+        """DanceGRPO-style: `num_trajectories` SDE trajectories from one shared root noise. `deterministic_steps` are
+        ODE steps instead (steps where the SDE has no noise, such as `cps`'s last step: no log-prob, not trained)."""
         if num_steps < 1 or num_trajectories < 1:
             raise ValueError(f"num_steps ({num_steps}) and num_trajectories ({num_trajectories}) must be >= 1.")
         return cls(
             branch_factors=(num_trajectories,) + (1,) * (num_steps - 1),
-            sde_steps=(True,) * num_steps,
+            sde_steps=tuple(i not in deterministic_steps for i in range(num_steps)),
             algorithm="flat",
         )
 

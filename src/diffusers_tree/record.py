@@ -4,6 +4,11 @@ Nodes are stored for levels 0 … L (L = the level after the last SDE step) plus
 between level L and the leaves are not stored (each leaf's parent is its ancestor at level L, through an ODE edge
 with NaN log-prob, which the advantage backup passes through unchanged, Eq. 10). Latents are stored once per parent
 of a trained edge and once per trained child.
+
+Devices: the index and bookkeeping arrays (tree structure, step indices, prompt ids, stored log-probs) are small and
+read by CPU-side code (advantage backup, edge selection, micro-batching) and by the scheduler's CPU schedule tables,
+so they always live on the CPU. The latents and the timesteps the denoiser saw live on the rollout device (or
+`record_device`): they are model inputs. Indexing a device tensor with a CPU index is allowed; the reverse is not.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ class RolloutRecord:
         leaf_node (`torch.LongTensor`), leaf_latents (`torch.Tensor`).
     And: `plan` ([`BranchPlan`]), `num_prompts`, `num_trees`, `rows` (denoiser rows while sampling, CFG halves
     counted).
+
+    Only `DATA_FIELDS` (latents and timesteps) live on the rollout device; every other tensor is on the CPU.
     """
+
+    DATA_FIELDS = ("parent_timestep", "parent_latents", "child_latents", "leaf_latents")
 
     plan: BranchPlan
     num_prompts: int
@@ -78,7 +87,7 @@ class RolloutRecord:
     def depth(self) -> torch.Tensor:
         """Number of SDE edges between the root and each node `[N]` (window depth; leaves have depth w)."""
         sde_before = torch.tensor([0, *torch.tensor(self.plan.sde_steps, dtype=torch.long).cumsum(0).tolist()])
-        return sde_before[self.level.cpu()].to(self.level.device)
+        return sde_before[self.level]
 
     @property
     def leaf_prompt_index(self) -> torch.Tensor:
@@ -87,15 +96,15 @@ class RolloutRecord:
     def node_values(self, leaf_values: torch.Tensor) -> torch.Tensor:
         """Scatter per-leaf values `[num_leaves_total]` onto the node array `[N]` (NaN off the leaves), the input
         layout of `backup_advantages`."""
-        values = torch.full((self.num_nodes,), float("nan"), dtype=torch.float32, device=self.parent.device)
+        values = torch.full((self.num_nodes,), float("nan"), dtype=torch.float32)
         values[self.leaf_node] = leaf_values.to(values)
         return values
 
     def to(self, device) -> RolloutRecord:
+        """A copy with the latents and timesteps (`DATA_FIELDS`) on `device`; index arrays stay on the CPU."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
+        for name in self.DATA_FIELDS:
+            moved[name] = moved[name].to(device)
         return RolloutRecord(**moved)
 
 
@@ -113,12 +122,17 @@ class RecordBuilder:
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.device is None else tensor.to(self.device)
 
+    @staticmethod
+    def _cat_cpu(parts: list[torch.Tensor]) -> torch.Tensor:
+        # one device-to-host copy per array at the end of the rollout, not one per step
+        return torch.cat(parts).cpu()
+
     def _add_nodes(self, parent, level, prompt, tree, log_prob) -> torch.Tensor:
         ids = torch.arange(self.num_nodes, self.num_nodes + parent.numel(), device=parent.device)
         self.num_nodes += parent.numel()
         for key, value in zip(("parent", "level", "prompt", "tree", "log_prob"),
                               (parent, torch.full_like(parent, level), prompt, tree, log_prob), strict=True):
-            self.nodes[key].append(self._keep(value))
+            self.nodes[key].append(value)  # index arrays: moved to the CPU once, in `finish`
         return ids
 
     def add_roots(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -139,29 +153,29 @@ class RecordBuilder:
             for key, value in zip(("node", "step", "timestep", "prompt", "x"),
                                   (node, torch.full_like(node, step), timestep.float().expand(node.numel()),
                                    self.prompt, x), strict=True):
-                self.parents[key].append(self._keep(value))
+                self.parents[key].append(self._keep(value) if key in ("timestep", "x") else value)
         if level <= self.last_level or level == self.plan.num_steps:
             log_prob = result.log_prob if sde else torch.full((source.numel(),), float("nan"), device=x.device)
             new = self._add_nodes(node[source], level, prompt, tree, log_prob.float())
             if sde:
                 edge = (new, slot0 + source, result.prev_sample)
                 for key, value in zip(("child", "parent", "x"), edge, strict=True):
-                    self.edges[key].append(self._keep(value))
+                    self.edges[key].append(self._keep(value) if key == "x" else value)
         else:
             new = node[source]  # ODE tail: the last stored ancestor stands in
         self.prompt, self.tree = prompt, tree
         return new
 
     def finish(self, leaves: torch.Tensor, leaf_node: torch.Tensor, rows: int) -> RolloutRecord:
-        cat = torch.cat
+        cpu, data = self._cat_cpu, torch.cat
         return RolloutRecord(
             plan=self.plan, num_prompts=self.num_prompts, num_trees=self.num_trees,
-            parent=cat(self.nodes["parent"]), level=cat(self.nodes["level"]), prompt_index=cat(self.nodes["prompt"]),
-            tree_index=cat(self.nodes["tree"]), log_prob=cat(self.nodes["log_prob"]),
-            parent_node=cat(self.parents["node"]), parent_step=cat(self.parents["step"]),
-            parent_timestep=cat(self.parents["timestep"]), parent_prompt_index=cat(self.parents["prompt"]),
-            parent_latents=cat(self.parents["x"]),
-            edge_child=cat(self.edges["child"]), edge_parent=cat(self.edges["parent"]),
-            child_latents=cat(self.edges["x"]),
-            leaf_node=self._keep(leaf_node), leaf_latents=self._keep(leaves), rows=rows,
+            parent=cpu(self.nodes["parent"]), level=cpu(self.nodes["level"]), prompt_index=cpu(self.nodes["prompt"]),
+            tree_index=cpu(self.nodes["tree"]), log_prob=cpu(self.nodes["log_prob"]),
+            parent_node=cpu(self.parents["node"]), parent_step=cpu(self.parents["step"]),
+            parent_timestep=data(self.parents["timestep"]), parent_prompt_index=cpu(self.parents["prompt"]),
+            parent_latents=data(self.parents["x"]),
+            edge_child=cpu(self.edges["child"]), edge_parent=cpu(self.edges["parent"]),
+            child_latents=data(self.edges["x"]),
+            leaf_node=leaf_node.cpu(), leaf_latents=self._keep(leaves), rows=rows,
         )

@@ -199,7 +199,23 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if self.num_inference_steps is None:
             raise RuntimeError("Call `set_timesteps` before `set_window_start`.")
         self.plan = build_plan(self.config.algorithm, self.num_inference_steps, self.config.branch_factor,
-                               self.config.window_width, window_start)
+                               self.config.window_width, window_start, zero_noise_steps=self.zero_noise_steps())
+
+    def zero_noise_steps(self) -> tuple[int, ...]:
+        """Steps of the current schedule at which this `sde_type` has no noise (std = 0), so no log-probability:
+        `cps` into σ' = 0 (std = σ'·sin(ηπ/2)) and DDIM into ᾱ_prev = 1 (the last step when the base scheduler's
+        `final_alpha_cumprod` is 1, e.g. `set_alpha_to_one=True`). The flat shape takes them as ODE steps; a tree
+        or mix window must not cover them."""
+        if self.timesteps is None:
+            raise RuntimeError("Call `set_timesteps` before `zero_noise_steps`.")
+        steps = torch.arange(self.num_inference_steps)
+        if self.family == "flow":
+            if self.config.sde_type != "cps":
+                return ()
+            zero = self.sigmas.float().cpu()[steps + 1] <= 0
+        else:
+            zero = self.alpha_pair(steps)[1] >= 1
+        return tuple(int(i) for i in zero.nonzero().flatten())
 
     def manual_seed(self, seed: int) -> TreeSDEScheduler:
         """Seed the branch noise and the window draw (stock pipelines do not pass their generator to FLUX/SD3
@@ -257,38 +273,39 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
     ) -> StepResult:
         """Step `sample` from step `step_index` (an int, or a `[B]` tensor of step indices): an SDE step with a
         log-prob if `stochastic` (default: what the plan says for an int index), else the ODE step. Pass
-        `prev_sample` to re-score a stored child; the same code computes sampling and training log-probs."""
+        `prev_sample` to re-score a stored child; the same code computes sampling and training log-probs.
+
+        Devices: the schedule tables (`sigmas`, `alphas_cumprod`) stay on the CPU, as diffusers keeps them, and are
+        indexed there; a step-index tensor on another device is read back first (a device sync), so pass CPU
+        indices (the [`RolloutRecord`]'s index arrays are CPU tensors). The looked-up values follow `sample`."""
         if self.timesteps is None:
             raise RuntimeError("Call `set_timesteps` before stepping.")
         if stochastic is None:
             if not isinstance(step_index, int):
                 raise ValueError("Pass `stochastic=` when `step_index` is a tensor.")
             stochastic = self.plan.sde_steps[step_index]
-        index = torch.as_tensor(step_index, dtype=torch.long)
+        index = torch.as_tensor(step_index, dtype=torch.long).cpu()
         if self.family == "flow":
             sigmas = self.sigmas.float().cpu()
-            sigma, sigma_next = sigmas[index], sigmas[index + 1]
-            if index.ndim:
-                sigma, sigma_next = sigma.to(sample.device), sigma_next.to(sample.device)
+            sigma, sigma_next = sigmas[index].to(sample.device), sigmas[index + 1].to(sample.device)
             sde_type = self.config.sde_type if stochastic else "ode"
             return flow_step(model_output, sample, sigma, sigma_next, sde_type=sde_type, eta=self.config.eta,
                              noise=noise, prev_sample=prev_sample, sigma_max=float(sigmas[1]), generator=generator)
-        alpha, alpha_prev = self.alpha_pair(index)
-        if index.ndim:
-            alpha, alpha_prev = alpha.to(sample.device), alpha_prev.to(sample.device)
+        alpha, alpha_prev = (value.to(sample.device) for value in self.alpha_pair(index))
         return ddim_step(model_output, sample, alpha, alpha_prev, eta=self.config.eta if stochastic else 0.0,
                          prediction_type=self.config.prediction_type, noise=noise, prev_sample=prev_sample,
                          generator=generator)
 
-    def alpha_pair(self, step_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, ᾱ_prev) of DDIM step(s). ᾱ_prev is read at the next timestep of the schedule (for DDIM's
-        "leading"/"trailing" spacings that is DDIM's t - num_train_timesteps // num_inference_steps; for
+    def alpha_pair(self, step_index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ᾱ_t, ᾱ_prev) of DDIM step(s), as CPU float32 tensors. ᾱ_prev is read at the next timestep of the schedule
+        (for DDIM's "leading"/"trailing" spacings that is DDIM's t - num_train_timesteps // num_inference_steps; for
         "linspace" it keeps the step on the grid the sampler really visits), and `final_alpha_cumprod` after the
         last step."""
+        index = torch.as_tensor(step_index, dtype=torch.long).cpu()
         grid = torch.cat([self.timesteps.cpu().long(), torch.tensor([-1])])
-        t, prev_t = grid[step_index], grid[step_index + 1]
-        alphas = self.base.alphas_cumprod.float()
-        final = torch.as_tensor(self.base.final_alpha_cumprod, dtype=torch.float32)
+        t, prev_t = grid[index], grid[index + 1]
+        alphas = self.base.alphas_cumprod.float().cpu()
+        final = torch.as_tensor(self.base.final_alpha_cumprod, dtype=torch.float32).cpu()
         alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final)
         return alphas[t], alpha_prev
 
@@ -331,15 +348,25 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         return TreeSDESchedulerOutput(prev_sample=result.prev_sample, log_prob=result.log_prob)
 
 
-def build_plan(algorithm: str, num_steps: int, branch_factor: int, window_width: int, window_start: int) -> BranchPlan:
-    """The plan of one tree for `algorithm`; flat and mix use k^w trajectories, the tree's leaf count."""
+def build_plan(algorithm: str, num_steps: int, branch_factor: int, window_width: int, window_start: int, *,
+               zero_noise_steps: tuple[int, ...] = ()) -> BranchPlan:
+    """The plan of one tree for `algorithm`; flat and mix use k^w trajectories, the tree's leaf count.
+    `zero_noise_steps` (see `TreeSDEScheduler.zero_noise_steps`) become ODE steps of flat; a tree/mix window that
+    covers one is an error."""
+    if algorithm == "flat":
+        return BranchPlan.flat(num_steps, branch_factor**window_width, deterministic_steps=zero_noise_steps)
+    if algorithm not in ("tree", "mix"):
+        raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
+    covered = sorted(set(zero_noise_steps) & set(range(window_start, window_start + window_width)))
+    if covered:
+        raise ValueError(
+            f"The SDE window (steps {window_start}…{window_start + window_width - 1} of {num_steps}) covers step(s) "
+            f"{covered}, where the step has no noise (cps into sigma = 0, or DDIM into alpha_cumprod = 1), so its "
+            f"children would be identical and have no log-probability. Start the window at most at "
+            f"{min(covered) - window_width}.")
     if algorithm == "tree":
         return BranchPlan.tree(num_steps, branch_factor, window_width, window_start)
-    if algorithm == "flat":
-        return BranchPlan.flat(num_steps, branch_factor**window_width)
-    if algorithm == "mix":
-        return BranchPlan.mix(num_steps, branch_factor**window_width, window_width, window_start)
-    raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
+    return BranchPlan.mix(num_steps, branch_factor**window_width, window_width, window_start)
 
 
 def _family_of(scheduler: SchedulerMixin) -> str:

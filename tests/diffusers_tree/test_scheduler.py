@@ -180,3 +180,32 @@ def test_tree_scheduler_with_no_branching_equals_base_pipeline(family):
     tree_out = pipe("a red cat", num_inference_steps=6, height=32, width=32, output_type="pt",
                     generator=torch.Generator().manual_seed(1), **kwargs).images
     torch.testing.assert_close(tree_out, base_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "base, sde_type",
+    [(FlowMatchEulerDiscreteScheduler(shift=3.0), "cps"), (DDIMScheduler(**SD_CONFIG, set_alpha_to_one=True), "ddim")],
+    ids=["cps", "ddim-final-alpha-1"],
+)
+def test_zero_noise_last_step_is_ode_in_flat_and_refused_in_a_window(base, sde_type):
+    """cps into sigma = 0 and DDIM into alpha_cumprod = 1 have std = 0: no log-prob. Flat takes that step as ODE
+    (the last step, which DanceGRPO never trains either); a window covering it is refused with the allowed start."""
+    flat = TreeSDEScheduler.from_scheduler(base, sde_type=sde_type, algorithm="flat", branch_factor=2, window_width=2)
+    flat.set_timesteps(6)
+    assert flat.zero_noise_steps() == (5,)
+    assert flat.plan.sde_steps == (True,) * 5 + (False,)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    last = flat.transition(out, x, 5)  # the plan's step: deterministic, finite
+    assert last.log_prob is None and torch.isfinite(last.prev_sample).all()
+    with pytest.raises(ValueError, match="no log-prob|no noise"):
+        flat.transition(out, x, 5, stochastic=True)
+    tree = TreeSDEScheduler.from_scheduler(base, sde_type=sde_type, window_start=4, branch_factor=2, window_width=2)
+    with pytest.raises(ValueError, match=r"covers step\(s\) \[5\].*at most at 3"):
+        tree.set_timesteps(6)
+
+
+def test_flow_sde_has_no_zero_noise_steps():
+    scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), algorithm="flat")
+    scheduler.set_timesteps(10)
+    assert scheduler.zero_noise_steps() == () and all(scheduler.plan.sde_steps)
