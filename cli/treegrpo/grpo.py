@@ -33,11 +33,17 @@ def derive_seed(*parts: int) -> int:
 def epoch_prompt_indices(num_prompts: int, epoch: int, per_epoch: int, seed: int) -> list[int]:
     """Global prompt indices of `epoch`: consecutive slices of seeded permutations (a fresh one per pass)."""
     indices = []
-    for position in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+    for position in epoch_positions(epoch, per_epoch):
         permutation = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(
             derive_seed(seed, position // num_prompts)))
         indices.append(int(permutation[position % num_prompts]))
     return indices
+
+
+def epoch_positions(epoch: int, per_epoch: int) -> list[int]:
+    """Run-wide positions of the epoch's prompt slots, `epoch · per_epoch …`: what a group's randomness is keyed on,
+    so that a prompt drawn twice in one epoch gets two different trees."""
+    return list(range(epoch * per_epoch, (epoch + 1) * per_epoch))
 
 
 def process_share(items: list, rank: int, world_size: int) -> list:
@@ -46,9 +52,12 @@ def process_share(items: list, rank: int, world_size: int) -> list:
     return items[rank * per_rank:(rank + 1) * per_rank]
 
 
-def tree_generators(seed: int, epoch: int, prompt_indices: list[int], num_trees: int) -> list[torch.Generator]:
-    """One generator per tree, prompt-major, seeded by (seed, epoch, global prompt, tree)."""
-    return [torch.Generator().manual_seed(derive_seed(seed, epoch, p, t)) for p in prompt_indices
+def tree_generators(seed: int, epoch: int, positions: list[int], num_trees: int, *, stream: int = 0
+                    ) -> list[torch.Generator]:
+    """One generator per tree, slot-major, seeded by (seed, epoch, run-wide slot position, tree, stream): the same
+    whichever process samples the slot, different for every slot (even when two slots hold the same prompt).
+    `stream` separates uses (0: rollout noise, 1: flat edge selection)."""
+    return [torch.Generator().manual_seed(derive_seed(seed, epoch, p, t, stream)) for p in positions
             for t in range(num_trees)]
 
 
@@ -65,31 +74,34 @@ def tree_advantages(record: RolloutRecord, rewards: torch.Tensor, weights: list[
                     eps: float, weighting: str, depth_normalize: bool) -> EdgeAdvantages:
     """Eq. 9 per prompt over all its trees' leaves (one row of `rewards` `[R, num_leaves]` per reward), then the
     backup to every trained edge (Eqs. 10–11)."""
-    leaf_prompt = record.leaf_prompt_index.cpu()
-    leaf_adv = aggregate_rewards(rewards.cpu(), weights, leaf_prompt, mode=aggregation, eps=eps)
-    parent, log_prob = record.parent.cpu(), record.log_prob.cpu()
-    node_adv = backup_advantages(parent, record.node_values(leaf_adv).cpu(), log_prob, weighting,
-                                 depth_normalize=depth_normalize, group_ids=record.prompt_index.cpu(), eps=eps)
-    edge_adv = node_adv[record.edge_child.cpu()]
+    leaf_adv = aggregate_rewards(rewards.cpu(), weights, record.leaf_prompt_index, mode=aggregation, eps=eps)
+    parent, log_prob = record.parent, record.log_prob  # CPU, like every index array of the record
+    node_adv = backup_advantages(parent, record.node_values(leaf_adv), log_prob, weighting,
+                                 depth_normalize=depth_normalize, group_ids=record.prompt_index, eps=eps)
+    edge_adv = node_adv[record.edge_child]
     ess = effective_sample_size(parent, log_prob)
     return EdgeAdvantages(edge_adv, leaf_adv, float(ess.mean()) if ess.numel() else float("nan"))
 
 
-def select_edges(record: RolloutRecord, *, algorithm: str, timestep_fraction: float, generator: torch.Generator
-                 ) -> torch.Tensor:
+def select_edges(record: RolloutRecord, *, algorithm: str, timestep_fraction: float,
+                 generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """Boolean mask `[E]` of the edges to train. tree/mix: all. flat (DanceGRPO): per trajectory (leaf), a random
-    `timestep_fraction` of its steps; an edge shared by several trajectories (the root's) trains if any picks it."""
+    `timestep_fraction` of its steps; an edge shared by several trajectories (the root's) trains if any picks it.
+    `generator` may be one generator per tree (`record.num_prompts · num_trees`, prompt-major): then a tree's choice
+    does not depend on which process trains it. The counts can differ between processes either way;
+    `train_on_record` keeps the processes' collectives in step."""
     num_edges = record.edge_child.numel()
     if algorithm != "flat" or timestep_fraction >= 1:
         return torch.ones(num_edges, dtype=torch.bool)
     steps = record.plan.num_steps
     keep_steps = max(1, round(timestep_fraction * steps))
     node_of_edge = torch.full((record.num_nodes,), -1, dtype=torch.long)
-    node_of_edge[record.edge_child.cpu()] = torch.arange(num_edges)
-    parent, level = record.parent.cpu(), record.level.cpu()
+    node_of_edge[record.edge_child] = torch.arange(num_edges)
+    parent, level = record.parent, record.level
     mask = torch.zeros(num_edges, dtype=torch.bool)
-    for leaf in record.leaf_node.cpu().tolist():
-        chosen = set(torch.randperm(steps, generator=generator)[:keep_steps].tolist())
+    for position, leaf in enumerate(record.leaf_node.tolist()):
+        tree_generator = generator[position // record.plan.num_leaves] if isinstance(generator, list) else generator
+        chosen = set(torch.randperm(steps, generator=tree_generator)[:keep_steps].tolist())
         node = leaf
         while parent[node] >= 0:
             if int(level[node]) - 1 in chosen and node_of_edge[node] >= 0:
@@ -114,32 +126,62 @@ class TrainStats:
     trained_parents: int
 
 
+def update_plan(parents: torch.Tensor, updates_per_epoch: int, micro_batch_size: int) -> list[list[torch.Tensor]]:
+    """This process's parents split into exactly `updates_per_epoch` optimizer updates (sizes differ by at most one;
+    an update may be empty when there are fewer parents than updates), each split into micro-batches."""
+    return [list(update.split(micro_batch_size)) if update.numel() else []
+            for update in parents.tensor_split(updates_per_epoch)]
+
+
+def agreed_micro_batches(accelerator, plan: list[list[torch.Tensor]]) -> list[int]:
+    """Micro-batches per update that every process runs: the most any process has (one all-gather).
+
+    A forward under FSDP and the synchronising backward under DDP are collectives: if one process ran fewer, the
+    others would wait for it forever. Processes whose own share is shorter run zero-weight padding micro-batches,
+    so the counts match whatever each process's data (flat's random edge selection, uneven parent counts)."""
+    counts = torch.tensor([len(update) for update in plan], dtype=torch.long, device=accelerator.device)
+    if accelerator.num_processes == 1:
+        return counts.tolist()
+    gathered = accelerator.gather(counts).reshape(accelerator.num_processes, -1)
+    return gathered.max(dim=0).values.tolist()
+
+
 def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, conditioning: Conditioning,
                     edge_advantage: torch.Tensor, edge_mask: torch.Tensor, optimizer, params, train, adv_clip: float,
                     generator: torch.Generator, reference=None, ema=None) -> TrainStats:
     """PPO-clip updates over the epoch's parents: one forward with grad per parent node (CFG exactly as sampled)
     gives the new log-prob of all its children; `updates_per_epoch` optimizer steps, each accumulating over
-    micro-batches of `micro_batch_size` parents. `reference()` is a context manager disabling the adapter (KL)."""
-    parent_of_edge = record.edge_parent.cpu()
+    micro-batches of `micro_batch_size` parents. `reference()` is a context manager disabling the adapter (KL).
+
+    Distributed: every process runs the same number of micro-batches per update (`agreed_micro_batches`), and all
+    but the last micro-batch of an update run forward AND backward inside `no_sync` (DDP only skips its gradient
+    all-reduce when the forward ran inside it), so there is one gradient all-reduce per optimizer update."""
     trained = torch.zeros(record.parent_node.numel(), dtype=torch.bool)
-    trained[parent_of_edge[edge_mask]] = True
+    trained[record.edge_parent[edge_mask]] = True
     parents = trained.nonzero().squeeze(1)
     parents = parents[torch.randperm(parents.numel(), generator=generator)]
+    plan = update_plan(parents, train.updates_per_epoch, train.micro_batch_size)
+    agreed = agreed_micro_batches(accelerator, plan)
+    # a padding micro-batch re-runs one real parent at zero weight (any parent of the record will do)
+    padding_batch = parents[:1] if parents.numel() else torch.zeros(1, dtype=torch.long)
     cfg = 2 if conditioning.do_cfg else 1
-    updates = [chunk for chunk in parents.chunk(train.updates_per_epoch) if chunk.numel()]
     totals = {"loss": 0.0, "ratio": 0.0, "clip": 0.0, "akl": 0.0, "kl": 0.0, "grad": 0.0}
-    first_error, micro_batches, rows = None, 0, 0
-    for update in updates:
-        in_update = torch.isin(parent_of_edge, update) & edge_mask
-        normalizer = int(in_update.sum())
-        batches = update.split(train.micro_batch_size)
-        for b, batch in enumerate(batches):
-            edges = (torch.isin(parent_of_edge, batch) & edge_mask).nonzero().squeeze(1)
-            out = _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, batch, edges,
-                                    edge_advantage, train, adv_clip, normalizer, reference)
-            sync = b == len(batches) - 1
-            with (nullcontext() if sync else accelerator.no_sync(adapter.model)):
-                accelerator.backward(out.loss)
+    first_error, micro_batches, rows, updates = None, 0, 0, 0
+    for batches, planned in zip(plan, agreed, strict=True):
+        if planned == 0:  # no process has parents for this update
+            continue
+        normalizer = max(int((torch.isin(record.edge_parent, torch.cat(batches)) & edge_mask).sum()), 1) \
+            if batches else 1
+        for b in range(planned):
+            padding = b >= len(batches)
+            batch = padding_batch if padding else batches[b]
+            with nullcontext() if b == planned - 1 else accelerator.no_sync(adapter.model):
+                out = _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, batch, edge_mask,
+                                        edge_advantage, train, adv_clip, normalizer, reference)
+                accelerator.backward(out.loss * 0.0 if padding else out.loss)
+            rows += batch.numel() * cfg
+            if padding:
+                continue
             for value in (out.ratio_mean, out.approx_kl, float(out.loss.detach())):
                 if not torch.isfinite(torch.tensor(value)):
                     raise TrainingError(f"Non-finite loss or ratio in training (loss={float(out.loss)}, "
@@ -152,47 +194,59 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
             totals["akl"] += out.approx_kl
             totals["kl"] += out.kl
             micro_batches += 1
-            rows += batch.numel() * cfg
         grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
-        totals["grad"] += float(grad_norm)
+        totals["grad"] += _to_float(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        updates += 1
         if ema is not None:
             ema.update()
     n = max(micro_batches, 1)
-    return TrainStats(loss=totals["loss"] / max(len(updates), 1), ratio_mean=totals["ratio"] / n,
+    return TrainStats(loss=totals["loss"] / max(updates, 1), ratio_mean=totals["ratio"] / n,
                       first_ratio_error=first_error or 0.0, clip_frac=totals["clip"] / n,
                       approx_kl=totals["akl"] / n, kl=totals["kl"] / n,
-                      grad_norm=totals["grad"] / max(len(updates), 1), train_rows=rows,
+                      grad_norm=totals["grad"] / max(updates, 1), train_rows=rows,
                       trained_edges=int(edge_mask.sum()), trained_parents=int(parents.numel()))
 
 
-def _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, batch, edges, edge_advantage, train,
-                      adv_clip, normalizer, reference):
-    device = record.parent_latents.device
-    batch_d = batch.to(device)
-    latents = record.parent_latents[batch_d]
+def _to_float(value) -> float:
+    """A gradient norm as a float; under FSDP2 it is a DTensor (replicated) that must be materialised first."""
+    if value is None:
+        return float("nan")
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
+def _micro_batch_loss(accelerator, adapter, scheduler, record: RolloutRecord, conditioning, batch, edge_mask,
+                      edge_advantage, train, adv_clip, normalizer, reference):
+    """Loss of the trained edges below the parents `batch` (a CPU index into the record's parent arrays).
+
+    Index arrays stay on the CPU (the record's and the scheduler's); latents, timesteps and advantages go to the
+    accelerator's device, which is where the model runs whatever device the record's latents were kept on."""
+    device = accelerator.device
+    edges = (torch.isin(record.edge_parent, batch) & edge_mask).nonzero().squeeze(1)
+    latents = record.parent_latents[batch].to(device)
+    timesteps = record.parent_timestep[batch].to(device)
+    prompt_index = record.parent_prompt_index[batch].to(device)
     with accelerator.autocast():
-        model_output = guided_model_output(adapter, latents, record.parent_timestep[batch_d],
-                                           record.parent_prompt_index[batch_d], conditioning)
+        model_output = guided_model_output(adapter, latents, timesteps, prompt_index, conditioning)
     slot = torch.full((record.parent_node.numel(),), -1, dtype=torch.long)
     slot[batch] = torch.arange(batch.numel())
-    local_parent = slot[record.edge_parent.cpu()[edges]].to(device)
-    edges_d = edges.to(device)
-    steps = record.edge_step[edges_d]
+    local_parent = slot[record.edge_parent[edges]]
+    steps = record.edge_step[edges]
+    children = record.child_latents[edges].to(device)
     result = scheduler.transition(model_output[local_parent], latents[local_parent], steps, stochastic=True,
-                                  prev_sample=record.child_latents[edges_d])
-    old = record.edge_log_prob[edges_d]
+                                  prev_sample=children)
+    old = record.edge_log_prob[edges].to(device)
     if not torch.isfinite(result.log_prob).all():
         raise TrainingError("Non-finite log-prob while re-scoring children; stopping. The last checkpoint is intact.")
     kl = None
     if train.kl_beta > 0 and reference is not None:
         with torch.no_grad(), reference(), accelerator.autocast():
-            ref_output = guided_model_output(adapter, latents, record.parent_timestep[batch_d],
-                                             record.parent_prompt_index[batch_d], conditioning)
+            ref_output = guided_model_output(adapter, latents, timesteps, prompt_index, conditioning)
         ref = scheduler.transition(ref_output[local_parent], latents[local_parent], steps, stochastic=True,
-                                   prev_sample=record.child_latents[edges_d])
+                                   prev_sample=children)
         kl = gaussian_mean_kl(result.mean, ref.mean, result.std)
-    return grpo_edge_loss(result.log_prob, old, edge_advantage.to(device)[edges_d], clip_range=train.clip_range,
+    return grpo_edge_loss(result.log_prob, old, edge_advantage[edges].to(device), clip_range=train.clip_range,
                           adv_clip=adv_clip, normalizer=normalizer, kl=kl, kl_beta=train.kl_beta)
-

@@ -19,6 +19,7 @@ from .ema import EMA
 from .grpo import (
     TrainingError,
     derive_seed,
+    epoch_positions,
     epoch_prompt_indices,
     process_share,
     select_edges,
@@ -28,7 +29,7 @@ from .grpo import (
 )
 from .metrics import MetricsLog, Tracker, image_grid, plot_curves
 from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
-from .recipe import Recipe, to_toml
+from .recipe import Recipe, TrainRecipe, to_toml
 from .reporting import Reporter
 
 logger = logging.getLogger(__name__)
@@ -121,15 +122,8 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
                                                 window_ratio=t.window_ratio, algorithm=t.algorithm)
     rollout = TreeRolloutPipeline(pipe, scheduler)
     rollout.set_progress_bar_config(disable=True)
-    params = trainable_parameters(denoiser)
-    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, betas=recipe.train.adam_betas,
-                                  weight_decay=recipe.train.weight_decay)
-    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    model, optimizer, params, ema = prepare_training(accelerator, denoiser, recipe.train)
     rollout.adapter.model = model
-    ema = None
-    if recipe.train.ema_decay is not None:
-        ema = EMA(params, recipe.train.ema_decay)
-        accelerator.register_for_checkpointing(ema)
     window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
                           start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
         if t.algorithm != "flat" else None
@@ -142,6 +136,24 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     return Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
                optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
                sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
+
+
+def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, list, EMA | None]:
+    """AdamW over the trainable weights, `accelerator.prepare`, then the parameter list that gradient clipping and
+    EMA act on, taken AFTER `prepare`: FSDP2's `fully_shard` replaces the module's parameters with sharded DTensors
+    (accelerate re-points the optimizer at them). A list taken before would hold the unsharded originals, which get
+    no gradient (clipping would see a zero norm) and never change (EMA would stand still).
+    Returns `(model, optimizer, params, ema)`."""
+    optimizer = torch.optim.AdamW(trainable_parameters(denoiser), lr=train.learning_rate, betas=train.adam_betas,
+                                  weight_decay=train.weight_decay)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    params = trainable_parameters(model)
+    ema = None
+    if train.ema_decay is not None:
+        ema = EMA(params, train.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    return model, optimizer, params, ema
 
 
 def read_prompts(path: str) -> list[str]:
@@ -161,6 +173,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
     window_start = run.window.start_for_epoch(epoch, r.train.seed) if run.window else 0
     global_indices = epoch_prompt_indices(len(run.prompts), epoch, r.data.prompts_per_epoch, r.train.seed)
     local_indices = process_share(global_indices, acc.process_index, acc.num_processes)
+    local_positions = process_share(epoch_positions(epoch, r.data.prompts_per_epoch), acc.process_index,
+                                    acc.num_processes)
     local_prompts = [run.prompts[i] for i in local_indices]
     run.reporter.phase("rollout")
     kwargs = run.sample_kwargs
@@ -170,14 +184,14 @@ def run_epoch(run: Run, epoch: int) -> dict:
     out = run.rollout(local_prompts, num_trees=r.tree.num_trees, num_inference_steps=r.sampling.num_inference_steps,
                       window_start=window_start, conditioning=conditioning, height=kwargs["height"],
                       width=kwargs["width"],
-                      generator=tree_generators(r.train.seed, epoch, local_indices, r.tree.num_trees),
+                      generator=tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees),
                       max_batch_size=r.sampling.max_batch_size, output_type="pt")
     record = out.record
     t1 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("scoring")
     scores, accuracies = score_leaves(run, out.images,
-                                      [local_prompts[int(p)] for p in record.leaf_prompt_index.cpu()])
+                                      [local_prompts[int(p)] for p in record.leaf_prompt_index])
     t2 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("training")
@@ -186,7 +200,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
                           depth_normalize=r.advantage.depth_normalize)
     seed = derive_seed(r.train.seed, epoch, acc.process_index, 7)
     mask = select_edges(record, algorithm=r.tree.algorithm, timestep_fraction=r.tree.timestep_fraction,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees, stream=1))
     stats = train_on_record(accelerator=acc, adapter=run.rollout.adapter, scheduler=run.rollout.scheduler,
                             record=record, conditioning=conditioning, edge_advantage=adv.advantage, edge_mask=mask,
                             optimizer=run.optimizer, params=run.params, train=r.train, adv_clip=r.advantage.clip,
