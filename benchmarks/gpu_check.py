@@ -1,0 +1,339 @@
+"""The GPU check: the real trainer on a real-size model, in one command, with nothing downloaded.
+
+    python benchmarks/gpu_check.py                 # on a GPU: SD3.5-Medium size, bf16, 512 px, 27 leaves, LoRA r 32
+    python benchmarks/gpu_check.py --size tiny     # the smallest setting (what CPU CI runs, ~1 min on 2 cores)
+
+What it does (random weights, built from config; the numbers are about speed, memory and plumbing, not quality):
+1. Builds an SD3.5-Medium-size pipeline (MMDiT 24 layers × 1536, 16-channel VAE of SD3; small text encoders of the
+   real widths) and saves it in the diffusers layout, as users' models come.
+2. Trains it with `treegrpo.trainer` (setup → run_epoch → finish, the code `treegrpo run` runs) for TreeGRPO
+   (k=3, w=3: 27 leaves) and for the flat baseline at equal leaves (27 SDE trajectories from one noise,
+   dance_sde η 0.3, timestep_fraction 0.6), rollout and training at different batch shapes (rollout
+   `max_batch_size` 64 rows, training `micro_batch_size` 2 parents), so `policy/first_ratio_error` shows
+   whether bf16 re-scoring agrees with sampling.
+3. Loads the exported LoRA into a stock `StableDiffusion3Pipeline` and compares its denoiser with the trained one.
+4. Runs one tree epoch through `accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 1`
+   (CUDA only: accelerate does not set up FSDP on a CPU).
+Prints a markdown table (paste it into docs/benchmarks.md) and writes `<out>/gpu_check.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cat", "a blue dog", "a green tree", "a white house"]
+REWARD_MODULE = '''
+import numpy as np
+
+def brightness(images, prompts):
+    return [float(np.asarray(image, dtype=np.float32).mean()) / 255.0 for image in images]
+'''
+
+# size name -> what to build and how to sample it
+SIZES = {
+    "sd35m": dict(height=512, width=512, dtype="bf16", lora_rank=32, lora_alpha=64, max_sequence_length=64,
+                  steps=10, epochs=2),
+    "tiny": dict(height=32, width=32, dtype="fp32", lora_rank=4, lora_alpha=8, max_sequence_length=16, steps=10,
+                 epochs=1),
+}
+
+
+def build_sd35m_pipeline():
+    """SD3.5-Medium's denoiser and VAE at full size (configs as published), with small text encoders of the widths
+    the transformer expects: two CLIPs whose projections concatenate to 2048 and a T5 of width 4096."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffusers_tree.testing import TINY_VOCAB_SIZE, tiny_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)), qk_norm="rms_norm").to(torch.bfloat16)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+            shift_factor=0.0609, sample_size=1024).to(torch.bfloat16)
+
+        def clip(projection_dim: int):
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=64, intermediate_size=128,
+                num_attention_heads=4, num_hidden_layers=1, vocab_size=TINY_VOCAB_SIZE,
+                projection_dim=projection_dim)).to(torch.bfloat16)
+
+        t5 = T5EncoderModel(T5Config(vocab_size=TINY_VOCAB_SIZE, d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                     num_heads=4)).to(torch.bfloat16)
+        encoders = clip(768), clip(1280), t5
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tiny_tokenizer(), text_encoder_2=encoders[1],
+        tokenizer_2=tiny_tokenizer(), text_encoder_3=encoders[2], tokenizer_3=tiny_tokenizer())
+
+
+def build_model(size: str, folder: Path) -> Path:
+    from diffusers_tree.testing import tiny_sd3_pipeline
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    pipe = build_sd35m_pipeline() if size == "sd35m" else tiny_sd3_pipeline()
+    pipe.save_pretrained(folder)
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
+
+
+def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int) -> Path:
+    cfg = SIZES[size]
+    extra = ('sde_type = "dance_sde"\neta = 0.3' if algorithm == "flat" else 'sde_type = "flow_sde"')
+    text = textwrap.dedent(f"""\
+        # written by benchmarks/gpu_check.py
+        [model]
+        pretrained = "{model}"
+        dtype = "{cfg['dtype']}"
+        [model.lora]
+        rank = {cfg['lora_rank']}
+        alpha = {cfg['lora_alpha']}
+        [sampling]
+        num_inference_steps = {cfg['steps']}
+        guidance_scale = 4.5
+        height = {cfg['height']}
+        width = {cfg['width']}
+        max_sequence_length = {cfg['max_sequence_length']}
+        max_batch_size = 64
+        {{extra}}
+        [tree]
+        algorithm = "{algorithm}"
+        branch_factor = 3
+        window_width = 3
+        timestep_fraction = {0.6 if algorithm == "flat" else 1.0}
+        [[reward]]
+        kind = "python"
+        function = "gpu_check_rewards:brightness"
+        [data]
+        prompts = "{out / 'prompts.txt'}"
+        prompts_per_epoch = 1
+        [train]
+        epochs = {epochs}
+        learning_rate = 1e-3
+        micro_batch_size = 2
+        [output]
+        dir = "{out / ('run_' + algorithm)}"
+        checkpoint_every = 1000
+        eval_every = 1000
+        log_with = "none"
+        samples = false
+    """).replace("{extra}", extra)
+    path = out / f"{algorithm}.toml"
+    path.write_text(text)
+    return path
+
+
+class PeakMemory:
+    """Wraps the rollout pipeline: peak GPU memory while sampling, then resets the counter for the training phase."""
+
+    def __init__(self, rollout):
+        self._rollout, self.rollout_peak = rollout, 0
+
+    def __getattr__(self, name):
+        return getattr(self._rollout, name)
+
+    def __call__(self, *args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        out = self._rollout(*args, **kwargs)
+        if torch.cuda.is_available():
+            self.rollout_peak = max(self.rollout_peak, torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        return out
+
+
+def train_one(recipe_path: Path) -> dict:
+    """The trainer's own code path: setup, epochs, final export. Returns the last epoch's metrics and memory."""
+    from treegrpo.metrics import MetricsLog
+    from treegrpo.recipe import load_recipe
+    from treegrpo.reporting import Reporter
+    from treegrpo.trainer import finish, run_epoch, setup
+
+    recipe = load_recipe(recipe_path)
+    reporter = Reporter(enabled=False)
+    t0 = time.perf_counter()
+    run = setup(recipe, reporter)
+    setup_s = time.perf_counter() - t0
+    peak = PeakMemory(run.rollout)
+    run.rollout = peak
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run.out_dir / "metrics.jsonl")
+    train_peak = 0
+    for epoch in range(recipe.train.epochs):
+        metrics = run_epoch(run, epoch)
+        log.write(metrics)
+        if torch.cuda.is_available():
+            train_peak = max(train_peak, torch.cuda.max_memory_allocated())
+    run.rollout = peak._rollout
+    finish(run, log, PROMPTS[:1])
+    lora = lora_reload_check(run, recipe)
+    result = {key: metrics[key] for key in ("time/rollout_s", "time/score_s", "time/train_s", "time/epoch_s",
+                                            "model/rollout_rows", "model/train_rows", "model/trained_parents",
+                                            "policy/first_ratio_error", "train/grad_norm")}
+    result.update(setup_s=setup_s, rollout_peak_gib=peak.rollout_peak / 2**30, train_peak_gib=train_peak / 2**30,
+                  **lora)
+    del run
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def lora_reload_check(run, recipe) -> dict:
+    """The exported LoRA in a stock pipeline against the trained denoiser: max relative difference of their outputs,
+    whether the adapter was loaded at all, and how much the LoRA changes the output (if it barely does, a matching
+    output proves nothing: the learning rate here is 1e-3 so that two updates move it visibly)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from treegrpo.models import DTYPES
+
+    dtype = DTYPES[recipe.model.dtype]
+    device = run.accelerator.device
+    stock = StableDiffusion3Pipeline.from_pretrained(recipe.model.pretrained, torch_dtype=dtype).to(device)
+    stock.load_lora_weights(run.out_dir / "final", weight_name="pytorch_lora_weights.safetensors")
+    trained = run.accelerator.unwrap_model(run.model)
+    config = stock.transformer.config
+    g = torch.Generator().manual_seed(0)
+    side = recipe.sampling.height // stock.vae_scale_factor
+    inputs = dict(
+        hidden_states=torch.randn(1, config.in_channels, side, side, generator=g).to(device, dtype),
+        timestep=torch.tensor([500.0], device=device),
+        encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g).to(device, dtype))
+    with torch.no_grad():
+        expected = trained(**inputs).sample.float()
+        got = stock.transformer(**inputs).sample.float()
+        trained.disable_adapters()
+        base = trained(**inputs).sample.float()
+        trained.enable_adapters()
+    scale = expected.abs().max().clamp(min=1e-12)
+    result = {"lora_adapter_loaded": bool(getattr(stock.transformer, "peft_config", None)),
+              "lora_effect": float((expected - base).abs().max() / scale),
+              "lora_reload_max_rel_error": float((got - expected).abs().max() / scale)}
+    del stock
+    return result
+
+
+def fsdp_epoch(recipe_path: Path, out: Path) -> dict:
+    """One tree epoch through accelerate launch with recipes/accelerate/fsdp.yaml on one process."""
+    run_dir = out / "run_fsdp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", "1", "-m", "treegrpo", "run",
+               str(recipe_path), "--set", "train.epochs=1", "--set", f"output.dir={json.dumps(str(run_dir))}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(out), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = {"exit_code": proc.returncode, "wall_s": time.perf_counter() - t0, "command": " ".join(command)}
+    metrics_file = run_dir / "metrics.jsonl"
+    if proc.returncode == 0 and metrics_file.is_file():
+        last = json.loads(metrics_file.read_text().splitlines()[-1])
+        result.update({k: last[k] for k in ("time/epoch_s", "policy/first_ratio_error", "train/grad_norm")})
+        result["lora_exported"] = (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        result["stderr_tail"] = proc.stderr[-3000:]
+    return result
+
+
+def table(results: dict) -> str:
+    rows = [("", "tree (k=3, w=3)", "flat (27 traj.)")]
+    tree, flat = results["tree"], results["flat"]
+
+    def both(key, fmt="{:.2f}"):
+        return fmt.format(tree[key]), fmt.format(flat[key])
+
+    rows += [
+        ("s / iteration", *both("time/epoch_s")),
+        ("  rollout s (sampling + VAE decode)", *both("time/rollout_s")),
+        ("  score s", *both("time/score_s")),
+        ("  train s", *both("time/train_s")),
+        ("denoiser rows, rollout (CFG halves counted)", *both("model/rollout_rows", "{}")),
+        ("denoiser rows, training", *both("model/train_rows", "{}")),
+        ("peak GPU memory, rollout GiB", *both("rollout_peak_gib")),
+        ("peak GPU memory, training GiB", *both("train_peak_gib")),
+        ("policy/first_ratio_error", *both("policy/first_ratio_error", "{:.2e}")),
+        ("train/grad_norm", *both("train/grad_norm", "{:.3g}")),
+        ("LoRA effect on the denoiser (max rel. change)", *both("lora_effect", "{:.1e}")),
+        ("stock pipeline + exported LoRA vs trained, max rel. error", *both("lora_reload_max_rel_error", "{:.1e}")),
+    ]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|---|---|---|")
+    ratio = flat["time/epoch_s"] / tree["time/epoch_s"]
+    lines.append(f"\ntree vs flat per iteration: {ratio:.2f}x faster")
+    fsdp = results.get("fsdp")
+    if fsdp is None:
+        lines.append("FSDP (accelerate launch, fsdp.yaml, 1 process): not run (needs CUDA)")
+    elif fsdp["exit_code"] == 0:
+        lines.append(f"FSDP (accelerate launch, fsdp.yaml, 1 process): ok, {fsdp['time/epoch_s']:.2f} s/epoch, "
+                     f"first_ratio_error {fsdp['policy/first_ratio_error']:.2e}, grad_norm "
+                     f"{fsdp['train/grad_norm']:.3g}, LoRA exported: {fsdp['lora_exported']}")
+    else:
+        lines.append(f"FSDP (accelerate launch, fsdp.yaml, 1 process): FAILED (exit {fsdp['exit_code']}):\n"
+                     f"{fsdp['stderr_tail']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="sd35m" if torch.cuda.is_available() else "tiny",
+                        help="sd35m (default on a GPU) or tiny (default on a CPU)")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="work folder (model, runs, json)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per method; the last one is reported")
+    parser.add_argument("--skip-fsdp", action="store_true", help="do not run the accelerate-launch FSDP epoch")
+    args = parser.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # keep the printed table readable
+    transformers_logging.disable_progress_bar()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (out / "gpu_check_rewards.py").write_text(REWARD_MODULE)
+    sys.path.insert(0, str(out))
+    epochs = args.epochs or SIZES[args.size]["epochs"]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"device: {device}; torch {torch.__version__}; size {args.size}; {epochs} epoch(s) per method", flush=True)
+    t0 = time.perf_counter()
+    model = build_model(args.size, out / f"model_{args.size}")
+    print(f"model built and saved in {time.perf_counter() - t0:.1f} s: {model}", flush=True)
+    results: dict = {"device": device, "size": args.size, "torch": torch.__version__}
+    for algorithm in ("tree", "flat"):
+        results[algorithm] = train_one(write_recipe(out, model, args.size, algorithm, epochs))
+        print(f"{algorithm}: {json.dumps(results[algorithm])}", flush=True)
+    if torch.cuda.is_available() and not args.skip_fsdp:
+        results["fsdp"] = fsdp_epoch(out / "tree.toml", out)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"total {time.perf_counter() - t0:.1f} s; results in {out / 'gpu_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
