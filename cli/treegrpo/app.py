@@ -88,16 +88,28 @@ def _load(recipe: Path, overrides: list[str] | None):
         _fail(str(err))
 
 
+def _preflight(loaded) -> None:
+    from treegrpo.preflight import PreflightError, preflight
+
+    try:
+        preflight(loaded)
+    except PreflightError as err:
+        _fail(str(err))
+
+
 @app.command()
 def check(
     recipe: RecipeArg,
     overrides: SetOption = None,
-    num_processes: Annotated[int, typer.Option(help="Processes the run will use (for the per-process share).")] = 1,
+    num_processes: Annotated[int, typer.Option(min=1, help="Processes the run will use (for the per-process "
+                                               "share).")] = 1,
 ) -> None:
-    """Validate a recipe and print the plan: leaves, rows and trained edges per epoch, prompts per process."""
+    """Validate a recipe and the files it names, and print the plan: leaves, rows and trained edges per epoch,
+    prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
     from treegrpo.planning import make_plan
 
     loaded = _load(recipe, overrides)
+    _preflight(loaded)
     if loaded.data.prompts_per_epoch % num_processes:
         _fail(f"data.prompts_per_epoch={loaded.data.prompts_per_epoch} is not divisible by {num_processes} "
               "processes.")
@@ -126,27 +138,43 @@ def run(
     recipe: RecipeArg,
     overrides: SetOption = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the newest checkpoint in output.dir.")
+        bool, typer.Option("--resume", help="Continue from the newest intact checkpoint in output.dir.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run already in output.dir (its checkpoints, metrics, "
+                           "final/ and samples are deleted).")
     ] = False,
 ) -> None:
     """Train with TreeGRPO (or the flat/mix baselines). Under `accelerate launch -m treegrpo run ...` every
-    process runs this."""
-    from treegrpo.grpo import TrainingError
-    from treegrpo.models import ModelLoadError
-    from treegrpo.trainer import Interrupted, SetupError, train
+    process runs this. Ctrl-C, SIGTERM or SIGHUP: checkpoint at the next safe point and exit 130/143/129; a second
+    signal stops at once."""
+    from treegrpo.signals import StopNow, StopSignals, exit_code, signal_name
 
-    _quiet_libraries()
-    loaded = _load(recipe, overrides)
+    signals = StopSignals().install()  # before the slow imports: a signal now stops at once, with a message
     try:
-        final = train(loaded, resume=resume)
-    except (SetupError, ModelLoadError) as err:
-        _fail(str(err))
-    except TrainingError as err:
-        _fail(str(err), code=1)
-    except Interrupted as stop:
-        Console(stderr=True).print(f"interrupted: checkpoint written after {stop.args[0]} epochs; "
-                                   "continue with --resume")
-        raise typer.Exit(130) from None
+        from treegrpo.grpo import TrainingError
+        from treegrpo.models import ModelLoadError
+        from treegrpo.trainer import Interrupted, SetupError, train
+
+        _quiet_libraries()
+        loaded = _load(recipe, overrides)
+        _preflight(loaded)
+        try:
+            final = train(loaded, resume=resume, overwrite=overwrite, signals=signals)
+        except (SetupError, ModelLoadError) as err:
+            _fail(str(err))
+        except TrainingError as err:
+            _fail(str(err), code=1)
+        except Interrupted as stop:
+            Console(stderr=True, soft_wrap=True).print(f"interrupted: {stop.message}", markup=False,
+                                                       highlight=False)
+            raise typer.Exit(stop.exit_code) from None
+    except StopNow as stop:
+        Console(stderr=True).print(f"interrupted: {signal_name(stop.args[0])} before training started; nothing "
+                                   "was written.")
+        raise typer.Exit(exit_code(stop.args[0])) from None
+    finally:
+        signals.restore()
     console.print(f"done: LoRA/weights in {final}")
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (its shard under FSDP2, the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class EMA:
-    """`shadow ← decay · shadow + (1 - decay) · param` after every optimizer step. Checkpointed with the run
-    (`state_dict`/`load_state_dict`, registered with accelerate), so resume stays exact."""
+    """`shadow ← decay · shadow + (1 - decay) · param` after every optimizer step. Saved with each checkpoint as
+    safetensors (`tensors`/`load_tensors`: this process's shards), so resume stays exact and nothing is unpickled."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params, self.decay = params, decay
@@ -23,10 +28,12 @@ class EMA:
         for shadow, param in zip(self.shadow, self.params, strict=True):
             param.copy_(shadow.to(param.dtype))
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"shadow.{i}": _local(s).detach().contiguous().cpu() for i, s in enumerate(self.shadow)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        for shadow, saved in zip(self.shadow, state["shadow"], strict=True):
-            shadow.copy_(saved)
+    @torch.no_grad()
+    def load_tensors(self, saved: dict[str, torch.Tensor]) -> None:
+        if len(saved) != len(self.shadow):
+            raise ValueError(f"the saved EMA has {len(saved)} tensors, this model {len(self.shadow)}")
+        for i, shadow in enumerate(self.shadow):
+            _local(shadow).copy_(saved[f"shadow.{i}"])

@@ -19,7 +19,8 @@ from .loss import gaussian_mean_kl, grpo_edge_loss
 
 
 class TrainingError(RuntimeError):
-    """Training cannot continue (NaN/Inf in rewards, log-probs or loss); the last checkpoint is intact."""
+    """Training cannot continue (NaN/Inf in rewards, log-probs, loss or weights; a failing reward; a failed write).
+    The trainer adds which checkpoint a `--resume` would start from."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -185,7 +186,7 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
             for value in (out.ratio_mean, out.approx_kl, float(out.loss.detach())):
                 if not torch.isfinite(torch.tensor(value)):
                     raise TrainingError(f"Non-finite loss or ratio in training (loss={float(out.loss)}, "
-                                        f"ratio={out.ratio_mean}); stopping. The last checkpoint is intact.")
+                                        f"ratio={out.ratio_mean}); stopping")
             if first_error is None:
                 first_error = out.ratio_max_error
             totals["loss"] += float(out.loss.detach())  # micro-batch losses of an update sum to its mean
@@ -240,7 +241,7 @@ def _micro_batch_loss(accelerator, adapter, scheduler, record: RolloutRecord, co
                                   prev_sample=children)
     old = record.edge_log_prob[edges].to(device)
     if not torch.isfinite(result.log_prob).all():
-        raise TrainingError("Non-finite log-prob while re-scoring children; stopping. The last checkpoint is intact.")
+        raise TrainingError("Non-finite log-prob while re-scoring children; stopping")
     kl = None
     if train.kl_beta > 0 and reference is not None:
         with torch.no_grad(), reference(), accelerator.autocast():

@@ -19,14 +19,30 @@ class MetricsLog:
     """Appends one JSON object per epoch to `metrics.jsonl` (main process only); on resume, later epochs written
     by the interrupted run are dropped so the file matches the resumed trajectory."""
 
-    def __init__(self, path: Path, *, resume_after_epoch: int | None = None, enabled: bool = True):
+    def __init__(self, path: Path, *, resume_after_epoch: int | None = None, enabled: bool = True, warn=None):
         self.path, self.enabled = Path(path), enabled
         if enabled and resume_after_epoch is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] < resume_after_epoch]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in self._records(warn) if record["epoch"] < resume_after_epoch]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         elif enabled and resume_after_epoch is None and self.path.exists():
             self.path.unlink()
+
+    def _records(self, warn=None) -> list[dict]:
+        """The epochs in the file; a damaged line (a partial last line after a kill or a full disk) is dropped with
+        a warning, since the resumed run rewrites every epoch after its checkpoint anyway."""
+        records = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                    raise ValueError("no integer 'epoch'")
+            except ValueError as err:
+                (warn or logger.warning)(f"{self.path}: dropping damaged line {number} ({err}).")
+                continue
+            records.append(record)
+        return records
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -34,9 +50,7 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return self._records() if self.path.is_file() else []
 
 
 def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None = None,

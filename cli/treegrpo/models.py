@@ -89,13 +89,14 @@ def add_lora(denoiser: torch.nn.Module, *, rank: int, alpha: float, target_modul
     Returns the target module names used."""
     from peft import LoraConfig
 
-    targets = target_modules or (UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS)
+    default = UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS
+    targets = target_modules or default
     names = [name for name, _ in denoiser.named_modules()]
     # peft matches a target against the end of a module's dotted name
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ModelLoadError(f"model.lora.target_modules: {missing} not found in the {denoiser_name}; "
-                             f"choose module names it has (default: {targets}).")
+                             f"choose module names it has (the default for this family is {default}).")
     denoiser.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # identical initialisation on every process

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,8 +22,13 @@ class RecipeError(ValueError):
     """A recipe or override is invalid; the message names the key, the value and what is allowed."""
 
 
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes up to 64 bits; our derived seeds stay below 2**63
+MAX_LEAVES_PER_TREE = 4096  # k^w: beyond this a single tree's frontier does not fit any GPU at 512 px
+
+
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or inf in any number (a weight, a learning rate) is never meaningful: reject it at load time
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoraRecipe(_Table):
@@ -32,7 +37,8 @@ class LoraRecipe(_Table):
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; default: the family's attention projections "
         "(SD3/FLUX: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; UNets: to_q/k/v, to_out.0).")
-    init_seed: int = Field(0, description="Seed of the LoRA initialisation (identical on every process).")
+    init_seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA initialisation (identical on every "
+                           "process).")
 
 
 class ModelRecipe(_Table):
@@ -50,8 +56,9 @@ class SamplingRecipe(_Table):
     num_inference_steps: int = Field(10, ge=2, description="T, denoising steps per rollout.")
     guidance_scale: float | None = Field(None, ge=0, description="CFG scale (FLUX: distilled guidance); default: "
                                          "the pipeline family's default.")
-    height: int = Field(512, gt=0, description="Image height in pixels.")
-    width: int = Field(512, gt=0, description="Image width in pixels.")
+    height: int = Field(512, ge=8, le=8192, description="Image height in pixels (a multiple of the model's latent "
+                        "patch size in pixels, checked when the model loads).")
+    width: int = Field(512, ge=8, le=8192, description="Image width in pixels (as height).")
     sde_type: Literal["flow_sde", "dance_sde", "cps", "ddim"] | None = Field(
         None, description="Stochastic step: flow_sde (Flow-GRPO), dance_sde (DanceGRPO), cps; ddim for UNet "
         "(DDPM-family) models. Default: flow_sde for flow models, ddim for UNets.")
@@ -68,7 +75,7 @@ class TreeRecipe(_Table):
     algorithm: Literal["tree", "flat", "mix"] = Field(
         "tree", description="tree (TreeGRPO), flat (DanceGRPO-style: k^w SDE trajectories from one noise), mix "
         "(MixGRPO-style: k^w trajectories, SDE only in the window).")
-    branch_factor: int = Field(3, ge=1, description="k, children per node at each window step.")
+    branch_factor: int = Field(3, ge=1, le=64, description="k, children per node at each window step.")
     window_width: int = Field(3, ge=1, description="w, SDE steps per rollout (leaves = k^w).")
     window_ratio: float = Field(0.5, gt=0, le=1, description="r of Eq. 7 (geometric window policy).")
     window_policy: Literal["geometric", "fixed", "shifting"] = Field(
@@ -86,7 +93,7 @@ class RewardRecipe(BaseModel):
     """One [[reward]] table. Besides the fields below, any option the kind accepts may be given (e.g.
     `clip_pretrained` for aesthetic); unknown options are rejected with the list of allowed ones."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     kind: str = Field(..., description="Reward kind: pickscore, hpsv2, imagereward, aesthetic, clipscore, jpeg, "
                       "digits, python.")
     weight: float = Field(1.0, description="Weight in the aggregation.")
@@ -139,8 +146,16 @@ class TrainRecipe(_Table):
     epochs: int = Field(250, gt=0, description="Training epochs (one rollout + update round each).")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    seed: int = Field(0, description="Seed of everything: prompt order, window starts, noise, LoRA init.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of everything: prompt order, window starts, noise, "
+                      "LoRA init (0 … 2^63 - 1).")
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"each AdamW beta must be in [0, 1), got {list(betas)} (the default is [0.9, 0.999]).")
+        return betas
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip ε (Eq. 12).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     micro_batch_size: int = Field(8, gt=0, description="Parent nodes per training forward/backward.")
@@ -154,7 +169,7 @@ class TrainRecipe(_Table):
 
 
 class OutputRecipe(_Table):
-    dir: str = Field(..., description="Run folder: metrics.jsonl, checkpoints/, samples/, final/, "
+    dir: str = Field(..., min_length=1, description="Run folder: metrics.jsonl, checkpoints/, samples/, final/, "
                      "recipe.resolved.toml (relative to the working directory).")
     checkpoint_every: int = Field(10, gt=0, description="Epochs between checkpoints.")
     keep_checkpoints: int = Field(3, gt=0, description="Newest checkpoints kept.")
@@ -190,6 +205,11 @@ class Recipe(_Table):
         if t.algorithm == "tree" and t.branch_factor < 2:
             raise ValueError(f"tree.branch_factor={t.branch_factor}: a tree needs at least 2 children per node "
                              "to compare siblings. Use branch_factor >= 2.")
+        if t.branch_factor ** t.window_width > MAX_LEAVES_PER_TREE:
+            raise ValueError(
+                f"tree.branch_factor={t.branch_factor} and tree.window_width={t.window_width} make "
+                f"{t.branch_factor ** t.window_width} leaves per tree; at most {MAX_LEAVES_PER_TREE} fit in memory. "
+                "The paper uses k=3, w=3 (27 leaves); lower branch_factor or window_width.")
         if t.branch_factor ** t.window_width * t.num_trees < 2:
             raise ValueError("Each prompt needs at least 2 leaves for a group-relative advantage; raise "
                              "tree.branch_factor, tree.window_width or tree.num_trees.")
@@ -202,10 +222,14 @@ class Recipe(_Table):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load a TOML recipe, apply `table.key=value` overrides, validate. Raises `RecipeError`."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"Recipe {str(path)!r} is a folder; give a .toml file (see recipes/).")
     if not path.is_file():
         raise RecipeError(f"Recipe file {str(path)!r} does not exist.")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {err.start}); a recipe is a TOML text file.") from None
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{path}: not valid TOML: {err}") from None
     for override in overrides or []:

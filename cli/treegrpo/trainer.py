@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import inspect
 import logging
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
 
-from .checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    TrainerState,
+    all_finite,
+    describe_newest,
+    load_newest_intact,
+    save_checkpoint,
+    write_failure,
+)
 from .ema import EMA
 from .grpo import (
     TrainingError,
@@ -31,6 +38,8 @@ from .metrics import MetricsLog, Tracker, image_grid, plot_curves
 from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
 from .recipe import Recipe, TrainRecipe, to_toml
 from .reporting import Reporter
+from .rundir import RunFolderError, fingerprint_changes, prepare_folder, recipe_fingerprint
+from .signals import StopNow, StopSignals, exit_code, signal_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +49,12 @@ class SetupError(ValueError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: a checkpoint was written; exit code 130."""
+    """A stop signal (SIGINT/SIGTERM/SIGHUP) ended the run; `message` says what is on disk, `exit_code` is
+    128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum, self.message, self.exit_code = signum, message, exit_code(signum)
 
 
 @dataclass
@@ -62,7 +76,7 @@ class Run:
     out_dir: Path
     reporter: Reporter
     ema: EMA | None = None
-    interrupted: list = field(default_factory=lambda: [False])
+    signals: StopSignals | None = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -106,6 +120,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
                            device=accelerator.device)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)
+    check_image_size(pipe, denoiser, recipe.sampling.height, recipe.sampling.width)
     if recipe.model.lora is not None:
         lora = recipe.model.lora
         add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
@@ -149,21 +164,28 @@ def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
                                   weight_decay=train.weight_decay)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     params = trainable_parameters(model)
-    ema = None
-    if train.ema_decay is not None:
-        ema = EMA(params, train.ema_decay)
-        accelerator.register_for_checkpointing(ema)
+    ema = EMA(params, train.ema_decay) if train.ema_decay is not None else None  # checkpointed as safetensors
     return model, optimizer, params, ema
 
 
-def read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise SetupError(f"data.prompts = {path!r}: no such file (one prompt per line).")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise SetupError(f"data.prompts = {path!r} has no prompts (one prompt per line).")
-    return prompts
+def check_image_size(pipe, denoiser, height: int, width: int) -> None:
+    """Height and width must be whole latent patches (the rule of `preflight.image_size_problem`)."""
+    from .preflight import image_size_problem
+
+    problem = image_size_problem(type(pipe).__name__, getattr(pipe, "vae_scale_factor", 8),
+                                 getattr(denoiser.config, "patch_size", None), height, width)
+    if problem:
+        raise SetupError(problem)
+
+
+def read_prompts(path: str, key: str = "data.prompts") -> list[str]:
+    """A prompt file (see `preflight.prompts_from_file`); `key` names the recipe key in messages."""
+    from .preflight import PreflightError, prompts_from_file
+
+    try:
+        return prompts_from_file(path, key)
+    except PreflightError as err:
+        raise SetupError(str(err)) from None
 
 
 def run_epoch(run: Run, epoch: int) -> dict:
@@ -225,14 +247,13 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[to
     for reward in run.rewards:
         try:
             values, accuracy = score_with_accuracy(reward, pil, prompts)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise TrainingError(f"reward {reward.name!r} failed: {err} Stopping; the last checkpoint is intact.") \
-                from None
+        except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
+            raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
         if values.numel() != len(pil):
             raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {len(pil)} images.")
         if not torch.isfinite(values).all():
             raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
-                                "images; stopping. The last checkpoint is intact.")
+                                "images; stopping.")
         rows.append(values)
         if accuracy is not None:
             accuracies[reward.name] = float(accuracy)
@@ -288,10 +309,17 @@ def _reference_context(run: Run):
     return _Disabled
 
 
+class _StopAtSafePoint(Exception):
+    """Internal: a stop signal was seen at a safe point; `args` = (signum, completed epochs to checkpoint)."""
+
+
 def _check_interrupt(run: Run, epoch: int, *, stepped: bool) -> None:
-    flag = torch.tensor([1.0 if run.interrupted[0] else 0.0], device=run.accelerator.device)
-    if float(run.accelerator.reduce(flag, reduction="sum")) > 0:
-        raise Interrupted(epoch + (1 if stepped else 0))
+    """At a safe point: did any process receive a stop signal? (one all-reduce, so all processes stop together)"""
+    received = run.signals.received if run.signals is not None else None
+    flag = torch.tensor([float(received or 0)], device=run.accelerator.device)
+    signum = int(run.accelerator.gather(flag).max())
+    if signum:
+        raise _StopAtSafePoint(signum, epoch + (1 if stepped else 0))
 
 
 def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | None:
@@ -314,29 +342,53 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
     return path
 
 
-def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = None) -> Path:
-    """Run the recipe end to end. Returns `<output.dir>/final`."""
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
+          signals: StopSignals | None = None) -> Path:
+    """Run the recipe end to end. Returns `<output.dir>/final`.
+
+    Stop signals (see `signals.py`): during setup the run stops at once (nothing written); during training the first
+    signal stops at the next safe point with a checkpoint of the completed epochs, a second one at once; during the
+    final export the first signal is noted and the export completes. Raises `Interrupted` with what is on disk."""
     reporter = reporter or Reporter()
+    owned = signals is None
+    signals = signals or StopSignals(notify=reporter.warn).install()
+    lock = None
+    try:
+        lock = prepare_folder(recipe, resume=resume, overwrite=overwrite)
+        return _train(recipe, resume, reporter, signals)
+    except StopNow as stop:
+        raise Interrupted(stop.args[0], f"{signal_name(stop.args[0])}: stopped at once; "
+                                        f"{describe_newest(Path(recipe.output.dir))}.") from None
+    except RunFolderError as err:
+        raise SetupError(str(err)) from None
+    except (TrainingError, CheckpointError) as err:
+        raise TrainingError(f"{str(err).rstrip('.')}; {describe_newest(Path(recipe.output.dir))}.") from None
+    except OSError as err:  # a write outside the checkpoint code (metrics, samples, logs): disk full, permissions
+        where = Path(err.filename) if err.filename else Path(recipe.output.dir)
+        raise TrainingError(f"{write_failure(where, err)}; {describe_newest(Path(recipe.output.dir))}.") from None
+    finally:
+        if owned:
+            signals.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignals) -> Path:
     run = setup(recipe, reporter)
+    run.signals = signals
     acc, out_dir = run.accelerator, run.out_dir
-    start = 0
-    if resume:
-        found = latest_checkpoint(out_dir)
-        if found is None:
-            raise SetupError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; start without --resume.")
-        start = load_checkpoint(acc, found).epoch
-        reporter.info(f"resumed from {found} (epoch {start})")
+    start = _resume(run) if resume else 0
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.resolved.toml").write_text(to_toml(recipe))
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_after_epoch=start if resume else None,
-                             enabled=acc.is_main_process)
+                             enabled=acc.is_main_process, warn=reporter.warn)
     tracker = Tracker(recipe.output.log_with, out_dir / "logs", acc.is_main_process)
-    eval_prompts = read_prompts(recipe.data.eval_prompts) if recipe.data.eval_prompts else run.prompts[:10]
+    eval_prompts = read_prompts(recipe.data.eval_prompts, "data.eval_prompts") if recipe.data.eval_prompts \
+        else run.prompts[:10]
     if start == 0:
         save_samples(run, out_dir / "samples" / "before.png", eval_prompts, recipe.train.seed)
-    previous = signal.signal(signal.SIGINT, lambda *_: run.interrupted.__setitem__(0, True))
-    epoch = start
+    signals.deferred = True  # from here a first signal means: checkpoint at the next safe point
     try:
         with reporter.epochs(recipe.train.epochs, start) as progress:
             for epoch in range(start, recipe.train.epochs):
@@ -351,18 +403,49 @@ def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = N
                 if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs:
                     _checkpoint(run, done)
                 _check_interrupt(run, epoch, stepped=True)
-    except Interrupted as stop:
-        _checkpoint(run, stop.args[0])
-        raise
+    except _StopAtSafePoint as stop:
+        signum, done = stop.args
+        signals.deferred = False  # a further signal while this checkpoint is written stops at once
+        path = _checkpoint(run, done)
+        raise Interrupted(signum, f"{signal_name(signum)}: checkpoint of {done} completed epochs written to "
+                                  f"{path}; continue with --resume.") from None
     finally:
-        signal.signal(signal.SIGINT, previous)
         tracker.close()
-    final = finish(run, metrics_log, eval_prompts)
+    try:
+        final = finish(run, metrics_log, eval_prompts)
+    except StopNow as stop:
+        raise Interrupted(stop.args[0], f"{signal_name(stop.args[0])} during the final export: {out_dir / 'final'} "
+                                        f"may be incomplete; {describe_newest(out_dir)}, which redoes the "
+                                        "export.") from None
+    if signals.received:
+        reporter.warn(f"{signal_name(signals.received)} arrived during the final export; the export completed.")
     if recipe.output.push_to_hub and acc.is_main_process:
         from treegrpo.hub import push_after_training
 
         reporter.info(f"pushed to {push_after_training(out_dir, recipe.output.push_to_hub)}")
     return final
+
+
+def _resume(run: Run) -> int:
+    """Load the newest intact checkpoint written by this recipe; returns its completed epochs."""
+    current = recipe_fingerprint(run.recipe)
+
+    def same_recipe(state: TrainerState) -> None:
+        changes = fingerprint_changes(state.recipe, current) if state.recipe else []
+        if changes:
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            raise SetupError(f"--resume: the checkpoints in {run.out_dir} were written by a different recipe "
+                             f"({shown}). Resume with the recipe that started the run (a copy is "
+                             f"{run.out_dir / 'recipe.resolved.toml'}), or start fresh with --overwrite or another "
+                             "output.dir.")
+
+    try:
+        found, state = load_newest_intact(run.accelerator, run.out_dir, run.recipe.train.epochs, ema=run.ema,
+                                          warn=run.reporter.warn, check=same_recipe)
+    except CheckpointError as err:
+        raise SetupError(str(err)) from None
+    run.reporter.info(f"resumed from {found} (epoch {state.epoch})")
+    return state.epoch
 
 
 def _is_sharded(run: Run) -> bool:
@@ -376,12 +459,15 @@ def _full_state(run: Run) -> dict | None:
 
 def _checkpoint(run: Run, completed_epochs: int) -> Path:
     recipe = run.recipe
+    if not all_finite(run.params, run.accelerator):  # never publish a checkpoint that cannot be resumed
+        raise TrainingError(f"non-finite trainable weights after {completed_epochs} epochs (try a lower "
+                            "train.learning_rate or fp32); no checkpoint written for them")
     full = _full_state(run) if recipe.model.lora else None
     lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder, full)) \
         if recipe.model.lora else None
     state = TrainerState(epoch=completed_epochs, prompt_position=completed_epochs * recipe.data.prompts_per_epoch,
-                         seed=recipe.train.seed)
-    return save_checkpoint(run.accelerator, run.out_dir, state, save_lora=lora,
+                         seed=recipe.train.seed, recipe=recipe_fingerprint(recipe))
+    return save_checkpoint(run.accelerator, run.out_dir, state, save_lora=lora, ema=run.ema,
                            keep=recipe.output.keep_checkpoints)
 
 
@@ -392,12 +478,17 @@ def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str]) -> Path:
     acc.wait_for_everyone()
     if run.ema is not None:
         run.ema.copy_to_params()  # export (and sample) the averaged weights
+    if not all_finite(run.params, acc):
+        raise TrainingError("non-finite trainable weights at the end of training; nothing exported")
     full = _full_state(run)
     if acc.is_main_process:
-        if run.recipe.model.lora is not None:
-            save_lora(run.pipe, run.denoiser, run.denoiser_name, final, full)
-        else:
-            acc.unwrap_model(run.model).save_pretrained(final / run.denoiser_name, state_dict=full)
+        try:
+            if run.recipe.model.lora is not None:
+                save_lora(run.pipe, run.denoiser, run.denoiser_name, final, full)
+            else:
+                acc.unwrap_model(run.model).save_pretrained(final / run.denoiser_name, state_dict=full)
+        except OSError as err:
+            raise CheckpointError(f"final export failed: {write_failure(final, err)}") from None
     save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
     if acc.is_main_process:
         history = metrics_log.read()

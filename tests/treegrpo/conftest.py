@@ -23,6 +23,10 @@ def nan_reward(images, prompts):
 
 CALLS = [0]
 
+def nan_from_second_call(images, prompts):
+    CALLS[0] += 1
+    return brightness(images, prompts) if CALLS[0] < 2 else nan_reward(images, prompts)
+
 def interrupt_on_second_epoch(images, prompts):
     import os, signal
     CALLS[0] += 1

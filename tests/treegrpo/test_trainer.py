@@ -186,11 +186,11 @@ def test_check_prints_plan(workdir, tiny_sd3_dir):
 
 
 def test_nan_reward_stops_with_exit_1_and_keeps_checkpoint(workdir, tiny_sd3_dir):
-    good = write_recipe(workdir, tiny_sd3_dir, epochs=1)
-    assert runner.invoke(app, ["run", str(good)]).exit_code == 0
-    bad = write_recipe(workdir, tiny_sd3_dir, epochs=3, function="nan_reward", name="bad.toml")
-    result = runner.invoke(app, ["run", str(bad), "--resume"])
+    bad = write_recipe(workdir, tiny_sd3_dir, epochs=3, function="nan_from_second_call")
+    result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 1 and "non-finite" in result.output and "Traceback" not in result.output
+    # the message names the checkpoint a resume starts from, which exists
+    assert "epoch-000001 (1 epochs; continue with --resume)" in result.output, result.output
     assert (workdir / "run" / "checkpoints" / "epoch-000001" / "trainer_state.json").is_file()
 
 
@@ -201,6 +201,6 @@ def test_ctrl_c_checkpoints_and_exits_130(workdir, tiny_sd3_dir):
     # interrupted while scoring epoch 1: the checkpoint holds the 1 completed epoch, the model untouched since
     state = json.loads((workdir / "run" / "checkpoints" / "epoch-000001" / "trainer_state.json").read_text())
     assert state["epoch"] == 1
-    resumed = runner.invoke(app, ["run", str(path), "--resume", "--set", "reward.0.function=\"test_rewards:red\""])
+    resumed = runner.invoke(app, ["run", str(path), "--resume", "--set", "output.checkpoint_every=10"])
     assert resumed.exit_code == 0, resumed.output
     assert [m["epoch"] for m in read_metrics(workdir / "run")] == [0, 1, 2, 3, 4]

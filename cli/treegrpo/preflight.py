@@ -1,0 +1,143 @@
+"""What `treegrpo check` and `treegrpo run` judge before loading any model: the files a recipe names (prompt
+files, a local model folder, python reward modules) and the output folder. The recipe validator judges the values;
+this judges what is on disk. Each problem is one line naming the recipe key, the value and what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .recipe import Recipe
+
+# Text encoders read at most a few hundred tokens (CLIP 77, T5 256-512); a longer line is a mistake (a wrong file),
+# and a multi-megabyte one would stall the tokenizer for minutes.
+MAX_PROMPT_CHARS = 4000
+
+
+class PreflightError(ValueError):
+    """A file or folder named in the recipe is unusable; exit code 2."""
+
+
+def prompts_from_file(path: str, key: str = "data.prompts") -> list[str]:
+    """Prompts of a text file, one a line (blank lines and `#` comments skipped)."""
+    file = Path(path)
+    if file.is_dir():
+        raise PreflightError(f"{key} = {path!r} is a folder; give a text file with one prompt per line.")
+    if not file.is_file():
+        raise PreflightError(f"{key} = {path!r}: no such file (one prompt per line).")
+    raw = file.read_bytes()
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PreflightError(f"{key} = {path!r} is not a UTF-8 text file (byte {err.start}: {err.reason}); "
+                             "give a text file with one prompt per line.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise PreflightError(f"{key} = {path!r} has no prompts (one prompt per line).")
+    for number, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PreflightError(f"{key} = {path!r}: prompt {number} has {len(prompt)} characters; prompts over "
+                                 f"{MAX_PROMPT_CHARS} are refused (text encoders read a few hundred tokens). Is this "
+                                 "the right file?")
+    return prompts
+
+
+def _local_folder(pretrained: str) -> Path | None:
+    if pretrained.startswith("builtin:"):
+        from treegrpo.builtin import BUILTIN_MODELS
+
+        return BUILTIN_MODELS.get(pretrained.removeprefix("builtin:"))
+    path = Path(pretrained).expanduser()
+    return path if (path / "model_index.json").is_file() else None
+
+
+def check_pretrained(pretrained: str) -> None:
+    """A local diffusers folder must exist with a readable model_index.json that lists its components, each present.
+    Hub ids cannot be checked offline and pass; `builtin:` names are checked by name."""
+    if pretrained.startswith("builtin:"):
+        from treegrpo.builtin import BUILTIN_MODELS
+
+        if pretrained.removeprefix("builtin:") not in BUILTIN_MODELS:
+            known = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
+            raise PreflightError(f"model.pretrained = {pretrained!r}: unknown built-in model; known: {known}.")
+        return
+    path = Path(pretrained).expanduser()
+    looks_local = path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
+    if not looks_local:
+        return
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise PreflightError(f"model.pretrained = {pretrained!r} is neither a diffusers folder (no model_index.json "
+                             "there) nor a hub id like 'org/name'. Point it at a folder saved with save_pretrained, "
+                             "a hub id, or 'builtin:digits'.")
+    try:
+        config = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PreflightError(f"model.pretrained: {index} is not valid JSON ({err}).") from None
+    components = [name for name, value in (config.items() if isinstance(config, dict) else [])
+                  if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0]]
+    if not components:
+        raise PreflightError(f"model.pretrained: {index} lists no components (expected entries like "
+                             '"transformer": ["diffusers", "SD3Transformer2DModel"]).')
+    missing = [name for name in components if not (path / name).is_dir()]
+    if missing:
+        raise PreflightError(f"model.pretrained: {path} lacks the component folders {missing} that "
+                             "model_index.json lists.")
+
+
+def latent_patch_pixels(pipeline_class: str, vae_scale_factor: int, patch_size: int | None) -> int:
+    """Pixels per latent patch: image sizes must be multiples of it (VAE factor × the denoiser's patch size; FLUX
+    packs 2×2 latents)."""
+    patch = patch_size or 1
+    if pipeline_class.startswith("Flux"):
+        patch = max(patch, 2)
+    return vae_scale_factor * patch
+
+
+def image_size_problem(pipeline_class: str, vae_scale_factor: int, patch_size: int | None, height: int,
+                       width: int) -> str | None:
+    factor = latent_patch_pixels(pipeline_class, vae_scale_factor, patch_size)
+    bad = [f"sampling.{key}={value}" for key, value in (("height", height), ("width", width)) if value % factor]
+    if not bad:
+        return None
+    return (f"{', '.join(bad)}: this {pipeline_class} needs multiples of {factor} pixels (VAE factor "
+            f"{vae_scale_factor} × patch {factor // vae_scale_factor}).")
+
+
+def _check_size_from_config(folder: Path, height: int, width: int) -> None:
+    """The image-size rule read from a local folder's JSON configs (no weights loaded)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        blocks = json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]
+        denoiser = folder / "transformer" / "config.json"
+        patch = json.loads(denoiser.read_text()).get("patch_size") if denoiser.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # judged when the model loads
+    problem = image_size_problem(str(index.get("_class_name", "")), 2 ** (len(blocks) - 1), patch, height, width)
+    if problem:
+        raise PreflightError(problem)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything about the recipe's files that can be judged without loading a model. Raises `PreflightError`."""
+    prompts_from_file(recipe.data.prompts, "data.prompts")
+    if recipe.data.eval_prompts:
+        prompts_from_file(recipe.data.eval_prompts, "data.eval_prompts")
+    check_pretrained(recipe.model.pretrained)
+    folder = _local_folder(recipe.model.pretrained)
+    if folder is not None:
+        _check_size_from_config(folder, recipe.sampling.height, recipe.sampling.width)
+    for index, spec in enumerate(recipe.reward):
+        if spec.kind == "python" and spec.function:
+            from treegrpo.rewards.python import import_function
+
+            try:
+                import_function(spec.function)
+            except ValueError as err:
+                raise PreflightError(f"reward.{index}.function = {spec.function!r}: {err}") from None
+    out = Path(recipe.output.dir)
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"output.dir = {recipe.output.dir!r} is a file, not a folder; set output.dir to a "
+                             "folder.")
