@@ -110,8 +110,9 @@ def read_run(run_dir: str | Path, *, base_model: str | None = None) -> RunSummar
             from None
     revision = recipe["model"].get("revision")
     header = _safetensors_header(lora_file)
-    summary = RunSummary(run_dir=run_dir, lora_file=lora_file, recipe=recipe, pretrained=pretrained,
-                         base_model=base_model or _hub_id(pretrained),
+    # what is uploaded names local files by their place in the run or by their name only, never by a local path
+    summary = RunSummary(run_dir=run_dir, lora_file=lora_file, recipe=public_paths(recipe, run_dir),
+                         pretrained=public_path(pretrained, run_dir), base_model=base_model or _hub_id(pretrained),
                          family=_family(pretrained, revision, header), lora_rank=_lora_rank(header))
     summary.metrics = _read_metrics(run_dir / "metrics.jsonl")
     for in_repo, local in (("samples/final.png", run_dir / "samples" / "final.png"),
@@ -120,6 +121,27 @@ def read_run(run_dir: str | Path, *, base_model: str | None = None) -> RunSummar
         if local.is_file():
             summary.images[in_repo] = local
     return summary
+
+
+def public_path(value, run_dir: Path):
+    """A value as it may be published: an absolute or home-relative path becomes relative to the run folder when
+    inside it, else `<local>/<its name>` (no user names, home or cluster paths on the Hub); other values unchanged."""
+    if not isinstance(value, str) or not value.startswith(("/", "~")):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return path.resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return f"<local>/{path.name}"
+
+
+def public_paths(data, run_dir: Path):
+    """`public_path` applied to every string in a nested recipe dict."""
+    if isinstance(data, dict):
+        return {key: public_paths(value, run_dir) for key, value in data.items()}
+    if isinstance(data, list):
+        return [public_paths(value, run_dir) for value in data]
+    return public_path(data, run_dir)
 
 
 def check_can_push(repo_id: str, *, token: str | None = None) -> str:
@@ -157,8 +179,10 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
     from huggingface_hub.errors import HfHubHTTPError
 
     card = model_card(summary, repo_id)
+    from treegrpo.recipe import dict_to_toml
+
     files = {"README.md": str(card).encode(), LORA_WEIGHT_NAME: summary.lora_file,
-             "recipe.resolved.toml": summary.run_dir / "recipe.resolved.toml", **summary.images}
+             "recipe.resolved.toml": dict_to_toml(summary.recipe).encode(), **summary.images}
     if (summary.run_dir / "metrics.jsonl").is_file():
         files["metrics.jsonl"] = summary.run_dir / "metrics.jsonl"
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=value if isinstance(value, bytes)
@@ -190,6 +214,25 @@ def push_after_training(output_dir: str | Path, repo: str, *, token: str | None 
     return url
 
 
+def lora_source(lora: str, *, revision: str | None = None, weight_name: str | None = None) -> tuple[str, dict]:
+    """Where `load_lora_weights` finds `lora` (see `load_lora_into`), checked without loading anything, so a wrong
+    `--lora` fails before any model loads. Returns `(source, load_lora_weights kwargs)`; raises `LoraLoadError`."""
+    path = Path(lora).expanduser()
+    kwargs: dict = {}
+    if path.is_file():
+        source, kwargs["weight_name"] = str(path.parent), path.name
+    elif path.is_dir():
+        folder = path / "final" if (path / "final" / LORA_WEIGHT_NAME).is_file() else path
+        source, kwargs["weight_name"] = str(folder), weight_name or _local_weight_name(folder, lora)
+    elif REPO_ID.fullmatch(lora) and not lora.startswith((".", "~")):
+        source, kwargs["weight_name"] = lora, weight_name or LORA_WEIGHT_NAME
+        if revision:
+            kwargs["revision"] = revision
+    else:
+        raise LoraLoadError(f"--lora {lora!r}: no such file or folder, and not a Hub repo id like 'user/name'.")
+    return source, kwargs
+
+
 def load_lora_into(pipe, lora: str, *, revision: str | None = None, weight_name: str | None = None,
                    adapter_name: str | None = None) -> str:
     """Load a LoRA into a stock diffusers pipeline with `pipe.load_lora_weights` and check it really arrived.
@@ -199,20 +242,9 @@ def load_lora_into(pipe, lora: str, *, revision: str | None = None, weight_name:
     `pytorch_lora_weights.safetensors`, which also lets `HF_HUB_OFFLINE=1` load from the local cache. Returns the
     adapter name. Raises `LoraLoadError`.
     """
-    path = Path(lora).expanduser()
-    kwargs = {"adapter_name": adapter_name} if adapter_name else {}
-    if path.is_file():
-        source, kwargs["weight_name"] = str(path.parent), path.name
-    elif path.is_dir():
-        folder = path / "final" if (path / "final" / LORA_WEIGHT_NAME).is_file() else path
-        name = weight_name or _local_weight_name(folder, lora)
-        source, kwargs["weight_name"] = str(folder), name
-    elif REPO_ID.fullmatch(lora) and not lora.startswith((".", "~")):
-        source, kwargs["weight_name"] = lora, weight_name or LORA_WEIGHT_NAME
-        if revision:
-            kwargs["revision"] = revision
-    else:
-        raise LoraLoadError(f"--lora {lora!r}: no such file or folder, and not a Hub repo id like 'user/name'.")
+    source, kwargs = lora_source(lora, revision=revision, weight_name=weight_name)
+    if adapter_name:
+        kwargs["adapter_name"] = adapter_name
     before = _adapters(pipe)
     try:
         pipe.load_lora_weights(source, **kwargs)
@@ -300,7 +332,8 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
     prompt = _example_prompt(recipe)
     if summary.pretrained == "builtin:digits" and not summary.base_model:
         return "\n".join([
-            "from treegrpo.builtin import load_digits_pipeline  # pip install diffusers-tree: ships the base model",
+            "# the base model ships with treegrpo: in a checkout of diffusers-tree, `pip install -e .`",
+            "from treegrpo.builtin import load_digits_pipeline",
             "", "pipe, meta = load_digits_pipeline()", f'pipe.load_lora_weights("{repo_id}")',
             f"images = pipe([{json.dumps(prompt)}] * 8, **meta[\"pipeline_kwargs\"]).images"])
     base = summary.base_model or summary.pretrained

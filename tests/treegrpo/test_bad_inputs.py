@@ -151,3 +151,21 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(wo
     checkpoints = workdir / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-000001"]  # temp folder removed
     assert "epoch-000001 (1 epochs; continue with --resume)" in result.output
+
+
+def test_non_finite_weights_are_never_checkpointed(workdir, tiny_sd3_dir, monkeypatch):
+    import treegrpo.trainer
+
+    original = treegrpo.trainer.train_on_record
+
+    def poisoned_update(**kwargs):
+        stats = original(**kwargs)
+        for param in kwargs["params"]:
+            param.data.fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(treegrpo.trainer, "train_on_record", poisoned_update)
+    result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=2))])
+    _one_error_line(result, 1, r"non-finite trainable weights after 1 epochs.*no checkpoint has been written yet")
+    checkpoints = workdir / "run" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())

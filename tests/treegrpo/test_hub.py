@@ -221,7 +221,11 @@ def test_card_names_base_model_and_reads_as_adapter(pushed, hub):
     assert meta["base_model"] == "user/tiny-sd3" and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
     assert {"lora", "treegrpo", "sd3"} <= set(meta["tags"])
-    assert str(pushed["models"]["sd3"]) in card  # the local copy it was trained from is named too
+    # the local copy it was trained from is named, by its folder name only: no local paths on the Hub
+    assert "`<local>/tiny_sd3`" in card or f"`<local>/{pushed['models']['sd3'].name}`" in card
+    assert str(pushed["root"]) not in card and str(pushed["root"]) not in hub.file("user/sd3-lora",
+                                                                                    "recipe.resolved.toml").decode()
+    assert 'pretrained = "<local>/' in hub.file("user/sd3-lora", "recipe.resolved.toml").decode()
     assert "from diffusers import StableDiffusion3Pipeline" in card and 'load_lora_weights("user/sd3-lora")' in card
     assert "python" in card and "brightness" in card  # the reward
     metrics = [json.loads(x) for x in (pushed["root"] / "run-sd3" / "metrics.jsonl").read_text().splitlines()]
@@ -236,8 +240,8 @@ def test_card_names_base_model_and_reads_as_adapter(pushed, hub):
     # a local base without --base-model: named in the text, and the card says how to link it
     sd_card = pushed["cards"]["sd"]
     assert "from diffusers import StableDiffusionPipeline" in sd_card and "--base-model" in sd_card
-    assert str(pushed["models"]["sd"]) in sd_card and "stable-diffusion" in yaml.safe_load(sd_card.split("---")[1])[
-        "tags"]
+    assert f"<local>/{pushed['models']['sd'].name}" in sd_card and str(pushed["root"]) not in sd_card
+    assert "stable-diffusion" in yaml.safe_load(sd_card.split("---")[1])["tags"]
     assert pushed["push"]["sd3"].stdout.strip().endswith("/user/sd3-lora")
 
 
