@@ -97,6 +97,14 @@ def _preflight(loaded) -> None:
         _fail(str(err))
 
 
+def _cfg_note(loaded) -> str:
+    """Rows are per CFG half: say whether this recipe doubles them."""
+    guidance = loaded.sampling.guidance_scale
+    if guidance is None:
+        return "(x2 if the model's default guidance uses CFG; FLUX never does)"
+    return "(x2: CFG at guidance > 1, except FLUX)" if guidance > 1 else "(no CFG at guidance <= 1)"
+
+
 @app.command()
 def check(
     recipe: RecipeArg,
@@ -106,10 +114,10 @@ def check(
 ) -> None:
     """Validate a recipe and the files it names, and print the plan: leaves, rows and trained edges per epoch,
     prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
+    loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
+    _preflight(loaded)
     from treegrpo.planning import make_plan
 
-    loaded = _load(recipe, overrides)
-    _preflight(loaded)
     if loaded.data.prompts_per_epoch % num_processes:
         _fail(f"data.prompts_per_epoch={loaded.data.prompts_per_epoch} is not divisible by {num_processes} "
               "processes.")
@@ -120,7 +128,7 @@ def check(
         ("model", loaded.model.pretrained),
         ("leaves per prompt", str(plan.leaves_per_prompt)),
         ("prompts per epoch / per process", f"{loaded.data.prompts_per_epoch} / {plan.prompts_per_process}"),
-        ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows:.0f}  (x2 with CFG)"),
+        ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows:.0f}  {_cfg_note(loaded)}"),
         ("rollout rows by window start", ", ".join(f"{s}: {r}" for s, r in plan.rows_by_window_start.items())),
         ("independent-trajectory rows",
          f"{plan.independent_rows}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
@@ -152,13 +160,13 @@ def run(
 
     signals = StopSignals().install()  # before the slow imports: a signal now stops at once, with a message
     try:
+        loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
+        _preflight(loaded)
+        _quiet_libraries()
         from treegrpo.grpo import TrainingError
         from treegrpo.models import ModelLoadError
         from treegrpo.trainer import Interrupted, SetupError, train
 
-        _quiet_libraries()
-        loaded = _load(recipe, overrides)
-        _preflight(loaded)
         try:
             final = train(loaded, resume=resume, overwrite=overwrite, signals=signals)
         except (SetupError, ModelLoadError) as err:
@@ -209,7 +217,7 @@ def sample(
     lora: LoraOption = None,
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the images and grid.png.")] = Path("samples"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images and grid.png.")] = Path("runs/samples"),
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt (plain sampling).")] = 4,
     steps: StepsOption = None,
     guidance: GuidanceOption = None,

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
@@ -74,6 +75,10 @@ def build_rewards(specs: list[str], device, dtype) -> list:
 
 def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if lora:
+        from treegrpo.hub import lora_source
+
+        lora_source(lora)  # checked before the (slow) model load
     loaded = load_pipeline(model, dtype=dtype, device=device)
     if lora:
         from treegrpo.hub import load_lora_into
@@ -137,6 +142,10 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
              settings: Settings, dtype: str = "fp32") -> dict:
     """Mean ± std of every reward over `num_images` samples per prompt, for the base model and (if given) the base
     with the LoRA, on paired noise. Rewards that can judge right/wrong (digits) also report accuracy."""
+    if lora:
+        from treegrpo.hub import lora_source
+
+        lora_source(lora)  # a wrong --lora fails now, not after the base model has sampled
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rewards = build_rewards(reward_specs, device, torch.float32)
     results = {}
@@ -153,10 +162,27 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
                                    "n": values.numel()}
             if accuracy is not None:
                 scores[reward.name]["accuracy"] = float(accuracy)
+        if num_images > 1:
+            per_prompt = within_prompt_diversity(images, num_images)
+            scores["diversity"] = {"mean": float(per_prompt.mean()), "std": float(per_prompt.std(unbiased=False)),
+                                   "n": per_prompt.numel()}
         results[label] = scores
         del loaded
     return {"model": model, "lora": lora, "prompts": len(prompts), "images_per_prompt": num_images,
             "seed": settings.seed, "results": results}
+
+
+def within_prompt_diversity(images, num_images: int) -> torch.Tensor:
+    """Per prompt, the mean over all pairs of its `num_images` images of their RMS pixel distance (pixels in [0, 1]):
+    0 means identical images; two independent uniform-noise images give ~0.41. A rising reward with a diversity
+    falling toward 0 means the model collapsed onto one image per prompt (reward hacking shows as both). Images are
+    grouped as `generate` returns them, prompt-major. Returns `[num_prompts]`."""
+    pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+                          for image in images]).flatten(1)
+    groups = pixels.reshape(-1, num_images, pixels.shape[1])  # [P, n, D]
+    distance = torch.cdist(groups, groups) / pixels.shape[1] ** 0.5  # RMS distance of every pair
+    pairs = num_images * (num_images - 1)
+    return distance.sum(dim=(1, 2)) / pairs
 
 
 def write_json(data: dict, path: Path) -> None:

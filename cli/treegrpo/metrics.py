@@ -71,8 +71,14 @@ def image_grid(images: list[Image.Image], columns: int, labels: list[str] | None
 
 
 def short_label(text: str, max_chars: int) -> str:
-    """The end of a prompt (where prompts differ: "…digit seven"), cut to `max_chars`."""
-    return text if len(text) <= max_chars else "…" + text[-(max_chars - 1):]
+    """The end of a prompt (where prompts differ: "…digit seven"), at most `max_chars`, cut between words when the
+    last word fits (so not "…itten digit zero")."""
+    if len(text) <= max_chars:
+        return text
+    tail = text[-(max_chars - 1):]
+    if not text[-max_chars].isspace() and " " in tail:  # the tail starts inside a word: drop that part word
+        tail = tail.split(" ", 1)[1]
+    return "…" + tail.lstrip()
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, x_label: str,
@@ -103,8 +109,10 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, *, tit
         _, py = to_px(x0, y)
         draw.line([left - 4, py, left, py], fill="black")
         draw.text((4, py - 6), f"{y:.3g}", fill="black")
-    for k in range(5):
-        x = x0 + k * (x1 - x0) / 4
+    integer_x = all(float(x).is_integer() for x in xs)  # epochs: ticks on whole numbers, not 24.8
+    ticks = sorted({round(x0 + k * (x1 - x0) / 4) for k in range(5)}) if integer_x else \
+        [x0 + k * (x1 - x0) / 4 for k in range(5)]
+    for x in ticks:
         px, _ = to_px(x, y0)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
         draw.text((px - 10, height - bottom + 6), f"{x:.3g}", fill="black")

@@ -115,9 +115,9 @@ class RewardRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _known_kind_and_options(self) -> RewardRecipe:
-        from treegrpo.rewards import reward_options
+        from treegrpo.reward_kinds import reward_option_names
 
-        allowed = reward_options(self.kind)  # raises ValueError listing the known kinds
+        allowed = reward_option_names(self.kind)  # raises ValueError listing the known kinds
         unknown = sorted(set(self.options()) - set(allowed))
         if unknown:
             raise ValueError(f"reward kind {self.kind!r} does not take {unknown}; it takes {sorted(allowed)}.")
@@ -302,7 +302,11 @@ def _describe(err: ValidationError, source: str) -> str:
 
 def to_toml(recipe: Recipe) -> str:
     """Serialize a recipe to TOML (the resolved copy written next to a run's outputs)."""
-    data = recipe.model_dump(mode="json", exclude_none=True)
+    return dict_to_toml(recipe.model_dump(mode="json", exclude_none=True))
+
+
+def dict_to_toml(data: dict) -> str:
+    """TOML text of a recipe-shaped dict: tables, nested tables and arrays of tables ([[reward]])."""
     lines: list[str] = []
 
     def emit_table(name: str, table: dict) -> None:

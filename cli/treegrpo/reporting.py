@@ -58,8 +58,9 @@ class Reporter:
 
 
 def summary_line(m: dict, total: int) -> str:
-    """`epoch 3/20  reward 0.512 ± 0.210  ratio 1.0000  clip 0.00  window 2  rows 300/26  1.2s+0.1s+0.8s`"""
-    return (f"epoch {m['epoch'] + 1}/{total}  reward {m['reward/mean']:.4f} ± {m['reward/std']:.3f}  "
-            f"ratio {m['policy/ratio_mean']:.4f}  clip {m['policy/clip_frac']:.2f}  "
-            f"window {m['tree/window_start']}  rows {m['model/rollout_rows']}/{m['model/train_rows']}  "
-            f"{m['time/rollout_s']:.1f}s+{m['time/score_s']:.1f}s+{m['time/train_s']:.1f}s")
+    """One labelled line under 80 columns; everything else is in metrics.jsonl:
+    `epoch 3/20  reward 0.512 ± 0.210  acc 0.85  ratio 1.000  window 2  2.1 s`"""
+    accuracy = next((value for key, value in m.items() if key.endswith("/accuracy")), None)
+    return (f"epoch {m['epoch'] + 1}/{total}  reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f}"
+            + (f"  acc {accuracy:.2f}" if accuracy is not None else "")
+            + f"  ratio {m['policy/ratio_mean']:.3f}  window {m['tree/window_start']}  {m['time/epoch_s']:.1f} s")

@@ -107,6 +107,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     if recipe.data.prompts_per_epoch % world:
         raise SetupError(f"data.prompts_per_epoch={recipe.data.prompts_per_epoch} must be divisible by the "
                          f"{world} processes (a prompt's trees stay on one process).")
+    reporter.info(f"loading rewards: {', '.join(spec.name or spec.kind for spec in recipe.reward)} ...")
     rewards = []
     for spec in recipe.reward:
         try:
@@ -116,6 +117,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
             raise SetupError(f"[[reward]] kind={spec.kind!r}: {err}") from None
         reward.name = spec.name or spec.kind
         rewards.append(reward)
+    reporter.info(f"loading {recipe.model.pretrained} ({recipe.model.dtype}) on {accelerator.device} ...")
     loaded = load_pipeline(recipe.model.pretrained, dtype=recipe.model.dtype, revision=recipe.model.revision,
                            device=accelerator.device)
     pipe, name = loaded.pipe, loaded.denoiser_name

@@ -43,8 +43,9 @@ def test_eval_table_and_json(workdir, tiny_sd3_dir):
                                  "--num-images", "2", "--json", str(out), *TINY])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert set(data["results"]["base"]) == {"jpeg", "brightness"}
+    assert set(data["results"]["base"]) == {"jpeg", "brightness", "diversity"}
     assert data["results"]["base"]["brightness"]["n"] == 8
-    assert "brightness" in result.output
+    assert data["results"]["base"]["diversity"]["n"] == 4 and data["results"]["base"]["diversity"]["mean"] > 0
+    assert "brightness" in result.output and "diversity" in result.output
     bad = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--prompt", "x", "--reward", "jpeg:quality"])
     assert bad.exit_code == 2 and "key=value" in bad.output

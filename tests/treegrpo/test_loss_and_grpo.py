@@ -97,3 +97,4 @@ def test_grid_labels_keep_the_end_of_the_prompt():
 
     assert short_label("a handwritten digit seven", 12) == "…digit seven"
     assert short_label("a cat", 12) == "a cat"
+    assert short_label("a handwritten digit zero", 16) == "…digit zero"  # not "…itten digit zero"

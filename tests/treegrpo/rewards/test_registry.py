@@ -206,3 +206,13 @@ def test_python_reward_checks_what_the_function_returns(user_module, function, m
     reward = build_reward("python", function=f"my_rewards:{function}")
     with pytest.raises(ValueError, match=message):
         reward([Image.new("RGB", (4, 4))] * 3, ["x"] * 3)
+
+
+def test_the_validators_option_table_matches_the_factories():
+    """`treegrpo.reward_kinds` (read by the recipe validator without importing reward code) must list exactly the
+    options each factory takes."""
+    from treegrpo.reward_kinds import REWARD_OPTION_NAMES
+
+    assert set(REWARD_OPTION_NAMES) == set(REWARD_KINDS)
+    for kind in REWARD_KINDS:
+        assert REWARD_OPTION_NAMES[kind] == set(reward_options(kind)), kind
