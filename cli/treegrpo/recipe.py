@@ -164,6 +164,9 @@ class TrainRecipe(_Table):
     kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the adapter-disabled reference (0 = off).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trainable weights, used for samples "
                                     "and the final export (absent = off).")
+    cpu_threads: int | None = Field(None, ge=1, le=1024, description="CPU runs: intra-op threads per process. "
+                                    "Default: the cores free when the run starts (see docs/training.md), unless "
+                                    "OMP_NUM_THREADS is set. GPU runs ignore it.")
     max_ratio_error: float = Field(1e-3, gt=0, description="Warn if the first micro-batch's ratio differs from 1 by "
                                    "more than this.")
 

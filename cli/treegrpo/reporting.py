@@ -48,7 +48,9 @@ class Reporter:
             return
         columns = [TextColumn("[bold]epochs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[phase]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        # rich estimates speed from the last `speed_estimate_period` seconds (30 by default): with epochs longer than
+        # that it never has two samples and the ETA stays "-:--:--". Use the whole run.
+        with Progress(*columns, console=self.console, transient=True, speed_estimate_period=7 * 24 * 3600) as progress:
             self._progress = progress
             self._task = progress.add_task("epochs", total=total, completed=start, phase="")
             try:

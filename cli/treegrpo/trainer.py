@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,11 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     from treegrpo.rewards import build_reward
 
     accelerator = make_accelerator(recipe)
+    if accelerator.device.type == "cpu":
+        from .threads import apply_cpu_threads
+
+        choice = apply_cpu_threads(recipe.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        reporter.info(f"CPU: {torch.get_num_threads()} intra-op thread(s) per process ({choice.reason})")
     if recipe.output.push_to_hub:
         from treegrpo.hub import HubError, check_can_push
 
