@@ -179,7 +179,9 @@ class OutputRecipe(_Table):
     eval_every: int = Field(10, gt=0, description="Epochs between sample grids.")
     samples: bool = Field(True, description="Write sample grids (before, every eval_every epochs, final).")
     log_with: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker for metrics "
-                                                              "besides metrics.jsonl (silently none if missing).")
+                                                              "besides metrics.jsonl; install it with the extra "
+                                                              "(`pip install -e .[tensorboard]`), else a warning "
+                                                              "and none.")
     push_to_hub: str | None = Field(None, description="`user/repo` to push the final LoRA to at the end.")
 
 

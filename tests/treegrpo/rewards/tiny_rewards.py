@@ -158,7 +158,10 @@ def arrange_clip(model, tokenizer):
 
 
 def save_clip(folder, model, tokenizer):
-    from transformers import CLIPImageProcessorPil
+    try:
+        from transformers import CLIPImageProcessorPil
+    except ImportError:  # transformers < 5.9: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
