@@ -33,14 +33,21 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+VERBOSE = [False]
+
+
 @app.callback()
 def root(
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the libraries' warnings and loading bars (hidden by default).")
+    ] = False,
 ) -> None:
     """TreeGRPO: RL fine-tuning of diffusers text-to-image models with tree-shaped rollouts."""
+    VERBOSE[0] = verbose
 
 
 @app.command()
@@ -73,6 +80,10 @@ def _quiet_libraries() -> None:
     import diffusers
     import transformers
 
+    if VERBOSE[0]:  # --verbose: the libraries' own warnings (e.g. an ignored dtype) are what the user wants to see
+        diffusers.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        return
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -209,6 +220,14 @@ StepsOption = Annotated[int | None, typer.Option("--steps", help="Denoising step
 GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Guidance scale (default: the model's).")]
 SizeOption = Annotated[int | None, typer.Option(help="Image size in pixels (default: the model's).")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed; the same seed gives paired samples.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights and compute dtype: fp32, bf16 or fp16 (bf16 halves "
+                                          "the memory of FLUX / SD3.5).")]
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in ("fp32", "bf16", "fp16"):
+        _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
+    return dtype
 
 
 @app.command()
@@ -224,6 +243,7 @@ def sample(
     height: SizeOption = None,
     width: SizeOption = None,
     seed: SeedOption = 0,
+    dtype: DtypeOption = "fp32",
     best_of_tree: Annotated[bool, typer.Option("--best-of-tree", help="Sample a TreeGRPO tree per prompt and "
                                                 "keep the leaf the --reward scores highest.")] = False,
     reward: Annotated[str | None, typer.Option("--reward", help="Scorer for --best-of-tree: kind or "
@@ -253,7 +273,7 @@ def sample(
     prompts = _prompts(prompt, prompts_file)
     settings = Settings(steps=steps, guidance_scale=guidance, height=height, width=width, seed=seed)
     try:
-        loaded = load_for_inference(model, lora)
+        loaded = load_for_inference(model, lora, dtype=_check_dtype(dtype))
         kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
         if best_of_tree or beam:
             if reward is None:
@@ -284,6 +304,7 @@ def evaluate_command(
     steps: StepsOption = None,
     guidance: GuidanceOption = None,
     seed: SeedOption = 0,
+    dtype: DtypeOption = "fp32",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise."""
@@ -293,7 +314,7 @@ def evaluate_command(
     _quiet_libraries()
     prompts = _prompts(prompt, prompts_file)
     try:
-        data = evaluate(model, prompts, reward, lora=lora, num_images=num_images,
+        data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=_check_dtype(dtype),
                         settings=Settings(steps=steps, guidance_scale=guidance, seed=seed))
     except (InferenceError, ModelLoadError, ValueError) as err:
         _fail(str(err))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -27,6 +29,20 @@ class EMA:
     def copy_to_params(self) -> None:
         for shadow, param in zip(self.shadow, self.params, strict=True):
             param.copy_(shadow.to(param.dtype))
+
+    @contextmanager
+    def applied(self):
+        """The averaged weights in place of the trained ones while the block runs (mid-run samples, the LoRA file
+        of a checkpoint), the trained ones restored after (training and accelerate's state go on from those)."""
+        with torch.no_grad():
+            trained = [param.detach().clone() for param in self.params]
+            self.copy_to_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, trained, strict=True):
+                    param.copy_(value)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"shadow.{i}": _local(s).detach().contiguous().cpu() for i, s in enumerate(self.shadow)}

@@ -149,10 +149,13 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rewards = build_rewards(reward_specs, device, torch.float32)
     results = {}
-    variants = [("base", None)] + ([("lora", lora)] if lora else [])
-    for label, lora_path in variants:
-        loaded = load_for_inference(model, lora_path, dtype=dtype, device=device)
-        kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
+    loaded = load_for_inference(model, None, dtype=dtype, device=device)  # loaded once; the LoRA is added after
+    kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
+    for label in ["base"] + (["lora"] if lora else []):
+        if label == "lora":
+            from treegrpo.hub import load_lora_into
+
+            load_lora_into(loaded.pipe, lora)
         images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed)
         image_prompts = [p for p in prompts for _ in range(num_images)]
         scores = {}
@@ -167,8 +170,7 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
             scores["diversity"] = {"mean": float(per_prompt.mean()), "std": float(per_prompt.std(unbiased=False)),
                                    "n": per_prompt.numel()}
         results[label] = scores
-        del loaded
-    return {"model": model, "lora": lora, "prompts": len(prompts), "images_per_prompt": num_images,
+    return {"model": model, "lora": lora, "dtype": dtype, "prompts": len(prompts), "images_per_prompt": num_images,
             "seed": settings.seed, "results": results}
 
 

@@ -102,10 +102,12 @@ def add_lora(denoiser: torch.nn.Module, *, rank: int, alpha: float, target_modul
         torch.manual_seed(seed)  # identical initialisation on every process
         denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                         init_lora_weights="gaussian"))
+    from diffusers.training_utils import cast_training_params
+
     for name, param in denoiser.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
-            param.data = param.data.float()
+    cast_training_params(denoiser, dtype=torch.float32)  # trainable weights in fp32 whatever model.dtype is
     return targets
 
 

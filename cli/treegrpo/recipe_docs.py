@@ -16,7 +16,9 @@ HEADER = """# Recipe reference
 Generated from `treegrpo/recipe.py` by `python -m treegrpo.recipe_docs > docs/recipes.md`; do not edit by hand.
 Every key can be overridden on the command line with `--set table.key=value` (lists by index:
 `--set reward.0.weight=0.5`). Unknown keys are errors. The resolved recipe of a run is written to
-`<output.dir>/recipe.resolved.toml`.
+`<output.dir>/recipe.resolved.toml`. For editors, the same models as a JSON Schema:
+[`recipe.schema.json`](recipe.schema.json) (`python -m treegrpo.recipe_docs --schema`); TOML tools such as taplo /
+Even Better TOML validate and complete recipes with it (`#:schema ../docs/recipe.schema.json` in `recipes/`).
 """
 
 
@@ -66,5 +68,17 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def json_schema() -> str:
+    """The recipe's JSON Schema (generated from the same pydantic models), for editors: taplo / Even Better TOML and
+    other TOML tools validate and complete `recipes/*.toml` with it (`#:schema ./recipe.schema.json` or settings)."""
+    import json
+
+    schema = Recipe.model_json_schema()
+    schema["title"] = "treegrpo recipe"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
 if __name__ == "__main__":
-    print(render(), end="")
+    import sys
+
+    print(json_schema() if "--schema" in sys.argv[1:] else render(), end="")

@@ -3,10 +3,10 @@ tree, and update the policy (the per-epoch math lives in `grpo.py`); checkpoints
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from .checkpoint import (
     write_failure,
 )
 from .ema import EMA
+from .epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
 from .grpo import (
     TrainingError,
     derive_seed,
@@ -35,7 +36,7 @@ from .grpo import (
     tree_advantages,
     tree_generators,
 )
-from .metrics import MetricsLog, Tracker, image_grid, plot_curves
+from .metrics import MetricsLog, Tracker, plot_curves
 from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
 from .recipe import Recipe, TrainRecipe, to_toml
 from .reporting import Reporter
@@ -237,69 +238,10 @@ def run_epoch(run: Run, epoch: int) -> dict:
                             generator=torch.Generator().manual_seed(seed + 1), ema=run.ema,
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
-    metrics = _epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
+    metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
     for name, value in accuracies.items():  # rewards that can also judge right/wrong (e.g. digits)
         local = torch.tensor([value], dtype=torch.float64, device=acc.device)
         metrics[f"reward/{name}/accuracy"] = float(acc.reduce(local, reduction="mean"))
-    return metrics
-
-
-def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and the
-    leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`)."""
-    from treegrpo.rewards import to_pil
-    from treegrpo.rewards.base import score_with_accuracy
-
-    pil = to_pil(images)
-    rows, accuracies = [], {}
-    for reward in run.rewards:
-        try:
-            values, accuracy = score_with_accuracy(reward, pil, prompts)
-        except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
-            raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
-        if values.numel() != len(pil):
-            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {len(pil)} images.")
-        if not torch.isfinite(values).all():
-            raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
-                                "images; stopping.")
-        rows.append(values)
-        if accuracy is not None:
-            accuracies[reward.name] = float(accuracy)
-    return torch.stack(rows), accuracies
-
-
-def _epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times) -> dict:
-    acc, r = run.accelerator, run.recipe
-    weights = torch.tensor([spec.weight for spec in r.reward]).unsqueeze(1)
-    all_scores = acc.gather(scores.T.contiguous().to(acc.device)).T.cpu()  # [R, global leaves]
-    total = (weights * all_scores).sum(0)
-    local = torch.tensor([rollout_rows, stats.train_rows, stats.trained_edges, stats.trained_parents],
-                         dtype=torch.float64, device=acc.device)
-    summed = acc.reduce(local, reduction="sum").cpu()
-    diag = torch.tensor([stats.ratio_mean, stats.clip_frac, stats.approx_kl, stats.loss, stats.grad_norm,
-                         stats.first_ratio_error, adv.ess_mean, stats.kl], dtype=torch.float64, device=acc.device)
-    diag = acc.reduce(diag, reduction="mean").cpu()
-    t0, t1, t2, t3 = times
-    metrics = {
-        "epoch": epoch, "reward/mean": float(total.mean()), "reward/std": float(total.std(unbiased=False)),
-        "tree/window_start": window_start, "tree/ess_mean": float(diag[6]),
-        "policy/ratio_mean": float(diag[0]), "policy/clip_frac": float(diag[1]), "policy/approx_kl": float(diag[2]),
-        "policy/first_ratio_error": float(diag[5]), "policy/kl_ref": float(diag[7]),
-        "train/loss": float(diag[3]), "train/grad_norm": float(diag[4]),
-        "train/lr": run.optimizer.param_groups[0]["lr"],
-        "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": t3 - t0,
-        "model/rollout_rows": int(summed[0]), "model/train_rows": int(summed[1]),
-        "model/trained_edges": int(summed[2]), "model/trained_parents": int(summed[3]),
-    }
-    for spec, values in zip(r.reward, all_scores, strict=True):
-        name = spec.name or spec.kind
-        metrics[f"reward/{name}/mean"] = float(values.mean())
-        metrics[f"reward/{name}/std"] = float(values.std(unbiased=False))
-    if stats.first_ratio_error > r.train.max_ratio_error:
-        run.reporter.warn(
-            f"epoch {epoch}: the first micro-batch's ratio differs from 1 by {stats.first_ratio_error:.2e} "
-            f"(> {r.train.max_ratio_error}). Sampling and training disagree: likely a dtype mismatch (bf16 latents "
-            "re-scored in another precision), CFG applied differently, or a stochastic layer (dropout) in train mode.")
     return metrics
 
 
@@ -328,26 +270,6 @@ def _check_interrupt(run: Run, epoch: int, *, stepped: bool) -> None:
     signum = int(run.accelerator.gather(flag).max())
     if signum:
         raise _StopAtSafePoint(signum, epoch + (1 if stepped else 0))
-
-
-def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | None:
-    """A grid of ODE samples from the stock pipeline (its own scheduler) with the current weights."""
-    # sharded weights need every process in the forward; otherwise only the main process samples
-    if not run.recipe.output.samples or not (run.accelerator.is_main_process or _is_sharded(run)):
-        return None
-    pipe, kwargs = run.pipe, dict(run.sample_kwargs)
-    accepted = inspect.signature(pipe.__call__).parameters
-    call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        images = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
-                      generator=torch.Generator().manual_seed(seed), **call).images
-    if not run.accelerator.is_main_process:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scale = max(1, 96 // images[0].size[0])
-    image_grid(images, columns=min(10, len(images)), labels=prompts, scale=scale).save(path)
-    return path
 
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
@@ -406,8 +328,9 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
                 progress.epoch_done(metrics)
                 done = epoch + 1
                 if done % recipe.output.eval_every == 0 and done < recipe.train.epochs:
-                    save_samples(run, out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
-                                 recipe.train.seed)
+                    with _ema_applied(run):  # samples show the weights that would be exported
+                        save_samples(run, out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
+                                     recipe.train.seed)
                 if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs:
                     _checkpoint(run, done)
                 _check_interrupt(run, epoch, stepped=True)
@@ -456,13 +379,13 @@ def _resume(run: Run) -> int:
     return state.epoch
 
 
-def _is_sharded(run: Run) -> bool:
-    return str(run.accelerator.distributed_type).endswith("FSDP")
+def _ema_applied(run: Run):
+    return run.ema.applied() if run.ema is not None else nullcontext()
 
 
 def _full_state(run: Run) -> dict | None:
     """With FSDP the weights are sharded: gather a full state dict (every process must call this)."""
-    return run.accelerator.get_state_dict(run.model) if _is_sharded(run) else None
+    return run.accelerator.get_state_dict(run.model) if is_sharded(run) else None
 
 
 def _checkpoint(run: Run, completed_epochs: int) -> Path:
@@ -470,7 +393,11 @@ def _checkpoint(run: Run, completed_epochs: int) -> Path:
     if not all_finite(run.params, run.accelerator):  # never publish a checkpoint that cannot be resumed
         raise TrainingError(f"non-finite trainable weights after {completed_epochs} epochs (try a lower "
                             "train.learning_rate or fp32); no checkpoint written for them")
-    full = _full_state(run) if recipe.model.lora else None
+    full = None
+    if recipe.model.lora:
+        with _ema_applied(run):  # the checkpoint's LoRA file holds what would be exported (EMA when on)
+            full = _full_state(run) if is_sharded(run) else \
+                {k: v.detach().clone() for k, v in run.denoiser.state_dict().items() if "lora_" in k}
     lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder, full)) \
         if recipe.model.lora else None
     state = TrainerState(epoch=completed_epochs, prompt_position=completed_epochs * recipe.data.prompts_per_epoch,

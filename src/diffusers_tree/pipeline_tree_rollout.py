@@ -32,8 +32,8 @@ class TreeRolloutOutput(BaseOutput):
     """Output of [`TreeRolloutPipeline.__call__`].
 
     Args:
-        images (`torch.Tensor` or `list[PIL.Image.Image]`): every leaf, grouped by prompt, then tree, then leaf:
-            `[num_prompts · num_trees · num_leaves, 3, H, W]` in [0, 1] for `output_type="pt"`.
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): every leaf, grouped by prompt, then tree,
+            then leaf (`[num_prompts · num_trees · num_leaves, 3, H, W]` in [0, 1] for `output_type="pt"`).
         record ([`RolloutRecord`], *optional*): the tree structure, log-probs and latents for training.
         rows (`int`): latent rows that went through the denoiser (CFG halves counted).
     """
@@ -60,7 +60,7 @@ class TreeRolloutPipeline:
         ...                                                               window_start=2))
         >>> out = tree(["a red cat"], num_inference_steps=10, height=32, width=32, max_sequence_length=16,
         ...            generator=torch.Generator().manual_seed(0))
-        >>> out.images.shape[0], out.rows  # 27 leaves; (2 + 13 + 27·5) nodes × 2 CFG halves
+        >>> len(out.images), out.rows  # 27 leaves (PIL images); (2 + 13 + 27·5) nodes × 2 CFG halves
         (27, 300)
         ```
     """
@@ -103,7 +103,7 @@ class TreeRolloutPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompts: str | list[str],
+        prompt: str | list[str],
         *,
         num_trees: int = 1,
         num_inference_steps: int = 10,
@@ -117,7 +117,7 @@ class TreeRolloutPipeline:
         latents: torch.Tensor | None = None,
         conditioning: Conditioning | None = None,
         max_batch_size: int = 64,
-        output_type: str = "pt",
+        output_type: str = "pil",
         return_record: bool = True,
         record_device: str | torch.device | None = None,
         prune: PruneFn | None = None,
@@ -125,7 +125,8 @@ class TreeRolloutPipeline:
         """Roll out `num_trees` trees per prompt.
 
         Args:
-            prompts (`str` or `list[str]`): one prompt per group.
+            prompt (`str` or `list[str]`): the prompt or prompts, one group (tree or trees) each, as in every
+                diffusers pipeline.
             num_trees (`int`, defaults to 1): trees per prompt.
             num_inference_steps (`int`, defaults to 10): T.
             window_start (`int`, *optional*): override the scheduler's window start (the trainer's epoch draw).
@@ -138,13 +139,14 @@ class TreeRolloutPipeline:
                 own layout (packed for FLUX).
             conditioning ([`Conditioning`], *optional*): pre-encoded prompts from [`~TreeRolloutPipeline.encode`].
             max_batch_size (`int`, defaults to 64): most latent rows per denoiser forward, CFG halves included.
-            output_type (`str`, defaults to `"pt"`): `"pt"`, `"pil"`, `"np"` or `"latent"`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` (float `[N, 3, H, W]` in [0, 1], what
+                the trainer asks for) or `"latent"`.
             return_record (`bool`, defaults to `True`): build the [`RolloutRecord`] for training.
             record_device (`str`, *optional*): keep the record's latents there (e.g. `"cpu"`) to bound GPU memory.
             prune (`callable`, *optional*): called before each step's transition; returns the frontier rows to
                 keep (used by the pruned tree search). With pruning the record is not built.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if conditioning is not None:  # encoded for one image size (FLUX's image ids, SDXL's time ids): use it
             encoded = (conditioning.height, conditioning.width)
             if (height or encoded[0], width or encoded[1]) != encoded:

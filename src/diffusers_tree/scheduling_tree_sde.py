@@ -370,11 +370,18 @@ def build_plan(algorithm: str, num_steps: int, branch_factor: int, window_width:
 
 
 def _family_of(scheduler: SchedulerMixin) -> str:
+    """"flow" for flow-matching schedules, "ddpm" for variance-preserving ones. Decided by what the schedule is,
+    not the class: the UniPC / DPM-Solver schedulers that Wan and SANA ship run flow sigmas (`use_flow_sigmas`,
+    `prediction_type="flow_prediction"`) while also carrying an unused `alphas_cumprod`. Their own sigmas and
+    timesteps are kept (the model was trained and tuned on them); only the step rule is the flow SDE/ODE's."""
+    config = scheduler.config
+    flow_schedule = bool(config.get("use_flow_sigmas", False)) or config.get("prediction_type") == "flow_prediction"
+    if (type(scheduler).__name__.startswith("FlowMatch") or flow_schedule) and hasattr(scheduler, "sigmas"):
+        return "flow"
     if hasattr(scheduler, "alphas_cumprod"):
         return "ddpm"
-    if type(scheduler).__name__.startswith("FlowMatch") and hasattr(scheduler, "sigmas"):
-        return "flow"
     raise ValueError(
-        f"TreeSDEScheduler cannot wrap {type(scheduler).__name__}: it supports the FlowMatchEulerDiscrete family "
-        "(SD3, FLUX) and the DDPM family (DDIM, DDPM, Euler discrete; anything with `alphas_cumprod`)."
+        f"TreeSDEScheduler cannot wrap {type(scheduler).__name__}: it supports flow-matching schedules "
+        "(FlowMatchEulerDiscrete: SD3, FLUX; UniPC / DPM-Solver with use_flow_sigmas: Wan, SANA) and the DDPM "
+        "family (DDIM, DDPM, Euler discrete; anything with `alphas_cumprod`)."
     )

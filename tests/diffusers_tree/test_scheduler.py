@@ -209,3 +209,25 @@ def test_flow_sde_has_no_zero_noise_steps():
     scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), algorithm="flat")
     scheduler.set_timesteps(10)
     assert scheduler.zero_noise_steps() == () and all(scheduler.plan.sde_steps)
+
+
+@pytest.mark.parametrize("base_cls", ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler"])
+def test_flow_sigma_multistep_schedulers_are_wrapped_as_flow(base_cls):
+    """Wan's and SANA's schedulers (UniPC / DPM-Solver with flow sigmas) were taken for DDPM and failed at the first
+    step; they are flow schedules, and their own sigmas and timesteps are kept."""
+    import diffusers
+
+    base = getattr(diffusers, base_cls)(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    tree = TreeSDEScheduler.from_scheduler(base, window_start=1)
+    assert tree.family == "flow" and tree.config.sde_type == "flow_sde"
+    tree.set_timesteps(6)
+    reference = getattr(diffusers, base_cls).from_config(base.config)
+    reference.set_timesteps(6)
+    assert torch.equal(tree.sigmas, reference.sigmas) and torch.equal(tree.timesteps, reference.timesteps)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ode = tree.transition(v, x, 0)
+    sigma, sigma_next = float(reference.sigmas[0]), float(reference.sigmas[1])
+    torch.testing.assert_close(ode.prev_sample, x + (sigma_next - sigma) * v)  # the flow ODE step on their sigmas
+    sde = tree.transition(v, x, 1, noise=torch.zeros_like(x))
+    assert sde.log_prob is not None and torch.isfinite(sde.log_prob).all()

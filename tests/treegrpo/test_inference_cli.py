@@ -49,3 +49,46 @@ def test_eval_table_and_json(workdir, tiny_sd3_dir):
     assert "brightness" in result.output and "diversity" in result.output
     bad = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--prompt", "x", "--reward", "jpeg:quality"])
     assert bad.exit_code == 2 and "key=value" in bad.output
+
+
+def test_eval_loads_the_model_once_in_the_asked_dtype(workdir, tiny_sd3_dir, monkeypatch):
+    import treegrpo.inference
+
+    from .conftest import write_recipe
+
+    assert runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1))]).exit_code == 0
+    loads = []
+    original = treegrpo.inference.load_pipeline
+
+    def counting(model, **kwargs):
+        loads.append(kwargs.get("dtype"))
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(treegrpo.inference, "load_pipeline", counting)
+    out = workdir / "eval.json"
+    result = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--lora", str(workdir / "run" / "final"), "--prompt",
+                                 "a red cat", "--reward", "jpeg", "--num-images", "2", "--dtype", "bf16",
+                                 "--json", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    assert loads == ["bf16"]  # base and base + LoRA from one load
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bf16" and set(data["results"]) == {"base", "lora"}
+    bad = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--prompt", "x", "--reward", "jpeg", "--dtype", "fp64"])
+    assert bad.exit_code == 2 and "--dtype 'fp64'" in bad.output
+
+
+
+def test_verbose_shows_library_warnings(monkeypatch):
+    import logging
+
+    import transformers
+
+    import treegrpo.app
+
+    monkeypatch.setattr(treegrpo.app, "VERBOSE", [False])
+    assert runner.invoke(app, ["--verbose", "info"]).exit_code == 0 and treegrpo.app.VERBOSE == [True]
+    treegrpo.app._quiet_libraries()
+    assert transformers.utils.logging.get_verbosity() == logging.WARNING
+    treegrpo.app.VERBOSE[0] = False
+    treegrpo.app._quiet_libraries()
+    assert transformers.utils.logging.get_verbosity() == logging.ERROR

@@ -78,3 +78,16 @@ def test_every_shipped_recipe_validates(path):
     header = path.read_text().splitlines()[0]
     assert header.startswith("#"), "recipes start with a comment header"
     assert recipe.output.dir
+
+
+def test_recipe_json_schema_is_generated_from_the_models():
+    import json
+
+    from treegrpo.recipe_docs import json_schema
+
+    text = json_schema()
+    path = ROOT / "docs" / "recipe.schema.json"
+    assert path.read_text() == text, "python -m treegrpo.recipe_docs --schema > docs/recipe.schema.json"
+    schema = json.loads(text)
+    assert {"model", "reward", "data", "output"} <= set(schema["required"])
+    assert schema["$defs"]["TreeRecipe"]["properties"]["branch_factor"]["maximum"] == 64

@@ -204,3 +204,30 @@ def test_ctrl_c_checkpoints_and_exits_130(workdir, tiny_sd3_dir):
     resumed = runner.invoke(app, ["run", str(path), "--resume", "--set", "output.checkpoint_every=10"])
     assert resumed.exit_code == 0, resumed.output
     assert [m["epoch"] for m in read_metrics(workdir / "run")] == [0, 1, 2, 3, 4]
+
+
+def test_mid_run_samples_and_checkpoint_lora_use_the_ema_weights(workdir, tiny_sd3_dir, monkeypatch):
+    import treegrpo.trainer
+
+    seen = []
+    original = treegrpo.trainer.save_samples
+
+    def spy(run, path, prompts, seed):
+        if path.name.startswith("epoch-"):  # a mid-run grid: the EMA weights must be the ones in the model
+            seen.append(all(torch.equal(p, s.to(p.dtype)) for p, s in zip(run.params, run.ema.shadow, strict=True)))
+        return original(run, path, prompts, seed)
+
+    monkeypatch.setattr(treegrpo.trainer, "save_samples", spy)
+    recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2),
+                         ["train.ema_decay=0.5", "output.eval_every=1", "output.samples=true"])
+    train(recipe, reporter=QUIET)
+    assert seen == [True]
+    # after 1 epoch from lora_B = 0: EMA B = 0.5 · trained B. The checkpoint's LoRA file (scale alpha/r = 2 baked in)
+    # holds the EMA weights; accelerate's model state keeps the trained ones for an exact resume.
+    folder = workdir / "run" / "checkpoints" / "epoch-000001"
+    exported, trained = load_file(folder / "pytorch_lora_weights.safetensors"), \
+        load_file(folder / "accelerate" / "model.safetensors")
+    key = next(k for k in exported if "lora_B" in k)
+    raw = trained[key.removeprefix("transformer.").replace(".lora_B.", ".lora_B.default.")]
+    assert raw.abs().max() > 0
+    torch.testing.assert_close(exported[key], 0.5 * 2 * raw, rtol=1e-5, atol=1e-7)

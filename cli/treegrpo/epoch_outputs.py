@@ -1,0 +1,99 @@
+"""What an epoch leaves behind besides the update: the leaves' scores, the epoch's metrics (global over processes)
+and sample grids. Split from `trainer.py`, which drives the run."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .grpo import TrainingError
+from .metrics import image_grid
+
+if TYPE_CHECKING:
+    from .trainer import Run
+
+
+def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and the
+    leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`)."""
+    from treegrpo.rewards import to_pil
+    from treegrpo.rewards.base import score_with_accuracy
+
+    pil = to_pil(images)
+    rows, accuracies = [], {}
+    for reward in run.rewards:
+        try:
+            values, accuracy = score_with_accuracy(reward, pil, prompts)
+        except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
+            raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
+        if values.numel() != len(pil):
+            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {len(pil)} images.")
+        if not torch.isfinite(values).all():
+            raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
+                                "images; stopping.")
+        rows.append(values)
+        if accuracy is not None:
+            accuracies[reward.name] = float(accuracy)
+    return torch.stack(rows), accuracies
+
+
+def epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times) -> dict:
+    acc, r = run.accelerator, run.recipe
+    weights = torch.tensor([spec.weight for spec in r.reward]).unsqueeze(1)
+    all_scores = acc.gather(scores.T.contiguous().to(acc.device)).T.cpu()  # [R, global leaves]
+    total = (weights * all_scores).sum(0)
+    local = torch.tensor([rollout_rows, stats.train_rows, stats.trained_edges, stats.trained_parents],
+                         dtype=torch.float64, device=acc.device)
+    summed = acc.reduce(local, reduction="sum").cpu()
+    diag = torch.tensor([stats.ratio_mean, stats.clip_frac, stats.approx_kl, stats.loss, stats.grad_norm,
+                         stats.first_ratio_error, adv.ess_mean, stats.kl], dtype=torch.float64, device=acc.device)
+    diag = acc.reduce(diag, reduction="mean").cpu()
+    t0, t1, t2, t3 = times
+    metrics = {
+        "epoch": epoch, "reward/mean": float(total.mean()), "reward/std": float(total.std(unbiased=False)),
+        "tree/window_start": window_start, "tree/ess_mean": float(diag[6]),
+        "policy/ratio_mean": float(diag[0]), "policy/clip_frac": float(diag[1]), "policy/approx_kl": float(diag[2]),
+        "policy/first_ratio_error": float(diag[5]), "policy/kl_ref": float(diag[7]),
+        "train/loss": float(diag[3]), "train/grad_norm": float(diag[4]),
+        "train/lr": run.optimizer.param_groups[0]["lr"],
+        "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": t3 - t0,
+        "model/rollout_rows": int(summed[0]), "model/train_rows": int(summed[1]),
+        "model/trained_edges": int(summed[2]), "model/trained_parents": int(summed[3]),
+    }
+    for spec, values in zip(r.reward, all_scores, strict=True):
+        name = spec.name or spec.kind
+        metrics[f"reward/{name}/mean"] = float(values.mean())
+        metrics[f"reward/{name}/std"] = float(values.std(unbiased=False))
+    if stats.first_ratio_error > r.train.max_ratio_error:
+        run.reporter.warn(
+            f"epoch {epoch}: the first micro-batch's ratio differs from 1 by {stats.first_ratio_error:.2e} "
+            f"(> {r.train.max_ratio_error}). Sampling and training disagree: likely a dtype mismatch (bf16 latents "
+            "re-scored in another precision), CFG applied differently, or a stochastic layer (dropout) in train mode.")
+    return metrics
+
+
+def is_sharded(run: Run) -> bool:
+    return str(run.accelerator.distributed_type).endswith("FSDP")
+
+
+def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | None:
+    """A grid of ODE samples from the stock pipeline (its own scheduler) with the current weights."""
+    # sharded weights need every process in the forward; otherwise only the main process samples
+    if not run.recipe.output.samples or not (run.accelerator.is_main_process or is_sharded(run)):
+        return None
+    pipe, kwargs = run.pipe, dict(run.sample_kwargs)
+    accepted = inspect.signature(pipe.__call__).parameters
+    call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
+                      generator=torch.Generator().manual_seed(seed), **call).images
+    if not run.accelerator.is_main_process:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, 96 // images[0].size[0])
+    image_grid(images, columns=min(10, len(images)), labels=prompts, scale=scale).save(path)
+    return path
