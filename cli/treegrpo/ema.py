@@ -14,7 +14,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 class EMA:
     """`shadow ← decay · shadow + (1 - decay) · param` after every optimizer step. Saved with each checkpoint as
-    safetensors (`tensors`/`load_tensors`: this process's shards), so resume stays exact and nothing is unpickled."""
+    safetensors (`tensors`/`load_tensors`: this process's shards), so resume stays exact and nothing is unpickled.
+
+    Why not `diffusers.training_utils.EMAModel`: its decay is not the constant `train.ema_decay` the recipe
+    documents (it ramps as (1 + t) / (10 + t), or with warm-up, up to `decay`), its state is meant to be pickled
+    with `torch.save`, and it copies whole parameters, not this process's FSDP2 shard, when saving."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params, self.decay = params, decay

@@ -178,10 +178,13 @@ class OutputRecipe(_Table):
     keep_checkpoints: int = Field(3, gt=0, description="Newest checkpoints kept.")
     eval_every: int = Field(10, gt=0, description="Epochs between sample grids.")
     samples: bool = Field(True, description="Write sample grids (before, every eval_every epochs, final).")
-    log_with: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker for metrics "
-                                                              "besides metrics.jsonl; install it with the extra "
-                                                              "(`pip install -e .[tensorboard]`), else a warning "
-                                                              "and none.")
+    log_with: Literal["tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "dvclive", "swanlab",
+                      "none"] = Field("tensorboard", description="Experiment tracker (through accelerate) besides "
+                                      "metrics.jsonl: gets every epoch's metrics, the recipe as hyperparameters and "
+                                      "(TensorBoard, W&B) the sample grids. Not installed: one warning, then none. "
+                                      "TensorBoard: `pip install -e .[tensorboard]`; logs in <output.dir>/logs.")
+    tracker_project: str = Field("treegrpo", min_length=1, description="Project name in the tracker.")
+    run_name: str | None = Field(None, description="Run name in the tracker (default: the output folder's name).")
     push_to_hub: str | None = Field(None, description="`user/repo` to push the final LoRA to at the end.")
 
 

@@ -15,7 +15,8 @@ logger = logging.getLogger("treegrpo")
 
 class Reporter:
     def __init__(self, console: Console | None = None, enabled: bool | None = None):
-        self.console = console or Console(stderr=True)
+        # soft_wrap: one line stays one line in SLURM logs and pipes (rich wraps at 80 columns when not a terminal)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.enabled = int(os.environ.get("RANK", "0")) == 0 if enabled is None else enabled
         self._progress: Progress | None = None
         self._task = None

@@ -134,7 +134,7 @@ def prepare_folder(recipe: Recipe, *, resume: bool, overwrite: bool) -> RunLock 
 def recipe_fingerprint(recipe: Recipe) -> dict:
     """The recipe fields that change a run's trajectory, flattened (`table.key`), plus a hash of each prompt file's
     contents. Output settings and `train.epochs` are left out: a resume may change them."""
-    flat = _flatten(json.loads(recipe.model_dump_json()))
+    flat = flatten(json.loads(recipe.model_dump_json()))
     fingerprint = {k: v for k, v in flat.items()
                    if k not in FREE_FIELDS and not k.startswith(FREE_TABLES)}
     for key in ("data.prompts", "data.eval_prompts"):
@@ -151,15 +151,16 @@ def fingerprint_changes(saved: dict, current: dict) -> list[str]:
             if saved.get(k, "unset") != current.get(k, "unset")]
 
 
-def _flatten(value, prefix: str = "") -> dict:
+def flatten(value, prefix: str = "") -> dict:
+    """A nested recipe dict as `table.key` / `reward.0.kind` → value."""
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}{key}."))
+            out.update(flatten(item, f"{prefix}{key}."))
         return out
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         out = {}
         for i, item in enumerate(value):
-            out.update(_flatten(item, f"{prefix}{i}."))
+            out.update(flatten(item, f"{prefix}{i}."))
         return out
     return {prefix.rstrip("."): value}

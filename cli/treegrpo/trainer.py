@@ -36,12 +36,13 @@ from .grpo import (
     tree_advantages,
     tree_generators,
 )
-from .metrics import MetricsLog, Tracker, plot_curves
+from .metrics import MetricsLog, plot_curves
 from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
 from .recipe import Recipe, TrainRecipe, to_toml
 from .reporting import Reporter
 from .rundir import RunFolderError, fingerprint_changes, prepare_folder, recipe_fingerprint
 from .signals import StopNow, StopSignals, exit_code, signal_name
+from .tracking import log_grid, log_metrics, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,14 @@ class Run:
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.model.dtype]
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    out_dir = Path(recipe.output.dir)
+    project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs"))
+    log_with = None if recipe.output.log_with == "none" else recipe.output.log_with
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with,
+                       project_config=project)
 
 
 def setup(recipe: Recipe, reporter: Reporter) -> Run:
@@ -313,7 +319,7 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
         (out_dir / "recipe.resolved.toml").write_text(to_toml(recipe))
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_after_epoch=start if resume else None,
                              enabled=acc.is_main_process, warn=reporter.warn)
-    tracker = Tracker(recipe.output.log_with, out_dir / "logs", acc.is_main_process)
+    tracking = start_trackers(acc, recipe, reporter.warn)
     eval_prompts = read_prompts(recipe.data.eval_prompts, "data.eval_prompts") if recipe.data.eval_prompts \
         else run.prompts[:10]
     if start == 0:
@@ -324,13 +330,14 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
             for epoch in range(start, recipe.train.epochs):
                 metrics = run_epoch(run, epoch)
                 metrics_log.write(metrics)
-                tracker.log(metrics, epoch)
+                log_metrics(acc, metrics, epoch)
                 progress.epoch_done(metrics)
                 done = epoch + 1
                 if done % recipe.output.eval_every == 0 and done < recipe.train.epochs:
                     with _ema_applied(run):  # samples show the weights that would be exported
-                        save_samples(run, out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
-                                     recipe.train.seed)
+                        grid = save_samples(run, out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
+                                            recipe.train.seed)
+                    log_grid(acc, grid, done)
                 if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs:
                     _checkpoint(run, done)
                 _check_interrupt(run, epoch, stepped=True)
@@ -341,7 +348,8 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
         raise Interrupted(signum, f"{signal_name(signum)}: checkpoint of {done} completed epochs written to "
                                   f"{path}; continue with --resume.") from None
     finally:
-        tracker.close()
+        if tracking:
+            acc.end_training()
     try:
         final = finish(run, metrics_log, eval_prompts)
     except StopNow as stop:

@@ -231,3 +231,30 @@ def test_mid_run_samples_and_checkpoint_lora_use_the_ema_weights(workdir, tiny_s
     raw = trained[key.removeprefix("transformer.").replace(".lora_B.", ".lora_B.default.")]
     assert raw.abs().max() > 0
     torch.testing.assert_close(exported[key], 0.5 * 2 * raw, rtol=1e-5, atol=1e-7)
+
+
+def test_run_logs_to_tensorboard_through_accelerate_with_the_recipe(workdir, tiny_sd3_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2),
+                         ['output.log_with="tensorboard"', 'output.run_name="first-try"', "output.eval_every=1",
+                          "output.samples=true"])
+    train(recipe, reporter=QUIET)
+    logs = workdir / "run" / "logs" / "treegrpo" / "first-try"
+    events = EventAccumulator(str(logs), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [0, 1]
+    metrics = read_metrics(workdir / "run")
+    assert [e.value for e in events.Scalars("reward/mean")] == pytest.approx([m["reward/mean"] for m in metrics])
+    assert events.Tags()["images"] == ["samples"]  # the mid-run grid (epoch 1 of 2)
+    # the recipe as hyperparameters (written by add_hparams into a sub-run)
+    hparams = b"".join(p.read_bytes() for p in logs.rglob("events.out.tfevents.*"))
+    assert b"tree.branch_factor" in hparams and b"train.learning_rate" in hparams
+
+
+def test_a_tracker_that_is_not_installed_is_one_warning(workdir, tiny_sd3_dir):
+    result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1)), "--set",
+                                 'output.log_with="aim"'])
+    assert result.exit_code == 0, result.output
+    assert "output.log_with = 'aim', but aim is not installed" in result.output
