@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .hub_card import model_card
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -33,12 +35,6 @@ logger = logging.getLogger(__name__)
 # Same as `treegrpo.models.LORA_WEIGHT_NAME` (not imported from there: that module loads torch).
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-ALGORITHMS = {
-    "tree": "TreeGRPO (tree-structured rollouts, advantages backed up the tree)",
-    "flat": "flat GRPO baseline (DanceGRPO-style: independent SDE trajectories)",
-    "mix": "MixGRPO-style baseline (SDE only inside the window)",
-}
-DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 
 class HubError(ValueError):
@@ -77,13 +73,14 @@ class RunSummary:
 
     run_dir: Path
     lora_file: Path
-    recipe: dict  # recipe.resolved.toml, as parsed TOML
-    pretrained: str  # model.pretrained as in the recipe
+    recipe: dict  # recipe.resolved.toml, as parsed TOML, local paths made public (`public_paths`)
+    pretrained: str  # model.pretrained as in the recipe (made public)
     base_model: str | None  # Hub id of the base model, if there is one
     family: Family
     metrics: list[dict] = field(default_factory=list)  # metrics.jsonl
     images: dict[str, Path] = field(default_factory=dict)  # path in the repo → local file
     lora_rank: int | None = None
+    example_prompt: str = "a photo of a cat"  # the first training prompt (read from the local prompt file)
 
 
 def read_run(run_dir: str | Path, *, base_model: str | None = None) -> RunSummary:
@@ -113,7 +110,8 @@ def read_run(run_dir: str | Path, *, base_model: str | None = None) -> RunSummar
     # what is uploaded names local files by their place in the run or by their name only, never by a local path
     summary = RunSummary(run_dir=run_dir, lora_file=lora_file, recipe=public_paths(recipe, run_dir),
                          pretrained=public_path(pretrained, run_dir), base_model=base_model or _hub_id(pretrained),
-                         family=_family(pretrained, revision, header), lora_rank=_lora_rank(header))
+                         family=_family(pretrained, revision, header), lora_rank=_lora_rank(header),
+                         example_prompt=_example_prompt(recipe, run_dir))
     summary.metrics = _read_metrics(run_dir / "metrics.jsonl")
     for in_repo, local in (("samples/final.png", run_dir / "samples" / "final.png"),
                            ("samples/before.png", run_dir / "samples" / "before.png"),
@@ -195,11 +193,21 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
         api.create_commit(repo_id, operations, commit_message=_commit_message(summary), revision=revision)
     except HfHubHTTPError as err:
         raise PushError(_http_message(err, repo_id, api.endpoint)) from None
-    except (OSError, ValueError, *HfHubHTTPError.__mro__[1:2]) as err:  # [1]: the HTTP library's base error
+    except (OSError, ValueError, *_http_library_errors()) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PushError(f"could not push to {api.endpoint}: {first}. Check the network (and HF_ENDPOINT / "
                         "HF_HUB_OFFLINE), then push again.") from None
     return f"{url.rstrip('/')}/tree/{revision}" if revision else url
+
+
+def _http_library_errors() -> tuple[type[Exception], ...]:
+    """The base errors of the HTTP clients huggingface_hub may use (httpx in 1.x, httpx2 in 2.x, requests before):
+    connection failures raise these, not `HfHubHTTPError`."""
+    import importlib
+    import importlib.util
+
+    return tuple(importlib.import_module(name).HTTPError for name in ("httpx", "httpx2", "requests")
+                 if importlib.util.find_spec(name) is not None)
 
 
 def push_after_training(output_dir: str | Path, repo: str, *, token: str | None = None) -> str:
@@ -262,153 +270,6 @@ def load_lora_into(pipe, lora: str, *, revision: str | None = None, weight_name:
 
 
 # ---- the model card -------------------------------------------------------------------------------------------------
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ title }}
-
-A LoRA adapter for {{ base_line }}, fine-tuned by `treegrpo` with {{ algorithm }} to maximize
-{{ reward_names }}.
-Stored in the diffusers format (`pytorch_lora_weights.safetensors`): load it with `load_lora_weights`.
-
-{% if images %}## Samples
-
-{% for caption, path in images %}**{{ caption }}**
-
-![{{ caption }}]({{ path }})
-
-{% endfor %}{% endif %}## Usage
-
-```python
-{{ snippet }}
-```
-
-Fuse the LoRA into the weights for faster inference with `pipe.fuse_lora()`; `pipe.unfuse_lora()` undoes it.
-
-## Training
-
-| | |
-|---|---|
-{% for key, value in training %}| {{ key }} | {{ value }} |
-{% endfor %}
-{% if results %}### Results (from `metrics.jsonl`)
-
-| metric | first epoch | last epoch | best |
-|---|---|---|---|
-{% for name, first, last, best in results %}| {{ name }} | {{ first }} | {{ last }} | {{ best }} |
-{% endfor %}{% endif %}
-The full recipe is in [`recipe.resolved.toml`](recipe.resolved.toml) and every epoch's metrics in
-[`metrics.jsonl`](metrics.jsonl). The LoRA scaling (alpha / rank) is multiplied into `lora_B` and the file says
-r = lora_alpha, so every diffusers version loads it with the trained strength.
-"""
-
-
-def model_card(summary: RunSummary, repo_id: str):
-    """The README.md for `repo_id`, built offline with `ModelCard.from_template`."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    recipe, family = summary.recipe, summary.family
-    tags = ["lora", "treegrpo", *family.tags, "text-to-image", "diffusers", "grpo", "reinforcement-learning"]
-    extra = {"base_model_relation": "adapter"} if summary.base_model else {}
-    data = ModelCardData(base_model=summary.base_model, library_name="diffusers", pipeline_tag="text-to-image",
-                         tags=list(dict.fromkeys(tags)), **extra)
-    captions = {"samples/before.png": "Before training", "samples/final.png": "After training",
-                "reward_curve.png": "Mean reward per epoch"}
-    images = [(captions[p], p) for p in ("samples/before.png", "samples/final.png", "reward_curve.png")
-              if p in summary.images]
-    return ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, title=f"{repo_id.split('/')[-1]}: a TreeGRPO LoRA",
-        base_line=_base_line(summary), algorithm=ALGORITHMS.get(recipe.get("tree", {}).get("algorithm", "tree"),
-                                                               "TreeGRPO"),
-        reward_names=_reward_names(recipe), images=images, snippet=usage_snippet(summary, repo_id),
-        training=_training_rows(summary), results=_results(summary.metrics, recipe))
-
-
-def usage_snippet(summary: RunSummary, repo_id: str) -> str:
-    """Copy-paste Python that loads the base model with the right pipeline class and this LoRA."""
-    recipe = summary.recipe
-    sampling = recipe.get("sampling", {})
-    prompt = _example_prompt(recipe)
-    if summary.pretrained == "builtin:digits" and not summary.base_model:
-        return "\n".join([
-            "# the base model ships with treegrpo: in a checkout of diffusers-tree, `pip install -e .`",
-            "from treegrpo.builtin import load_digits_pipeline",
-            "", "pipe, meta = load_digits_pipeline()", f'pipe.load_lora_weights("{repo_id}")',
-            f"images = pipe([{json.dumps(prompt)}] * 8, **meta[\"pipeline_kwargs\"]).images"])
-    base = summary.base_model or summary.pretrained
-    call = {"num_inference_steps": sampling.get("num_inference_steps"), "guidance_scale":
-            sampling.get("guidance_scale"), "height": sampling.get("height"), "width": sampling.get("width")}
-    if summary.family.name in ("sd3", "flux", ""):
-        call["max_sequence_length"] = sampling.get("max_sequence_length")
-    args = "".join(f", {k}={json.dumps(v)}" for k, v in call.items() if v is not None)
-    dtype = DTYPE_NAMES.get(recipe.get("model", {}).get("dtype", "fp32"), "torch.float32")
-    comment = "" if summary.base_model else "  # the local base model this LoRA was trained on"
-    return "\n".join([
-        "import torch", f"from diffusers import {summary.family.pipeline_class}", "",
-        f'pipe = {summary.family.pipeline_class}.from_pretrained("{base}", torch_dtype={dtype}){comment}',
-        'pipe.to("cuda" if torch.cuda.is_available() else "cpu")', f'pipe.load_lora_weights("{repo_id}")',
-        f"image = pipe({json.dumps(prompt)}{args}).images[0]", 'image.save("sample.png")'])
-
-
-def _base_line(summary: RunSummary) -> str:
-    if summary.pretrained == "builtin:digits":
-        return ("`builtin:digits`, the tiny SD3-style model (a real `StableDiffusion3Pipeline`, 16x16 handwritten "
-                "digits) shipped with treegrpo")
-    if summary.base_model:
-        link = f"[{summary.base_model}](https://huggingface.co/{summary.base_model})"
-        local = f"; trained from the local copy `{summary.pretrained}`" if summary.pretrained != summary.base_model \
-            else ""
-        return f"{link} (`{summary.family.pipeline_class}`{local})"
-    return (f"the local model `{summary.pretrained}` (`{summary.family.pipeline_class}`; no Hub id known: push with "
-            "`--base-model org/name` to link it)")
-
-
-def _reward_names(recipe: dict) -> str:
-    rewards = recipe.get("reward", [])
-    return " + ".join(f"{r.get('weight', 1.0):g} x `{r.get('name') or r.get('function') or r.get('kind')}`"
-                      for r in rewards) or "a reward"
-
-
-def _training_rows(summary: RunSummary) -> list[tuple[str, str]]:
-    recipe = summary.recipe
-    tree, train, sampling = recipe.get("tree", {}), recipe.get("train", {}), recipe.get("sampling", {})
-    lora = recipe.get("model", {}).get("lora") or {}
-    rewards = ", ".join(f"`{r.get('kind')}`" + (f" ({r['function']})" if r.get("function") else "")
-                        + f" x {r.get('weight', 1.0):g}" for r in recipe.get("reward", []))
-    done = len(summary.metrics)
-    rows = [("algorithm", f"{ALGORITHMS.get(tree.get('algorithm', 'tree'), 'TreeGRPO')}; branch_factor "
-                          f"{tree.get('branch_factor')}, window_width {tree.get('window_width')}, num_trees "
-                          f"{tree.get('num_trees', 1)}"),
-            ("rewards", rewards or "?"),
-            ("epochs", f"{done} of {train.get('epochs')}" if done and done != train.get("epochs")
-             else str(train.get("epochs"))),
-            ("optimizer steps", str((done or train.get("epochs") or 0) * train.get("updates_per_epoch", 1))),
-            ("prompts per epoch", str(recipe.get("data", {}).get("prompts_per_epoch"))),
-            ("sampling", f"{sampling.get('num_inference_steps')} steps, guidance "
-                         f"{sampling.get('guidance_scale') or 'default'}, {sampling.get('height')}x"
-                         f"{sampling.get('width')}, SDE {sampling.get('sde_type') or 'default'}"),
-            ("optimizer", f"AdamW, lr {train.get('learning_rate')}, seed {train.get('seed')}"),
-            ("LoRA", f"rank {lora.get('rank')}, alpha {lora.get('alpha')} (stored with r = alpha = "
-                     f"{summary.lora_rank}, scaling baked in)" if lora else "?"),
-            ("base model", f"`{summary.pretrained}`")]
-    return rows
-
-
-def _results(metrics: list[dict], recipe: dict) -> list[tuple[str, str, str, str]]:
-    if not metrics:
-        return []
-    rewards = [r.get("name") or r.get("kind") for r in recipe.get("reward", [])]
-    means = [f"reward/{name}/mean" for name in rewards] if len(rewards) > 1 else []  # one reward: = reward/mean
-    names = ["reward/mean", *means, *(f"reward/{name}/accuracy" for name in rewards)]  # accuracy: if defined
-    rows = []
-    for name in dict.fromkeys(names):
-        values = [m[name] for m in metrics if isinstance(m.get(name), (int, float))]
-        if values:
-            rows.append((f"`{name}`", f"{values[0]:.4g}", f"{values[-1]:.4g}", f"{max(values):.4g}"))
-    return rows
-
-
 def _read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl, skipping lines that are not JSON objects (a run killed mid-write)."""
     records = []
@@ -422,14 +283,19 @@ def _read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def _example_prompt(recipe: dict) -> str:
-    prompts = Path(recipe.get("data", {}).get("prompts", ""))
-    try:
-        lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()
-                 and not line.startswith("#")]
-    except OSError:
-        lines = []
-    return lines[0] if lines else "a photo of a cat"
+def _example_prompt(recipe: dict, run_dir: Path) -> str:
+    """The first training prompt; a relative prompt path is tried from here, then from the run folder and its
+    parent (where `treegrpo run` usually ran)."""
+    given = Path(recipe.get("data", {}).get("prompts", ""))
+    for prompts in (given, run_dir / given, run_dir.parent / given):
+        try:
+            lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()
+                     and not line.startswith("#")]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if lines:
+            return lines[0]
+    return "a photo of a cat"
 
 
 def _commit_message(summary: RunSummary) -> str:

@@ -220,7 +220,8 @@ def test_card_names_base_model_and_reads_as_adapter(pushed, hub):
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "user/tiny-sd3" and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
-    assert {"lora", "treegrpo", "sd3"} <= set(meta["tags"])
+    assert {"lora", "treegrpo", "sd3", "template:sd-lora", "diffusers-training"} <= set(meta["tags"])
+    assert meta["widget"] == [{"text": PROMPT, "output": {"url": "samples/final.png"}}]  # the Hub's gallery
     # the local copy it was trained from is named, by its folder name only: no local paths on the Hub
     assert "`<local>/tiny_sd3`" in card or f"`<local>/{pushed['models']['sd3'].name}`" in card
     assert str(pushed["root"]) not in card and str(pushed["root"]) not in hub.file("user/sd3-lora",
