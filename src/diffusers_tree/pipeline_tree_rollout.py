@@ -46,6 +46,11 @@ class TreeRolloutOutput(BaseOutput):
 class TreeRolloutPipeline:
     """Samples TreeGRPO trees (or the flat/mix peer shapes) with a stock pipeline's own components.
 
+    A wrapper around the stock pipeline rather than one pipeline subclass per family: the family quirks stay in one
+    small adapter file each, and everything users already did to their pipeline (LoRAs loaded with
+    `load_lora_weights`, offload hooks, dtype and device) applies because the same modules run. Call it like a
+    diffusers pipeline: `tree(prompt, ...)` returns PIL images by default.
+
     Args:
         pipe: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` or `FluxPipeline`.
         scheduler ([`TreeSDEScheduler`]): the tree scheduler; its plan decides the tree shape.

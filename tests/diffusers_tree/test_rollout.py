@@ -178,3 +178,12 @@ def test_errors():
         tree(PROMPTS, latents=torch.zeros(3, 4, 16, 16), **SIZE, **kwargs)
     with pytest.raises(TypeError, match="TreeSDEScheduler"):
         TreeRolloutPipeline(tree.pipe, tree.pipe.scheduler)
+
+
+def test_called_like_a_diffusers_pipeline():
+    """`prompt=` (a string or a list) and PIL images by default, as every diffusers pipeline."""
+    tree, kwargs = rollout_pipe("sd3", window_start=1)
+    out = tree(prompt="a red cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0), **SIZE,
+               **kwargs)
+    assert len(out.images) == 27 and out.images[0].size == (32, 32)
+    assert out.images[0].mode == "RGB"
