@@ -227,8 +227,13 @@ def run_epoch(run: Run, epoch: int) -> dict:
     t1 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("scoring")
-    scores, accuracies = score_leaves(run, out.images,
-                                      [local_prompts[int(p)] for p in record.leaf_prompt_index])
+    try:
+        scores, accuracies = score_leaves(run, out.images,
+                                          [local_prompts[int(p)] for p in record.leaf_prompt_index])
+        failure = None
+    except TrainingError as err:
+        failure = err
+    _stop_together(run, failure)
     t2 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("training")
@@ -263,6 +268,18 @@ def _reference_context(run: Run):
             return False
 
     return _Disabled
+
+
+def _stop_together(run: Run, failure: TrainingError | None) -> None:
+    """A reward that fails on one process stops every process cleanly: otherwise the others die inside their next
+    collective when it exits (a long traceback that hides the cause). One all-reduce of a failure flag; the failing
+    process raises its own message, the others say where to look."""
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=run.accelerator.device)
+    if failure is not None:
+        run.accelerator.reduce(flag, reduction="sum")
+        raise failure
+    if float(run.accelerator.reduce(flag, reduction="sum")) > 0:
+        raise TrainingError("scoring failed on another process (its message is in that process's log)")
 
 
 class _StopAtSafePoint(Exception):

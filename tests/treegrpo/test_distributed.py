@@ -70,3 +70,24 @@ def test_flat_with_random_edge_selection_completes_on_two_processes(workdir, tin
     metrics = [json.loads(x) for x in (workdir / "flat" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert (workdir / "flat" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_reward_failing_on_one_process_stops_both(workdir, tiny_sd3_dir):
+    """Before, the healthy process died inside its next collective when the failing one exited (a long gloo
+    traceback on rank 0, or a wait until torchrun killed it); now both stop with one line."""
+    (workdir / "rank_rewards.py").write_text(
+        "import os\n"
+        "def fails_on_rank_1(images, prompts):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise RuntimeError('reward server down')\n"
+        "    return [0.5] * len(images)\n")
+    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="failing.toml")
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "treegrpo", "run", str(recipe), "--set", 'reward.0.function="rank_rewards:fails_on_rank_1"',
+              "--set", f"output.dir={json.dumps(str(workdir / 'failing'))}"]
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "reward server down" in proc.stderr and "scoring failed on another process" in proc.stderr
+    # no worker traceback (torchrun's own "ChildFailedError" report of the exit codes remains)
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
