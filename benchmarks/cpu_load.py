@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from treegrpo.threads import busy_cores_now
+
 ROOT = Path(__file__).resolve().parents[1]
 SPIN = "while True: pass"
 
@@ -61,8 +63,6 @@ def main() -> None:
                 for algorithm in args.algorithms:
                     for threads in args.threads:
                         out = Path(tmp) / f"{busy}-{algorithm}-{threads}"
-                        from treegrpo.threads import busy_cores_now
-
                         load = busy_cores_now(1.0)
                         result = run_digits(out, algorithm, threads, args.epochs)
                         rows.append((busy, algorithm, threads, load, result))

@@ -3,7 +3,6 @@ the CPU, each swap asserted so an edited snippet fails here), the test command i
 does), a typo in a recipe is reported without importing diffusers, and a wrong `--lora` fails before any model
 loads. The main command (`treegrpo run recipes/digits.toml`) is run, shortened, by test_digits_recipe.py."""
 
-import json
 import os
 import re
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .treegrpo.conftest import REWARD_MODULE, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -33,33 +34,10 @@ def tiny_model_and_lora(tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme")
     tiny_sd3_pipeline().save_pretrained(folder / "tiny_sd3")
     (folder / "prompts.txt").write_text("a red fox in snow\n")
-    (folder / "recipe.toml").write_text(f"""
-[model]
-pretrained = "{folder / 'tiny_sd3'}"
-[model.lora]
-rank = 4
-alpha = 8
-[sampling]
-num_inference_steps = 4
-height = 32
-width = 32
-max_sequence_length = 16
-[tree]
-branch_factor = 2
-window_width = 2
-[[reward]]
-kind = "jpeg"
-[data]
-prompts = "{folder / 'prompts.txt'}"
-prompts_per_epoch = 1
-[train]
-epochs = 1
-[output]
-dir = "{folder / 'run'}"
-log_with = "none"
-samples = false
-""")
-    train(load_recipe(folder / "recipe.toml"), reporter=Reporter(enabled=False))
+    (folder / "test_rewards.py").write_text(REWARD_MODULE)
+    recipe = write_recipe(folder, folder / "tiny_sd3", epochs=1)
+    overrides = [f'reward.0.function="{folder / "test_rewards.py"}:brightness"', "data.prompts_per_epoch=1"]
+    train(load_recipe(recipe, overrides), reporter=Reporter(enabled=False))
     return folder / "tiny_sd3", folder / "run" / "final"
 
 
@@ -134,4 +112,3 @@ def test_diversity_is_the_mean_pairwise_rms_pixel_distance():
     # prompt 0: three identical images -> 0; prompt 1: black, black, white -> pairs (0, 1, 1) of 6 ordered -> 2/3
     diversity = within_prompt_diversity([black, black, black, black, black, white], num_images=3)
     assert diversity.tolist() == pytest.approx([0.0, 2 / 3])
-    assert json.dumps(float(diversity.mean()))  # a plain float for eval's JSON

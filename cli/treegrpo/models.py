@@ -70,14 +70,16 @@ def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None 
 def _from_pretrained(pretrained: str, torch_dtype, revision):
     from diffusers import DiffusionPipeline
 
-    path = Path(pretrained).expanduser()
-    looks_local = path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
-    if looks_local and not (path / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"model.pretrained = {pretrained!r} is neither a diffusers folder (no model_index.json there) nor a hub "
-            "id like 'org/name'. Point it at a folder saved with save_pretrained, a hub id, or 'builtin:digits'.")
+    from .preflight import PreflightError, check_pretrained, looks_local
+
     try:
-        return DiffusionPipeline.from_pretrained(str(path) if looks_local else pretrained, dtype=torch_dtype,
+        check_pretrained(pretrained)  # the same judgement `treegrpo check` makes, for callers that skip it
+    except PreflightError as err:
+        raise ModelLoadError(str(err)) from None
+    local = looks_local(pretrained)
+    try:
+        source = str(Path(pretrained).expanduser()) if local else pretrained
+        return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype,
                                                  revision=revision)
     except OSError as err:
         raise ModelLoadError(f"Could not load model.pretrained = {pretrained!r}: {err}") from None

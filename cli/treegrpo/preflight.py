@@ -53,6 +53,12 @@ def _local_folder(pretrained: str) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+def looks_local(pretrained: str) -> bool:
+    """Whether `model.pretrained` names a local folder rather than a Hub id `org/name`."""
+    return Path(pretrained).expanduser().exists() or pretrained.startswith((".", "/", "~")) \
+        or pretrained.count("/") != 1
+
+
 def check_pretrained(pretrained: str) -> None:
     """A local diffusers folder must exist with a readable model_index.json that lists its components, each present.
     Hub ids cannot be checked offline and pass; `builtin:` names are checked by name."""
@@ -64,8 +70,7 @@ def check_pretrained(pretrained: str) -> None:
             raise PreflightError(f"model.pretrained = {pretrained!r}: unknown built-in model; known: {known}.")
         return
     path = Path(pretrained).expanduser()
-    looks_local = path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
-    if not looks_local:
+    if not looks_local(pretrained):
         return
     index = path / "model_index.json"
     if not index.is_file():

@@ -419,8 +419,11 @@ def _checkpoint(run: Run, completed_epochs: int) -> Path:
         raise TrainingError(f"non-finite trainable weights after {completed_epochs} epochs (try a lower "
                             "train.learning_rate or fp32); no checkpoint written for them")
     full = None
-    if recipe.model.lora:
-        with _ema_applied(run):  # the checkpoint's LoRA file holds what would be exported (EMA when on)
+    if recipe.model.lora and (run.ema is not None or is_sharded(run)):
+        # the checkpoint's LoRA file holds what would be exported (EMA when on): captured while the EMA weights are
+        # in place, since the file is written later, after they are swapped back. Without EMA (and unsharded)
+        # save_lora reads the live weights.
+        with _ema_applied(run):
             full = _full_state(run) if is_sharded(run) else \
                 {k: v.detach().clone() for k, v in run.denoiser.state_dict().items() if "lora_" in k}
     lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder, full)) \
