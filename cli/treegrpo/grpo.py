@@ -84,25 +84,36 @@ def tree_advantages(record: RolloutRecord, rewards: torch.Tensor, weights: list[
     return EdgeAdvantages(edge_adv, leaf_adv, float(ess.mean()) if ess.numel() else float("nan"))
 
 
+def flat_trained_steps(num_steps: int, timestep_fraction: float) -> tuple[int, int]:
+    """(steps a flat trajectory may train, steps it trains). `timestep_fraction < 1` is DanceGRPO's rule: the last
+    transition is never stored for training, and `int(timestep_fraction · (T − 1))` of the other T − 1 are drawn
+    (int() truncates exactly as DanceGRPO's does: T = 10, 0.6 trains 5 of steps 0..8). `timestep_fraction = 1` is
+    Flow-GRPO: every one of the T steps trains, the last included."""
+    if timestep_fraction >= 1:
+        return num_steps, num_steps
+    eligible = max(num_steps - 1, 1)
+    return eligible, max(1, int(timestep_fraction * eligible))
+
+
 def select_edges(record: RolloutRecord, *, algorithm: str, timestep_fraction: float,
                  generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-    """Boolean mask `[E]` of the edges to train. tree/mix: all. flat (DanceGRPO): per trajectory (leaf), a random
-    `timestep_fraction` of its steps; an edge shared by several trajectories (the root's) trains if any picks it.
+    """Boolean mask `[E]` of the edges to train. tree/mix: all. flat: per trajectory (leaf), the steps
+    `flat_trained_steps` picks (DanceGRPO's rule below fraction 1, Flow-GRPO's every step at 1); an edge shared by
+    several trajectories (the root's) trains if any picks it.
     `generator` may be one generator per tree (`record.num_prompts · num_trees`, prompt-major): then a tree's choice
     does not depend on which process trains it. The counts can differ between processes either way;
     `train_on_record` keeps the processes' collectives in step."""
     num_edges = record.edge_child.numel()
     if algorithm != "flat" or timestep_fraction >= 1:
         return torch.ones(num_edges, dtype=torch.bool)
-    steps = record.plan.num_steps
-    keep_steps = max(1, round(timestep_fraction * steps))
+    eligible, keep_steps = flat_trained_steps(record.plan.num_steps, timestep_fraction)
     node_of_edge = torch.full((record.num_nodes,), -1, dtype=torch.long)
     node_of_edge[record.edge_child] = torch.arange(num_edges)
     parent, level = record.parent, record.level
     mask = torch.zeros(num_edges, dtype=torch.bool)
     for position, leaf in enumerate(record.leaf_node.tolist()):
         tree_generator = generator[position // record.plan.num_leaves] if isinstance(generator, list) else generator
-        chosen = set(torch.randperm(steps, generator=tree_generator)[:keep_steps].tolist())
+        chosen = set(torch.randperm(eligible, generator=tree_generator)[:keep_steps].tolist())
         node = leaf
         while parent[node] >= 0:
             if int(level[node]) - 1 in chosen and node_of_edge[node] >= 0:

@@ -85,8 +85,9 @@ class TreeRecipe(_Table):
     shift_step: int = Field(1, ge=1, description="Steps the shifting window advances.")
     shift_every: int = Field(1, ge=1, description="Epochs between advances of the shifting window.")
     num_trees: int = Field(1, ge=1, description="Trees per prompt (leaves of all a prompt's trees form its group).")
-    timestep_fraction: float = Field(1.0, gt=0, le=1, description="flat only: fraction of each trajectory's steps "
-                                     "trained (DanceGRPO's timestep_fraction).")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="flat only: below 1, DanceGRPO's rule (the last "
+                                     "step never trains; int(fraction·(T−1)) of the others do); 1 is Flow-GRPO "
+                                     "(every step trains).")
 
 
 class RewardRecipe(BaseModel):

@@ -5,7 +5,7 @@ import math
 import torch
 
 from diffusers_tree import BranchPlan
-from treegrpo.grpo import epoch_prompt_indices, process_share, select_edges, tree_advantages
+from treegrpo.grpo import epoch_prompt_indices, flat_trained_steps, process_share, select_edges, tree_advantages
 from treegrpo.loss import gaussian_mean_kl, grpo_edge_loss, ppo_clip_loss
 
 
@@ -74,11 +74,47 @@ class _Record:
         return values
 
 
+class _FlatChains(_Record):
+    """A flat tree of `trajectories` chains of `steps` SDE steps, built by hand: the root splits at step 0, then
+    one child per node. Node of trajectory j at level l (1..steps) is 1 + (l - 1) * trajectories + j."""
+
+    def __init__(self, steps: int, trajectories: int):
+        self.plan = BranchPlan.flat(steps, trajectories)
+        parent = [-1] + [0] * trajectories
+        for level in range(2, steps + 1):
+            parent += [1 + (level - 2) * trajectories + j for j in range(trajectories)]
+        self.parent = torch.tensor(parent)
+        self.num_nodes = len(parent)
+        self.level = torch.tensor([0] + [1 + i // trajectories for i in range(self.num_nodes - 1)])
+        self.edge_child = torch.arange(1, self.num_nodes)
+        self.leaf_node = torch.arange(self.num_nodes - trajectories, self.num_nodes)
+        self.prompt_index = torch.zeros(self.num_nodes, dtype=torch.long)
+
+
+def test_select_edges_flat_is_dancegrpo_below_one_and_flow_grpo_at_one():
+    # DanceGRPO, T = 10, fraction 0.6, 27 trajectories: int(0.6 * 9) = 5 of steps 0..8 each, 135 edges, never step 9
+    record = _FlatChains(10, 27)
+    step_of_edge = record.level[record.edge_child] - 1
+    for seed in range(5):
+        mask = select_edges(record, algorithm="flat", timestep_fraction=0.6,
+                            generator=torch.Generator().manual_seed(seed))
+        assert int(mask.sum()) == 135
+        assert not mask[step_of_edge == 9].any()
+        per_trajectory = torch.zeros(27, dtype=torch.long)
+        per_trajectory.index_add_(0, (record.edge_child[mask] - 1) % 27, torch.ones(int(mask.sum()), dtype=torch.long))
+        assert per_trajectory.tolist() == [5] * 27
+    # Flow-GRPO: fraction 1 trains every step of every trajectory, the last included
+    assert select_edges(record, algorithm="flat", timestep_fraction=1.0, generator=None).all()
+    assert flat_trained_steps(10, 0.6) == (9, 5) and flat_trained_steps(10, 1.0) == (10, 10)
+    assert flat_trained_steps(3, 0.2) == (2, 1)  # at least one step
+    assert flat_trained_steps(10, 0.3) == (9, 2)  # int() truncates 2.7 like DanceGRPO
+
+
 def test_select_edges_flat_fraction():
     record = _Record()
-    mask = select_edges(record, algorithm="flat", timestep_fraction=1 / 3, generator=torch.Generator().manual_seed(0))
-    # one step per trajectory: each trajectory's 3 edges (steps 0, 1, 2) contribute exactly one
-    assert int(mask[[0, 2, 4]].sum()) == 1 and int(mask[[1, 3, 5]].sum()) == 1
+    mask = select_edges(record, algorithm="flat", timestep_fraction=1 / 2, generator=torch.Generator().manual_seed(0))
+    # one of steps 0, 1 per trajectory (edges 0/2 and 1/3), never the last step (edges 4, 5)
+    assert int(mask[[0, 2]].sum()) == 1 and int(mask[[1, 3]].sum()) == 1 and not mask[[4, 5]].any()
     assert select_edges(record, algorithm="tree", timestep_fraction=0.5, generator=None).all()
 
 
