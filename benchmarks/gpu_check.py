@@ -26,6 +26,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,9 +45,9 @@ def brightness(images, prompts):
 # size name -> what to build and how to sample it
 SIZES = {
     "sd35m": dict(height=512, width=512, dtype="bf16", lora_rank=32, lora_alpha=64, max_sequence_length=64,
-                  steps=10, epochs=2),
+                  steps=10, epochs=2, micro_batch_sweep=(1, 2, 4, 8, 13)),
     "tiny": dict(height=32, width=32, dtype="fp32", lora_rank=4, lora_alpha=8, max_sequence_length=16, steps=10,
-                 epochs=1),
+                 epochs=1, micro_batch_sweep=(1, 13)),
 }
 
 
@@ -170,8 +171,10 @@ class PeakMemory:
         return out
 
 
-def train_one(recipe_path: Path) -> dict:
-    """The trainer's own code path: setup, epochs, final export. Returns the last epoch's metrics and memory."""
+def train_one(recipe_path: Path, *, micro_batch_sweep: tuple[int, ...] = (), throughput: bool = False) -> dict:
+    """The trainer's own code path: setup, epochs, final export. Returns the last epoch's metrics and memory; with
+    `micro_batch_sweep`, one more epoch per training micro-batch size (peak memory and train time of each); with
+    `throughput`, the rollout's denoiser rows per second against the stock pipeline's."""
     from treegrpo.metrics import MetricsLog
     from treegrpo.recipe import load_recipe
     from treegrpo.reporting import Reporter
@@ -192,21 +195,94 @@ def train_one(recipe_path: Path) -> dict:
         log.write(metrics)
         if torch.cuda.is_available():
             train_peak = max(train_peak, torch.cuda.max_memory_allocated())
-    run.rollout = peak._rollout
-    finish(run, log, PROMPTS[:1])
-    lora = lora_reload_check(run, recipe)
     result = {key: metrics[key] for key in ("time/rollout_s", "time/score_s", "time/train_s", "time/epoch_s",
                                             "model/rollout_rows", "model/train_rows", "model/trained_parents",
                                             "policy/first_ratio_error", "train/grad_norm")}
-    result.update(setup_s=setup_s, rollout_peak_gib=peak.rollout_peak / 2**30, train_peak_gib=train_peak / 2**30,
-                  **lora)
+    result.update(setup_s=setup_s, rollout_peak_gib=peak.rollout_peak / 2**30, train_peak_gib=train_peak / 2**30)
+    if micro_batch_sweep:
+        result["micro_batch_sweep"] = sweep_micro_batches(run, recipe.train.epochs, micro_batch_sweep)
+    run.rollout = peak._rollout
+    finish(run, log, PROMPTS[:1])
+    result.update(lora_reload_check(run, recipe, throughput=throughput))
     del run
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
 
 
-def lora_reload_check(run, recipe) -> dict:
+def sweep_micro_batches(run, first_epoch: int, sizes: tuple[int, ...]) -> list[dict]:
+    """One epoch per `train.micro_batch_size` in `sizes` (parents per training forward/backward): peak GPU memory of
+    scoring + training (the rollout's peak is reset when it ends) and train seconds. Stops at the first size that
+    runs out of memory, so the last row that fits is the largest that does."""
+    from treegrpo.trainer import run_epoch
+
+    rows, base = [], run.recipe
+    for offset, size in enumerate(sizes):
+        run.recipe = base.model_copy(update={"train": base.train.model_copy(update={"micro_batch_size": size})})
+        try:
+            metrics = run_epoch(run, first_epoch + offset)
+        except torch.cuda.OutOfMemoryError:
+            run.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            rows.append({"micro_batch_size": size, "oom": True})
+            print(f"micro_batch_size {size}: out of memory", flush=True)
+            break
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        rows.append({"micro_batch_size": size, "oom": False, "train_peak_gib": peak,
+                     "train_s": metrics["time/train_s"], "train_rows": metrics["model/train_rows"],
+                     "first_ratio_error": metrics["policy/first_ratio_error"]})
+        print(f"micro_batch_size {size}: {json.dumps(rows[-1])}", flush=True)
+    run.recipe = base
+    return rows
+
+
+def _timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def denoiser_throughput(run, recipe, stock) -> dict:
+    """Denoiser rows per second: our rollout (this run's plan, one prompt, latents out, rollout chunks of as many
+    rows as the stock pipeline's batch) against the stock pipeline generating the same number of leaves with the
+    same steps and CFG (every forward `2 · leaves` rows). Both carry the same LoRA, both after a warm-up call."""
+    leaves = run.rollout.scheduler.plan.num_leaves
+    kwargs = run.sample_kwargs
+    steps = recipe.sampling.num_inference_steps
+    batch_rows = 2 * leaves
+
+    def ours():
+        conditioning = run.rollout.encode(PROMPTS[:1], guidance_scale=kwargs["guidance_scale"],
+                                          negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
+                                          width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
+        with torch.no_grad():
+            out = run.rollout(PROMPTS[:1], num_inference_steps=steps, window_start=0, conditioning=conditioning,
+                              height=kwargs["height"], width=kwargs["width"],
+                              generator=[torch.Generator().manual_seed(0)], max_batch_size=batch_rows,
+                              output_type="latent")
+        ours.rows = out.rows
+
+    def theirs():
+        stock(prompt=PROMPTS[0], num_images_per_prompt=leaves, num_inference_steps=steps,
+              guidance_scale=kwargs["guidance_scale"], height=kwargs["height"], width=kwargs["width"],
+              max_sequence_length=kwargs["max_sequence_length"], output_type="latent",
+              generator=torch.Generator().manual_seed(0))
+
+    ours()
+    ours_s = _timed(ours)
+    theirs()
+    theirs_s = _timed(theirs)
+    stock_rows = 2 * leaves * steps
+    return {"throughput_batch_rows": batch_rows, "ours_rows": ours.rows, "ours_s": ours_s,
+            "ours_rows_per_s": ours.rows / ours_s, "stock_rows": stock_rows, "stock_s": theirs_s,
+            "stock_rows_per_s": stock_rows / theirs_s}
+
+
+def lora_reload_check(run, recipe, *, throughput: bool = False) -> dict:
     """The exported LoRA in a stock pipeline against the trained denoiser: max relative difference of their outputs,
     whether the adapter was loaded at all, and how much the LoRA changes the output (if it barely does, a matching
     output proves nothing: the learning rate here is 1e-3 so that two updates move it visibly)."""
@@ -216,7 +292,7 @@ def lora_reload_check(run, recipe) -> dict:
 
     dtype = DTYPES[recipe.model.dtype]
     device = run.accelerator.device
-    stock = StableDiffusion3Pipeline.from_pretrained(recipe.model.pretrained, torch_dtype=dtype).to(device)
+    stock = StableDiffusion3Pipeline.from_pretrained(recipe.model.pretrained, dtype=dtype).to(device)
     stock.load_lora_weights(run.out_dir / "final", weight_name="pytorch_lora_weights.safetensors")
     trained = run.accelerator.unwrap_model(run.model)
     config = stock.transformer.config
@@ -237,6 +313,9 @@ def lora_reload_check(run, recipe) -> dict:
     result = {"lora_adapter_loaded": bool(getattr(stock.transformer, "peft_config", None)),
               "lora_effect": float((expected - base).abs().max() / scale),
               "lora_reload_max_rel_error": float((got - expected).abs().max() / scale)}
+    if throughput:
+        stock.set_progress_bar_config(disable=True)
+        result["throughput"] = denoiser_throughput(run, recipe, stock)
     del stock
     return result
 
@@ -262,40 +341,60 @@ def fsdp_epoch(recipe_path: Path, out: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = [("", "tree (k=3, w=3)", "flat (27 traj.)")]
-    tree, flat = results["tree"], results["flat"]
+    """The markdown table and notes for docs/benchmarks.md; a part that failed is named with its error's last line."""
+    lines = []
+    tree, flat = results.get("tree", {}), results.get("flat", {})
+    for name, part in (("tree", tree), ("flat", flat)):
+        if "error" in part:
+            lines.append(f"{name}: FAILED ({part['error'].strip().splitlines()[-1]})")
 
-    def both(key, fmt="{:.2f}"):
-        return fmt.format(tree[key]), fmt.format(flat[key])
+    def cell(part, key, fmt):
+        return fmt.format(part[key]) if key in part else "-"
 
-    rows += [
-        ("s / iteration", *both("time/epoch_s")),
-        ("  rollout s (sampling + VAE decode)", *both("time/rollout_s")),
-        ("  score s", *both("time/score_s")),
-        ("  train s", *both("time/train_s")),
-        ("denoiser rows, rollout (CFG halves counted)", *both("model/rollout_rows", "{}")),
-        ("denoiser rows, training", *both("model/train_rows", "{}")),
-        ("peak GPU memory, rollout GiB", *both("rollout_peak_gib")),
-        ("peak GPU memory, training GiB", *both("train_peak_gib")),
-        ("policy/first_ratio_error", *both("policy/first_ratio_error", "{:.2e}")),
-        ("train/grad_norm", *both("train/grad_norm", "{:.3g}")),
-        ("LoRA effect on the denoiser (max rel. change)", *both("lora_effect", "{:.1e}")),
-        ("stock pipeline + exported LoRA vs trained, max rel. error", *both("lora_reload_max_rel_error", "{:.1e}")),
-    ]
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|---|---|---|")
-    ratio = flat["time/epoch_s"] / tree["time/epoch_s"]
-    lines.append(f"\ntree vs flat per iteration: {ratio:.2f}x faster")
+    rows = [("", "tree (k=3, w=3)", "flat (27 traj., DanceGRPO steps)")]
+    for label, key, fmt in (
+            ("s / iteration", "time/epoch_s", "{:.2f}"),
+            ("  rollout s (sampling + VAE decode)", "time/rollout_s", "{:.2f}"),
+            ("  score s", "time/score_s", "{:.2f}"),
+            ("  train s", "time/train_s", "{:.2f}"),
+            ("denoiser rows, rollout (CFG halves counted)", "model/rollout_rows", "{}"),
+            ("denoiser rows, training", "model/train_rows", "{}"),
+            ("peak GPU memory, rollout GiB", "rollout_peak_gib", "{:.2f}"),
+            ("peak GPU memory, training GiB (micro-batch 2)", "train_peak_gib", "{:.2f}"),
+            ("policy/first_ratio_error", "policy/first_ratio_error", "{:.2e}"),
+            ("train/grad_norm", "train/grad_norm", "{:.3g}"),
+            ("LoRA effect on the denoiser (max rel. change)", "lora_effect", "{:.1e}"),
+            ("stock pipeline + exported LoRA vs trained, max rel. error", "lora_reload_max_rel_error", "{:.1e}")):
+        rows.append((label, cell(tree, key, fmt), cell(flat, key, fmt)))
+    table_lines = ["| " + " | ".join(r) + " |" for r in rows]
+    table_lines.insert(1, "|---|---|---|")
+    lines += table_lines
+    if "time/epoch_s" in tree and "time/epoch_s" in flat:
+        lines.append(f"\ntree vs flat per iteration: {flat['time/epoch_s'] / tree['time/epoch_s']:.2f}x faster")
+    if tree.get("micro_batch_sweep"):
+        lines += ["", "| tree, train.micro_batch_size (parents) | peak GPU memory, training GiB | train s | "
+                      "first_ratio_error |", "|---|---|---|---|"]
+        for row in tree["micro_batch_sweep"]:
+            lines.append(f"| {row['micro_batch_size']} | out of memory | - | - |" if row["oom"] else
+                         f"| {row['micro_batch_size']} | {row['train_peak_gib']:.2f} | {row['train_s']:.2f} | "
+                         f"{row['first_ratio_error']:.2e} |")
+    speed = flat.get("throughput")
+    if speed:
+        lines.append(f"\ndenoiser rows/s at {speed['throughput_batch_rows']} rows per forward (latents out): our "
+                     f"rollout {speed['ours_rows_per_s']:.1f} ({speed['ours_rows']} rows in {speed['ours_s']:.2f} s), "
+                     f"stock pipeline {speed['stock_rows_per_s']:.1f} ({speed['stock_rows']} rows in "
+                     f"{speed['stock_s']:.2f} s)")
     fsdp = results.get("fsdp")
     if fsdp is None:
         lines.append("FSDP (accelerate launch, fsdp.yaml, 1 process): not run (needs CUDA)")
-    elif fsdp["exit_code"] == 0:
+    elif fsdp.get("exit_code") == 0:
         lines.append(f"FSDP (accelerate launch, fsdp.yaml, 1 process): ok, {fsdp['time/epoch_s']:.2f} s/epoch, "
                      f"first_ratio_error {fsdp['policy/first_ratio_error']:.2e}, grad_norm "
                      f"{fsdp['train/grad_norm']:.3g}, LoRA exported: {fsdp['lora_exported']}")
     else:
-        lines.append(f"FSDP (accelerate launch, fsdp.yaml, 1 process): FAILED (exit {fsdp['exit_code']}):\n"
-                     f"{fsdp['stderr_tail']}")
+        detail = fsdp.get("stderr_tail") or fsdp.get("error", "")
+        lines.append(f"FSDP (accelerate launch, fsdp.yaml, 1 process): FAILED (exit {fsdp.get('exit_code')}):\n"
+                     f"{detail}")
     return "\n".join(lines)
 
 
@@ -324,15 +423,31 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.size, out / f"model_{args.size}")
     print(f"model built and saved in {time.perf_counter() - t0:.1f} s: {model}", flush=True)
     results: dict = {"device": device, "size": args.size, "torch": torch.__version__}
-    for algorithm in ("tree", "flat"):
-        results[algorithm] = train_one(write_recipe(out, model, args.size, algorithm, epochs))
-        print(f"{algorithm}: {json.dumps(results[algorithm])}", flush=True)
+    failed = False
+
+    def phase(name: str, fn) -> None:
+        """Runs one part; a failure is recorded and printed, and the parts after it still run (GPU time is scarce:
+        one run must say as much as it can). The JSON is rewritten after every part."""
+        nonlocal failed
+        try:
+            results[name] = fn()
+            print(f"{name}: {json.dumps(results[name])}", flush=True)
+        except Exception:  # noqa: BLE001 - reported, and the exit code says so
+            failed = True
+            results[name] = {"error": traceback.format_exc()[-4000:]}
+            print(f"{name} FAILED:\n{results[name]['error']}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+
+    sweep = SIZES[args.size]["micro_batch_sweep"]
+    phase("tree", lambda: train_one(write_recipe(out, model, args.size, "tree", epochs), micro_batch_sweep=sweep))
+    phase("flat", lambda: train_one(write_recipe(out, model, args.size, "flat", epochs), throughput=True))
     if torch.cuda.is_available() and not args.skip_fsdp:
-        results["fsdp"] = fsdp_epoch(out / "tree.toml", out)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+        phase("fsdp", lambda: fsdp_epoch(out / "tree.toml", out))
     print(table(results))
     print(f"total {time.perf_counter() - t0:.1f} s; results in {out / 'gpu_check.json'}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,3 +28,9 @@ def test_gpu_check_runs_end_to_end_at_its_smallest_setting(tmp_path):
         # the LoRA changes the output measurably, and the stock pipeline reproduces the trained model
         assert result["lora_effect"] > 1e-4
         assert result["lora_reload_max_rel_error"] < 1e-3 * result["lora_effect"] + 1e-6
+    # the micro-batch sweep trains the same 13 parents at each size; the throughput check counts rows exactly
+    assert [row["micro_batch_size"] for row in tree["micro_batch_sweep"]] == [1, 13]
+    assert all(row["train_rows"] == 26 and not row["oom"] for row in tree["micro_batch_sweep"])
+    speed = flat["throughput"]
+    assert speed["ours_rows"] == 2 * (1 + 27 * 9) and speed["stock_rows"] == 2 * 27 * 10
+    assert "denoiser rows/s at 54 rows per forward" in proc.stdout
