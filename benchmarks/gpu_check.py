@@ -45,9 +45,9 @@ def brightness(images, prompts):
 # size name -> what to build and how to sample it
 SIZES = {
     "sd35m": dict(height=512, width=512, dtype="bf16", lora_rank=32, lora_alpha=64, max_sequence_length=64,
-                  steps=10, epochs=2, micro_batch_sweep=(1, 2, 4, 8, 13)),
+                  steps=10, epochs=2, micro_batch_sweep=(1, 2, 4, 8, 13), flat_micro_batch_sweep=(13,)),
     "tiny": dict(height=32, width=32, dtype="fp32", lora_rank=4, lora_alpha=8, max_sequence_length=16, steps=10,
-                 epochs=1, micro_batch_sweep=(1, 13)),
+                 epochs=1, micro_batch_sweep=(1, 13), flat_micro_batch_sweep=(13,)),
 }
 
 
@@ -106,7 +106,7 @@ def build_model(size: str, folder: Path) -> Path:
     return folder
 
 
-def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int) -> Path:
+def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int, micro_batch_size: int = 2) -> Path:
     cfg = SIZES[size]
     extra = ('sde_type = "dance_sde"\neta = 0.3' if algorithm == "flat" else 'sde_type = "flow_sde"')
     text = textwrap.dedent(f"""\
@@ -139,7 +139,7 @@ def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int)
         [train]
         epochs = {epochs}
         learning_rate = 1e-3
-        micro_batch_size = 2
+        micro_batch_size = {micro_batch_size}
         [output]
         dir = "{out / ('run_' + algorithm)}"
         checkpoint_every = 1000
@@ -276,10 +276,24 @@ def denoiser_throughput(run, recipe, stock) -> dict:
     ours_s = _timed(ours)
     theirs()
     theirs_s = _timed(theirs)
+    # the same stock loop around the module our rollout calls (accelerate's autocast-wrapped forward, fp32 LoRA):
+    # what is left between this and ours is our loop's own overhead
+    shared = type(stock)(**{**stock.components, run.denoiser_name: run.rollout.adapter.model,
+                            "scheduler": type(stock.scheduler).from_config(stock.scheduler.config)})
+    shared.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        shared_call = lambda: shared(prompt=PROMPTS[0], num_images_per_prompt=leaves,  # noqa: E731
+                                     num_inference_steps=steps, guidance_scale=kwargs["guidance_scale"],
+                                     height=kwargs["height"], width=kwargs["width"],
+                                     max_sequence_length=kwargs["max_sequence_length"], output_type="latent",
+                                     generator=torch.Generator().manual_seed(0))
+        shared_call()
+        shared_s = _timed(shared_call)
     stock_rows = 2 * leaves * steps
     return {"throughput_batch_rows": batch_rows, "ours_rows": ours.rows, "ours_s": ours_s,
             "ours_rows_per_s": ours.rows / ours_s, "stock_rows": stock_rows, "stock_s": theirs_s,
-            "stock_rows_per_s": stock_rows / theirs_s}
+            "stock_rows_per_s": stock_rows / theirs_s, "stock_shared_s": shared_s,
+            "stock_shared_rows_per_s": stock_rows / shared_s}
 
 
 def lora_reload_check(run, recipe, *, throughput: bool = False) -> dict:
@@ -360,7 +374,8 @@ def table(results: dict) -> str:
             ("denoiser rows, rollout (CFG halves counted)", "model/rollout_rows", "{}"),
             ("denoiser rows, training", "model/train_rows", "{}"),
             ("peak GPU memory, rollout GiB", "rollout_peak_gib", "{:.2f}"),
-            ("peak GPU memory, training GiB (micro-batch 2)", "train_peak_gib", "{:.2f}"),
+            (f"peak GPU memory, training GiB (micro-batch {results.get('micro_batch_size', 2)})", "train_peak_gib",
+             "{:.2f}"),
             ("policy/first_ratio_error", "policy/first_ratio_error", "{:.2e}"),
             ("train/grad_norm", "train/grad_norm", "{:.3g}"),
             ("LoRA effect on the denoiser (max rel. change)", "lora_effect", "{:.1e}"),
@@ -371,19 +386,22 @@ def table(results: dict) -> str:
     lines += table_lines
     if "time/epoch_s" in tree and "time/epoch_s" in flat:
         lines.append(f"\ntree vs flat per iteration: {flat['time/epoch_s'] / tree['time/epoch_s']:.2f}x faster")
-    if tree.get("micro_batch_sweep"):
-        lines += ["", "| tree, train.micro_batch_size (parents) | peak GPU memory, training GiB | train s | "
-                      "first_ratio_error |", "|---|---|---|---|"]
-        for row in tree["micro_batch_sweep"]:
-            lines.append(f"| {row['micro_batch_size']} | out of memory | - | - |" if row["oom"] else
-                         f"| {row['micro_batch_size']} | {row['train_peak_gib']:.2f} | {row['train_s']:.2f} | "
-                         f"{row['first_ratio_error']:.2e} |")
+    sweeps = [(name, row) for name, part in (("tree", tree), ("flat", flat))
+              for row in part.get("micro_batch_sweep", [])]
+    if sweeps:
+        lines += ["", "| method | train.micro_batch_size (parents) | peak GPU memory, training GiB | train s | "
+                      "first_ratio_error |", "|---|---|---|---|---|"]
+        for name, row in sweeps:
+            lines.append(f"| {name} | {row['micro_batch_size']} | out of memory | - | - |" if row["oom"] else
+                         f"| {name} | {row['micro_batch_size']} | {row['train_peak_gib']:.2f} | "
+                         f"{row['train_s']:.2f} | {row['first_ratio_error']:.2e} |")
     speed = flat.get("throughput")
     if speed:
         lines.append(f"\ndenoiser rows/s at {speed['throughput_batch_rows']} rows per forward (latents out): our "
                      f"rollout {speed['ours_rows_per_s']:.1f} ({speed['ours_rows']} rows in {speed['ours_s']:.2f} s), "
                      f"stock pipeline {speed['stock_rows_per_s']:.1f} ({speed['stock_rows']} rows in "
-                     f"{speed['stock_s']:.2f} s)")
+                     f"{speed['stock_s']:.2f} s), stock pipeline driving our training denoiser (accelerate's "
+                     f"autocast, fp32 LoRA) {speed['stock_shared_rows_per_s']:.1f}")
     fsdp = results.get("fsdp")
     if fsdp is None:
         lines.append("FSDP (accelerate launch, fsdp.yaml, 1 process): not run (needs CUDA)")
@@ -405,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="work folder (model, runs, json)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per method; the last one is reported")
     parser.add_argument("--skip-fsdp", action="store_true", help="do not run the accelerate-launch FSDP epoch")
+    parser.add_argument("--parts", default="tree,flat,fsdp", help="comma-separated subset of tree,flat,fsdp")
+    parser.add_argument("--micro-batch-size", type=int, default=2,
+                        help="train.micro_batch_size (parents) of both methods' reported epochs")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the micro-batch sweeps and the rows/s comparison with the stock pipeline")
     args = parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -440,10 +463,19 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
 
-    sweep = SIZES[args.size]["micro_batch_sweep"]
-    phase("tree", lambda: train_one(write_recipe(out, model, args.size, "tree", epochs), micro_batch_sweep=sweep))
-    phase("flat", lambda: train_one(write_recipe(out, model, args.size, "flat", epochs), throughput=True))
-    if torch.cuda.is_available() and not args.skip_fsdp:
+    cfg = SIZES[args.size]
+    parts = args.parts.split(",")
+    extras = not args.no_extras
+    mb = args.micro_batch_size
+    results["micro_batch_size"] = mb
+    if "tree" in parts:
+        phase("tree", lambda: train_one(write_recipe(out, model, args.size, "tree", epochs, mb),
+                                        micro_batch_sweep=cfg["micro_batch_sweep"] if extras else ()))
+    if "flat" in parts:
+        phase("flat", lambda: train_one(write_recipe(out, model, args.size, "flat", epochs, mb), throughput=extras,
+                                        micro_batch_sweep=cfg["flat_micro_batch_sweep"] if extras else ()))
+    if torch.cuda.is_available() and not args.skip_fsdp and "fsdp" in parts:
+        write_recipe(out, model, args.size, "tree", epochs)
         phase("fsdp", lambda: fsdp_epoch(out / "tree.toml", out))
     print(table(results))
     print(f"total {time.perf_counter() - t0:.1f} s; results in {out / 'gpu_check.json'}")

@@ -152,6 +152,9 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
                                                 window_ratio=t.window_ratio, algorithm=t.algorithm)
     rollout = TreeRolloutPipeline(pipe, scheduler)
     rollout.set_progress_bar_config(disable=True)
+    dropped = align_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), denoiser)
+    if dropped:
+        reporter.info(f"FSDP: {type(denoiser).__name__} has no {', '.join(dropped)}; wrapping the blocks it has")
     model, optimizer, params, ema = prepare_training(accelerator, denoiser, recipe.train)
     rollout.adapter.model = model
     window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
@@ -166,6 +169,21 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     return Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
                optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
                sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
+
+
+def align_fsdp_wrap_classes(plugin, denoiser: torch.nn.Module) -> list[str]:
+    """Keeps only the FSDP wrap classes (`fsdp_transformer_layer_cls_to_wrap`) that `denoiser` contains; returns the
+    names dropped. accelerate raises "Could not find the transformer layer class" for any configured class the model
+    lacks, so one accelerate config could not serve SD3, FLUX and UNet models (found on the first GPU run). With no
+    class left, accelerate's own default applies: the model's `_no_split_modules` (what diffusers declares as its
+    blocks), which is what our shipped fsdp.yaml relies on."""
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if not names:
+        return []
+    present = {type(module).__name__ for module in denoiser.modules()}
+    kept = [name for name in names if name in present]
+    plugin.transformer_cls_names_to_wrap = kept or None
+    return [name for name in names if name not in present]
 
 
 def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe

@@ -27,7 +27,7 @@ def main(out_path: str) -> None:
                 torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
     blocks = 0
     for module in sharded.modules():
-        if type(module).__name__ == "JointTransformerBlock":  # fsdp.yaml: fsdp_transformer_layer_cls_to_wrap
+        if type(module).__name__ == "JointTransformerBlock":  # fsdp.yaml: SD3 declares it in _no_split_modules
             fully_shard(module)
             blocks += 1
     fully_shard(sharded)

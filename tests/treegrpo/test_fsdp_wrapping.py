@@ -15,11 +15,59 @@ pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_fsdp_yaml_wraps_transformer_blocks():
+def _plugin(names):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=names)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl"])
+def test_fsdp_yaml_wraps_each_familys_blocks_through_accelerate(family):
+    """The shipped fsdp.yaml, through accelerate's own FSDP2 wrap-policy code and the trainer's alignment, wraps the
+    blocks of every family. On the first GPU run the yaml named the blocks of all families and accelerate refused
+    SD3 ("Could not find the transformer layer class FluxTransformerBlock")."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from diffusers_tree import testing
+    from treegrpo.trainer import align_fsdp_wrap_classes
+
     config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text())
     assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
-    assert "JointTransformerBlock" in config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
     assert config["mixed_precision"] == "bf16"
+    assert config["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    names = config["fsdp_config"].get("fsdp_transformer_layer_cls_to_wrap")
+    pipe = getattr(testing, f"tiny_{family}_pipeline")()
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    plugin = _plugin(names.split(",") if names else None)
+    align_fsdp_wrap_classes(plugin, denoiser)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, denoiser)
+    wrapped = {type(module).__name__ for module in denoiser.modules() if policy(module)}
+    expected = {"sd3": {"JointTransformerBlock"}, "flux": {"FluxTransformerBlock", "FluxSingleTransformerBlock"},
+                "sdxl": {"BasicTransformerBlock"}}[family]
+    assert expected <= wrapped
+
+
+def test_wrap_classes_the_model_lacks_are_dropped_not_fatal():
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from diffusers_tree.testing import tiny_sd3_pipeline
+    from treegrpo.trainer import align_fsdp_wrap_classes
+
+    denoiser = tiny_sd3_pipeline().transformer
+    plugin = _plugin(["JointTransformerBlock", "FluxTransformerBlock", "BasicTransformerBlock"])
+    with pytest.raises(ValueError, match="FluxTransformerBlock"):  # accelerate alone
+        fsdp2_prepare_auto_wrap_policy(plugin, denoiser)
+    plugin = _plugin(["JointTransformerBlock", "FluxTransformerBlock", "BasicTransformerBlock"])
+    assert align_fsdp_wrap_classes(plugin, denoiser) == ["FluxTransformerBlock", "BasicTransformerBlock"]
+    assert plugin.transformer_cls_names_to_wrap == ["JointTransformerBlock"]
+    fsdp2_prepare_auto_wrap_policy(plugin, denoiser)
+    # none present: accelerate's default, the model's _no_split_modules
+    plugin = _plugin(["FluxTransformerBlock"])
+    assert align_fsdp_wrap_classes(plugin, denoiser) == ["FluxTransformerBlock"]
+    assert plugin.transformer_cls_names_to_wrap is None
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, denoiser)
+    assert any(policy(module) for module in denoiser.transformer_blocks)
 
 
 def test_fully_shard_by_block_matches_unsharded(tmp_path):
