@@ -85,26 +85,34 @@ def tree_advantages(record: RolloutRecord, rewards: torch.Tensor, weights: list[
 
 
 def flat_trained_steps(num_steps: int, timestep_fraction: float) -> tuple[int, int]:
-    """(steps a flat trajectory may train, steps it trains). `timestep_fraction < 1` is DanceGRPO's rule: the last
-    transition is never stored for training, and `int(timestep_fraction · (T − 1))` of the other T − 1 are drawn
-    (int() truncates exactly as DanceGRPO's does: T = 10, 0.6 trains 5 of steps 0..8). `timestep_fraction = 1` is
-    Flow-GRPO: every one of the T steps trains, the last included."""
-    if timestep_fraction >= 1:
-        return num_steps, num_steps
+    """(steps a flat trajectory may train, steps it trains), as DanceGRPO and Flow-GRPO do it: the last transition
+    is never trained, and `int(timestep_fraction · (T − 1))` of the other T − 1 are drawn per trajectory (int()
+    truncates as theirs does: T = 10 and 0.6 train 5 of steps 0..8; fraction 1 trains steps 0..T−2, Flow-GRPO's)."""
     eligible = max(num_steps - 1, 1)
     return eligible, max(1, int(timestep_fraction * eligible))
+
+
+def flow_grpo_kl_factor(scheduler, steps: torch.Tensor) -> torch.Tensor:
+    """Per edge, |σ' − σ| of its step: the exact KL `mean_d (μθ − μref)² / (2 s²|dt|)` times this is Flow-GRPO's
+    `mean_d (μθ − μref)² / (2 s²)` (its `std_dev_t` is s, without the √|dt| of the transition's std), so a β tuned
+    for Flow-GRPO means the same here. Flow-matching schedules only (a DDPM step has no |dt| in its noise)."""
+    if scheduler.family != "flow":
+        raise ValueError("train.kl_scale = 'flow_grpo' needs a flow-matching model (SD3, FLUX, ...); this model's "
+                         f"scheduler is {scheduler.family!r}. Use kl_scale = 'exact'.")
+    sigmas = scheduler.sigmas.float().cpu()
+    return (sigmas[steps + 1] - sigmas[steps]).abs()
 
 
 def select_edges(record: RolloutRecord, *, algorithm: str, timestep_fraction: float,
                  generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """Boolean mask `[E]` of the edges to train. tree/mix: all. flat: per trajectory (leaf), the steps
-    `flat_trained_steps` picks (DanceGRPO's rule below fraction 1, Flow-GRPO's every step at 1); an edge shared by
-    several trajectories (the root's) trains if any picks it.
+    `flat_trained_steps` picks (never the last); an edge shared by several trajectories (the root's) trains if any
+    picks it.
     `generator` may be one generator per tree (`record.num_prompts · num_trees`, prompt-major): then a tree's choice
     does not depend on which process trains it. The counts can differ between processes either way;
     `train_on_record` keeps the processes' collectives in step."""
     num_edges = record.edge_child.numel()
-    if algorithm != "flat" or timestep_fraction >= 1:
+    if algorithm != "flat":
         return torch.ones(num_edges, dtype=torch.bool)
     eligible, keep_steps = flat_trained_steps(record.plan.num_steps, timestep_fraction)
     node_of_edge = torch.full((record.num_nodes,), -1, dtype=torch.long)
@@ -260,5 +268,7 @@ def _micro_batch_loss(accelerator, adapter, scheduler, record: RolloutRecord, co
         ref = scheduler.transition(ref_output[local_parent], latents[local_parent], steps, stochastic=True,
                                    prev_sample=children)
         kl = gaussian_mean_kl(result.mean, ref.mean, result.std)
+        if train.kl_scale == "flow_grpo":
+            kl = kl * flow_grpo_kl_factor(scheduler, steps).to(kl.device)
     return grpo_edge_loss(result.log_prob, old, edge_advantage[edges].to(device), clip_range=train.clip_range,
                           adv_clip=adv_clip, normalizer=normalizer, kl=kl, kl_beta=train.kl_beta)

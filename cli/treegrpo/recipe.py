@@ -85,9 +85,9 @@ class TreeRecipe(_Table):
     shift_step: int = Field(1, ge=1, description="Steps the shifting window advances.")
     shift_every: int = Field(1, ge=1, description="Epochs between advances of the shifting window.")
     num_trees: int = Field(1, ge=1, description="Trees per prompt (leaves of all a prompt's trees form its group).")
-    timestep_fraction: float = Field(1.0, gt=0, le=1, description="flat only: below 1, DanceGRPO's rule (the last "
-                                     "step never trains; int(fraction·(T−1)) of the others do); 1 is Flow-GRPO "
-                                     "(every step trains).")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="flat only: each trajectory trains "
+                                     "int(fraction·(T−1)) random steps, never the last (DanceGRPO: 0.6; 1 trains "
+                                     "steps 0…T−2 as Flow-GRPO does).")
 
 
 class RewardRecipe(BaseModel):
@@ -163,6 +163,10 @@ class TrainRecipe(_Table):
     updates_per_epoch: int = Field(1, gt=0, description="Optimizer steps per epoch; the epoch's parents are split "
                                    "evenly and each share accumulates over its micro-batches.")
     kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the adapter-disabled reference (0 = off).")
+    kl_scale: Literal["exact", "flow_grpo"] = Field(
+        "exact", description="exact: the Gaussian KL of each transition, mean over elements of (μθ−μref)²/(2·std²) "
+        "with std the step's noise std s·√|dt|. flow_grpo: Flow-GRPO's (μθ−μref)²/(2·s²), i.e. exact × |dt|, ~10× "
+        "smaller at 10 steps: use it to carry over a Flow-GRPO β (0.01–0.04) unchanged (flow-matching models).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trainable weights, used for samples "
                                     "and the final export (absent = off).")
     cpu_threads: int | None = Field(None, ge=1, le=1024, description="CPU runs: intra-op threads per process. "

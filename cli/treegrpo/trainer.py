@@ -150,6 +150,9 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
                                                 branch_factor=t.branch_factor, window_width=t.window_width,
                                                 window_start=0,  # replaced every epoch (run_epoch)
                                                 window_ratio=t.window_ratio, algorithm=t.algorithm)
+    if recipe.train.kl_beta > 0 and recipe.train.kl_scale == "flow_grpo" and scheduler.family != "flow":
+        raise SetupError(f"train.kl_scale = 'flow_grpo' needs a flow-matching model; {recipe.model.pretrained} "
+                         f"samples with a {scheduler.family} schedule. Use train.kl_scale = 'exact'.")
     rollout = TreeRolloutPipeline(pipe, scheduler)
     rollout.set_progress_bar_config(disable=True)
     dropped = align_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), denoiser)

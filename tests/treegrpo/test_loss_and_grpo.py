@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from diffusers_tree import BranchPlan
@@ -91,7 +92,7 @@ class _FlatChains(_Record):
         self.prompt_index = torch.zeros(self.num_nodes, dtype=torch.long)
 
 
-def test_select_edges_flat_is_dancegrpo_below_one_and_flow_grpo_at_one():
+def test_select_edges_flat_trains_steps_as_dancegrpo_and_flow_grpo_do():
     # DanceGRPO, T = 10, fraction 0.6, 27 trajectories: int(0.6 * 9) = 5 of steps 0..8 each, 135 edges, never step 9
     record = _FlatChains(10, 27)
     step_of_edge = record.level[record.edge_child] - 1
@@ -103,9 +104,10 @@ def test_select_edges_flat_is_dancegrpo_below_one_and_flow_grpo_at_one():
         per_trajectory = torch.zeros(27, dtype=torch.long)
         per_trajectory.index_add_(0, (record.edge_child[mask] - 1) % 27, torch.ones(int(mask.sum()), dtype=torch.long))
         assert per_trajectory.tolist() == [5] * 27
-    # Flow-GRPO: fraction 1 trains every step of every trajectory, the last included
-    assert select_edges(record, algorithm="flat", timestep_fraction=1.0, generator=None).all()
-    assert flat_trained_steps(10, 0.6) == (9, 5) and flat_trained_steps(10, 1.0) == (10, 10)
+    # fraction 1 (Flow-GRPO's steps): every step but the last, in every trajectory
+    mask = select_edges(record, algorithm="flat", timestep_fraction=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, step_of_edge != 9)
+    assert flat_trained_steps(10, 0.6) == (9, 5) and flat_trained_steps(10, 1.0) == (9, 9)
     assert flat_trained_steps(3, 0.2) == (2, 1)  # at least one step
     assert flat_trained_steps(10, 0.3) == (9, 2)  # int() truncates 2.7 like DanceGRPO
 
@@ -134,3 +136,35 @@ def test_grid_labels_keep_the_end_of_the_prompt():
     assert short_label("a handwritten digit seven", 12) == "…digit seven"
     assert short_label("a cat", 12) == "a cat"
     assert short_label("a handwritten digit zero", 16) == "…digit zero"  # not "…itten digit zero"
+
+
+def test_flow_grpo_kl_scale_equals_flow_grpo_formula():
+    """exact KL × flow_grpo_kl_factor = Flow-GRPO's mean (Δμ)² / (2 s²), s = η·sqrt(σ/(1−σ)) (no √|dt|)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffusers_tree import TreeSDEScheduler
+    from diffusers_tree.dynamics import flow_step
+    from treegrpo.grpo import flow_grpo_kl_factor
+    from treegrpo.loss import gaussian_mean_kl
+
+    scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type="flow_sde",
+                                                eta=0.7)
+    scheduler.set_timesteps(10)
+    steps = torch.tensor([1, 4, 8])
+    sigmas = scheduler.sigmas.float()
+    g = torch.Generator().manual_seed(0)
+    x, v, v_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    sigma, sigma_next = sigmas[steps], sigmas[steps + 1]
+    out = flow_step(v, x, sigma, sigma_next, sde_type="flow_sde", eta=0.7, noise=torch.zeros_like(x))
+    ref = flow_step(v_ref, x, sigma, sigma_next, sde_type="flow_sde", eta=0.7, noise=torch.zeros_like(x))
+    ours = gaussian_mean_kl(out.mean, ref.mean, out.std) * flow_grpo_kl_factor(scheduler, steps)
+    s = 0.7 * torch.sqrt(sigma / (1 - sigma))
+    theirs = ((out.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * s**2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    # the factors of all 10 steps add up to σ_0 − σ_T = 1: on average 10x smaller than the exact KL
+    assert float(flow_grpo_kl_factor(scheduler, torch.arange(10)).sum()) == pytest.approx(1.0, abs=1e-6)
+
+    ddim = TreeSDEScheduler.from_scheduler(DDIMScheduler())
+    ddim.set_timesteps(10)
+    with pytest.raises(ValueError, match="flow-matching"):
+        flow_grpo_kl_factor(ddim, steps)
