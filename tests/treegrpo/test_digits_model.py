@@ -153,3 +153,28 @@ def test_reward_is_lazy_and_checks_lengths(tmp_path):
     images = pixels_to_images(upsample_digits(np.array([SEVEN])))
     with pytest.raises(ValueError, match="1 images for 2 prompts"):
         real(images, ["seven", "one"])
+
+
+def test_judge_is_a_different_classifier_that_reads_the_same_digits(reward):
+    """The judge (`classifier="judge"`): its own name, architecture and weights, trained on other images, and it
+    reads real digits like the reward's classifier does."""
+    judge = DigitsReward(classifier="judge").load()
+    assert judge.name == "judge"
+    assert judge.model.config.channels != reward.model.config.channels
+    config = json.loads((BUILTIN_DIGITS_DIR / "judge" / "config.json").read_text())
+    assert config["training"]["train_images"] == 540 and config["training"]["unseen_accuracy"] >= 0.99
+    images = pixels_to_images(upsample_digits(np.array([SEVEN, ONE])))
+    assert judge.accuracy(images, ["seven", "one"]) == 1.0
+    assert judge(images, ["a handwritten digit seven"] * 2).argmax() == 0
+
+
+def test_judge_reads_the_digits_it_never_trained_on():
+    datasets = pytest.importorskip("sklearn.datasets")  # scikit-learn is a build-time extra only
+    from sklearn.model_selection import train_test_split
+
+    digits = datasets.load_digits()
+    index = np.arange(len(digits.target))
+    unseen, _ = train_test_split(index, test_size=0.3, stratify=digits.target, random_state=0)  # reward's train split
+    images = pixels_to_images(upsample_digits(digits.images[unseen]))
+    prompts = [f"a handwritten digit {DIGIT_WORDS[label]}" for label in digits.target[unseen]]
+    assert DigitsReward(classifier="judge").accuracy(images, prompts) >= 0.99

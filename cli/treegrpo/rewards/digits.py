@@ -189,7 +189,9 @@ class DigitsReward:
         name (`str`, *optional*, defaults to `"digits"`): the reward's name in metrics.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the classifier runs.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): classifier dtype; scores are float32.
-        classifier (`str`, *optional*): folder with `config.json` + `model.safetensors`; defaults to the one
+        classifier (`str`, *optional*): folder with `config.json` + `model.safetensors`, or `"judge"` for the shipped
+            judge (a second classifier trained on the images the default one never saw; use it to check that a
+            run's accuracy is not the reward classifier's blind spots); defaults to the one
             shipped with `builtin:digits`.
 
     Calling it with `(images, prompts)` returns float32 [N] in [0, 1]. On real digits the true class gets ~0.95 on
@@ -203,6 +205,11 @@ class DigitsReward:
         dtype: torch.dtype = torch.float32,
         classifier: str | None = None,
     ):
+        if classifier == "judge":  # the shipped second classifier that no run trains on (scripts/train_digit_judge.py)
+            from treegrpo.builtin import BUILTIN_DIGITS_DIR
+
+            classifier = str(BUILTIN_DIGITS_DIR / "judge")
+            name = "judge" if name == "digits" else name
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
