@@ -141,8 +141,9 @@ def cell(values: list[float | None], fmt: str = "{:.0f}") -> str:
 
 def table(runs: list[dict]) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]  # table order: METHODS, then variants
-    header = ("| method | s / epoch | rollout rows | train rows | epochs to judge 0.8 | epochs to 0.9 | wall s to 0.8 | "
-              "wall s to 0.9 | worst 3-eval mean after 0.9 | final judge acc. | final reward-classifier acc. |")
+    header = ("| method | s / epoch | rollout rows | train rows | epochs to judge 0.8 | epochs to 0.9 | "
+              "wall s to 0.8 | wall s to 0.9 | worst 3-eval mean after 0.9 | final judge acc. | "
+              "final reward-classifier acc. |")
     lines = [header, "|" + "---|" * 11]
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
@@ -173,8 +174,10 @@ def head_to_head(runs: list[dict], target: float = 0.9) -> str:
         best = min(((h[1], m) for m, h in others.items() if h), default=None)
         win = tree is not None and (best is None or tree[1] < best[0])
         wins += win
-        lines.append(f"seed {seed}: tree {'%.0f s' % tree[1] if tree else 'never'}, fastest baseline "
-                     f"{'%s %.0f s' % (best[1], best[0]) if best else 'none'} -> {'tree first' if win else 'not'}")
+        tree_text = f"{tree[1]:.0f} s" if tree else "never"
+        best_text = f"{best[1]} {best[0]:.0f} s" if best else "none"
+        lines.append(f"seed {seed}: tree {tree_text}, fastest baseline {best_text} -> "
+                     f"{'tree first' if win else 'not'}")
     lines.append(f"tree first to judge accuracy {target} (wall clock) on {wins}/{len(seeds)} seeds")
     return "\n".join(lines)
 
