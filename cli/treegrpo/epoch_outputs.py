@@ -88,7 +88,7 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
     accepted = inspect.signature(pipe.__call__).parameters
     call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
+    with torch.no_grad(), run.text_encoders_ready():
         images = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
                       generator=torch.Generator().manual_seed(seed), **call).images
     if not run.accelerator.is_main_process:

@@ -50,6 +50,10 @@ class ModelRecipe(_Table):
     lora: LoraRecipe | None = Field(None, description="LoRA settings; absent = full fine-tuning of the denoiser.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save "
                                          "memory.")
+    offload_text_encoders: bool = Field(False, description="Keep the text encoders in CPU memory, moving them to "
+                                        "the accelerator only to encode prompts the run has not cached yet (with "
+                                        "data.cache_embeddings); frees their accelerator memory (SD3's T5-XXL: "
+                                        "~9 GB in bf16) for most of the run.")
 
 
 class SamplingRecipe(_Table):
@@ -141,6 +145,9 @@ class DataRecipe(_Table):
     prompts_per_epoch: int = Field(16, gt=0, description="Prompts per epoch across all processes.")
     eval_prompts: str | None = Field(None, description="Prompts for sample grids (default: the first training "
                                      "prompts).")
+    cache_embeddings: bool = Field(True, description="Encode each training prompt once per run and keep its "
+                                   "embeddings in CPU memory (SD3 at 256 tokens: ~2 MB a prompt in bf16); false "
+                                   "re-encodes every epoch (for prompt files too large to hold).")
 
 
 class TrainRecipe(_Table):

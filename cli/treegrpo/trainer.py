@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from .grpo import (
     tree_generators,
 )
 from .metrics import MetricsLog, plot_curves
+from .prompt_cache import PromptEmbeddingCache
 from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
 from .recipe import Recipe, TrainRecipe, to_toml
 from .reporting import Reporter
@@ -80,10 +81,43 @@ class Run:
     reporter: Reporter
     ema: EMA | None = None
     signals: StopSignals | None = None
+    prompt_cache: PromptEmbeddingCache | None = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_name)
+
+    def encode(self, prompts: list[str]):
+        """The prompts' conditioning: from the per-run cache (`data.cache_embeddings`) or encoded now."""
+        if self.prompt_cache is not None:
+            return self.prompt_cache(prompts)
+        return self._encode_now(prompts)
+
+    def _encode_now(self, prompts: list[str]):
+        kwargs = self.sample_kwargs
+        with self.text_encoders_ready():
+            return self.rollout.encode(prompts, guidance_scale=kwargs["guidance_scale"],
+                                       negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
+                                       width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
+
+    @contextmanager
+    def text_encoders_ready(self):
+        """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
+        memory after it (anything that encodes prompts, the stock pipeline's sample grids included, runs inside)."""
+        encoders = text_encoders(self.pipe) if self.recipe.model.offload_text_encoders else []
+        for encoder in encoders:
+            encoder.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (`text_encoder`, `text_encoder_2`, ...; the components diffusers names so)."""
+    return [module for name, module in pipe.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)]
 
 
 def make_accelerator(recipe: Recipe):
@@ -169,9 +203,15 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
         "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
         "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
     }
-    return Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
-               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
-               sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
+    run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
+              optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
+              sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
+    if recipe.data.cache_embeddings:
+        run.prompt_cache = PromptEmbeddingCache(run._encode_now, accelerator.device)
+    if recipe.model.offload_text_encoders:
+        for encoder in text_encoders(pipe):
+            encoder.to("cpu")
+    return run
 
 
 def align_fsdp_wrap_classes(plugin, denoiser: torch.nn.Module) -> list[str]:
@@ -236,9 +276,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
     local_prompts = [run.prompts[i] for i in local_indices]
     run.reporter.phase("rollout")
     kwargs = run.sample_kwargs
-    conditioning = run.rollout.encode(local_prompts, guidance_scale=kwargs["guidance_scale"],
-                                      negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
-                                      width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
+    conditioning = run.encode(local_prompts)
     out = run.rollout(local_prompts, num_trees=r.tree.num_trees, num_inference_steps=r.sampling.num_inference_steps,
                       window_start=window_start, conditioning=conditioning, height=kwargs["height"],
                       width=kwargs["width"],

@@ -7,7 +7,7 @@ never imports a model class. Adding a family = one file here that defines an ada
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +41,35 @@ class Conditioning:
     @property
     def num_prompts(self) -> int:
         return next(iter(self.cond.values())).shape[0]
+
+    def select(self, index: list[int]) -> Conditioning:
+        """The conditioning of prompts `index` (rows of every per-prompt tensor; `shared` as is)."""
+        rows = torch.as_tensor(index, dtype=torch.long)
+
+        def pick(tensors):
+            return None if tensors is None else {k: v[rows.to(v.device)] for k, v in tensors.items()}
+
+        return replace(self, cond=pick(self.cond), uncond=pick(self.uncond))
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        """The same conditioning with its per-prompt tensors on `device` (`shared` stays: it lives with the model)."""
+
+        def move(tensors):
+            return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
+        return replace(self, cond=move(self.cond), uncond=move(self.uncond))
+
+    @staticmethod
+    def concat(parts: list[Conditioning]) -> Conditioning:
+        """Prompts of several conditionings in order (they must share guidance, size and `shared`)."""
+        first = parts[0]
+
+        def join(name):
+            if getattr(first, name) is None:
+                return None
+            return {k: torch.cat([getattr(part, name)[k] for part in parts]) for k in getattr(first, name)}
+
+        return replace(first, cond=join("cond"), uncond=join("uncond"))
 
 
 class PipelineAdapter(Protocol):
