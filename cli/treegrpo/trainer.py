@@ -37,8 +37,8 @@ from .grpo import (
     tree_generators,
 )
 from .metrics import MetricsLog, plot_curves
-from .prompt_cache import PromptEmbeddingCache
 from .models import DTYPES, add_lora, load_pipeline, save_lora, trainable_parameters
+from .prompt_cache import PromptEmbeddingCache
 from .recipe import Recipe, TrainRecipe, to_toml
 from .reporting import Reporter
 from .rundir import RunFolderError, fingerprint_changes, prepare_folder, recipe_fingerprint
