@@ -13,7 +13,7 @@ from .grpo import TrainingError
 from .metrics import image_grid
 
 if TYPE_CHECKING:
-    from .trainer import Run
+    from .run_setup import Run
 
 
 def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,0 +1,228 @@
+"""Setting a run up once: the accelerator, rewards, the pipeline with its LoRA and tree scheduler, the optimizer
+prepared by accelerate, the prompt-embedding cache. `Run` holds what every epoch needs (`trainer.run_epoch`)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
+
+from .ema import EMA
+from .grpo import derive_seed
+from .models import DTYPES, add_lora, load_pipeline, trainable_parameters
+from .prompt_cache import PromptEmbeddingCache
+from .recipe import Recipe, TrainRecipe
+from .reporting import Reporter
+from .signals import StopSignals
+
+
+class SetupError(ValueError):
+    """The run cannot start: bad prompts file, reward, process count, missing checkpoint. Exit code 2."""
+
+
+@dataclass
+class Run:
+    """Everything an epoch needs, built once by `setup`."""
+
+    recipe: Recipe
+    accelerator: object
+    pipe: object
+    denoiser_name: str
+    rollout: TreeRolloutPipeline
+    model: torch.nn.Module  # the (possibly DDP-wrapped) denoiser
+    optimizer: torch.optim.Optimizer
+    params: list
+    rewards: list
+    prompts: list[str]
+    window: WindowPolicy
+    sample_kwargs: dict
+    out_dir: Path
+    reporter: Reporter
+    ema: EMA | None = None
+    signals: StopSignals | None = None
+    prompt_cache: PromptEmbeddingCache | None = None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    def encode(self, prompts: list[str]):
+        """The prompts' conditioning: from the per-run cache (`data.cache_embeddings`) or encoded now."""
+        if self.prompt_cache is not None:
+            return self.prompt_cache(prompts)
+        return self._encode_now(prompts)
+
+    def _encode_now(self, prompts: list[str]):
+        kwargs = self.sample_kwargs
+        with self.text_encoders_ready():
+            return self.rollout.encode(prompts, guidance_scale=kwargs["guidance_scale"],
+                                       negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
+                                       width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
+
+    @contextmanager
+    def text_encoders_ready(self):
+        """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
+        memory after it (anything that encodes prompts, the stock pipeline's sample grids included, runs inside)."""
+        encoders = text_encoders(self.pipe) if self.recipe.model.offload_text_encoders else []
+        for encoder in encoders:
+            encoder.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (`text_encoder`, `text_encoder_2`, ...; the components diffusers names so)."""
+    return [module for name, module in pipe.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)]
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.model.dtype]
+    out_dir = Path(recipe.output.dir)
+    project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs"))
+    log_with = None if recipe.output.log_with == "none" else recipe.output.log_with
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=log_with,
+                       project_config=project)
+
+
+def setup(recipe: Recipe, reporter: Reporter) -> Run:
+    from treegrpo.rewards import build_reward
+
+    accelerator = make_accelerator(recipe)
+    if accelerator.device.type == "cpu":
+        from .threads import apply_cpu_threads
+
+        choice = apply_cpu_threads(recipe.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        reporter.info(f"CPU: {torch.get_num_threads()} intra-op thread(s) per process ({choice.reason})")
+    if recipe.output.push_to_hub:
+        from treegrpo.hub import HubError, check_can_push
+
+        try:
+            check_can_push(recipe.output.push_to_hub)  # fail before training, not after it
+        except HubError as err:
+            raise SetupError(f"output.push_to_hub = {recipe.output.push_to_hub!r}: {err}") from None
+    out_dir = Path(recipe.output.dir)
+    prompts = read_prompts(recipe.data.prompts)
+    world = accelerator.num_processes
+    if recipe.data.prompts_per_epoch % world:
+        raise SetupError(f"data.prompts_per_epoch={recipe.data.prompts_per_epoch} must be divisible by the "
+                         f"{world} processes (a prompt's trees stay on one process).")
+    reporter.info(f"loading rewards: {', '.join(spec.name or spec.kind for spec in recipe.reward)} ...")
+    rewards = []
+    for spec in recipe.reward:
+        try:
+            reward = build_reward(spec.kind, device=accelerator.device, dtype=DTYPES[recipe.model.dtype],
+                                  **spec.options())
+        except (ValueError, TypeError) as err:
+            raise SetupError(f"[[reward]] kind={spec.kind!r}: {err}") from None
+        reward.name = spec.name or spec.kind
+        rewards.append(reward)
+    reporter.info(f"loading {recipe.model.pretrained} ({recipe.model.dtype}) on {accelerator.device} ...")
+    loaded = load_pipeline(recipe.model.pretrained, dtype=recipe.model.dtype, revision=recipe.model.revision,
+                           device=accelerator.device)
+    pipe, name = loaded.pipe, loaded.denoiser_name
+    denoiser = getattr(pipe, name)
+    check_image_size(pipe, denoiser, recipe.sampling.height, recipe.sampling.width)
+    if recipe.model.lora is not None:
+        lora = recipe.model.lora
+        add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
+                 seed=derive_seed(recipe.train.seed, lora.init_seed), denoiser_name=name)
+    else:
+        denoiser.requires_grad_(True)
+        denoiser.float()
+    if recipe.model.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    s, t = recipe.sampling, recipe.tree
+    scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, sde_type=s.sde_type, eta=s.eta,
+                                                branch_factor=t.branch_factor, window_width=t.window_width,
+                                                window_start=0,  # replaced every epoch (run_epoch)
+                                                window_ratio=t.window_ratio, algorithm=t.algorithm)
+    if recipe.train.kl_beta > 0 and recipe.train.kl_scale == "flow_grpo" and scheduler.family != "flow":
+        raise SetupError(f"train.kl_scale = 'flow_grpo' needs a flow-matching model; {recipe.model.pretrained} "
+                         f"samples with a {scheduler.family} schedule. Use train.kl_scale = 'exact'.")
+    rollout = TreeRolloutPipeline(pipe, scheduler)
+    rollout.set_progress_bar_config(disable=True)
+    dropped = align_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), denoiser)
+    if dropped:
+        reporter.info(f"FSDP: {type(denoiser).__name__} has no {', '.join(dropped)}; wrapping the blocks it has")
+    model, optimizer, params, ema = prepare_training(accelerator, denoiser, recipe.train)
+    rollout.adapter.model = model
+    window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
+                          start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
+        if t.algorithm != "flat" else None
+    sample_kwargs = {
+        "guidance_scale": s.guidance_scale if s.guidance_scale is not None
+        else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
+        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
+        "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
+    }
+    run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
+              optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
+              sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
+    if recipe.data.cache_embeddings:
+        run.prompt_cache = PromptEmbeddingCache(run._encode_now, accelerator.device)
+    if recipe.model.offload_text_encoders:
+        for encoder in text_encoders(pipe):
+            encoder.to("cpu")
+    return run
+
+
+def align_fsdp_wrap_classes(plugin, denoiser: torch.nn.Module) -> list[str]:
+    """Keeps only the FSDP wrap classes (`fsdp_transformer_layer_cls_to_wrap`) that `denoiser` contains; returns the
+    names dropped. accelerate raises "Could not find the transformer layer class" for any configured class the model
+    lacks, so one accelerate config could not serve SD3, FLUX and UNet models (found on the first GPU run). With no
+    class left, accelerate's own default applies: the model's `_no_split_modules` (what diffusers declares as its
+    blocks), which is what our shipped fsdp.yaml relies on."""
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if not names:
+        return []
+    present = {type(module).__name__ for module in denoiser.modules()}
+    kept = [name for name in names if name in present]
+    plugin.transformer_cls_names_to_wrap = kept or None
+    return [name for name in names if name not in present]
+
+
+def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, list, EMA | None]:
+    """AdamW over the trainable weights, `accelerator.prepare`, then the parameter list that gradient clipping and
+    EMA act on, taken AFTER `prepare`: FSDP2's `fully_shard` replaces the module's parameters with sharded DTensors
+    (accelerate re-points the optimizer at them). A list taken before would hold the unsharded originals, which get
+    no gradient (clipping would see a zero norm) and never change (EMA would stand still).
+    Returns `(model, optimizer, params, ema)`."""
+    optimizer = torch.optim.AdamW(trainable_parameters(denoiser), lr=train.learning_rate, betas=train.adam_betas,
+                                  weight_decay=train.weight_decay)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    params = trainable_parameters(model)
+    ema = EMA(params, train.ema_decay) if train.ema_decay is not None else None  # checkpointed as safetensors
+    return model, optimizer, params, ema
+
+
+def check_image_size(pipe, denoiser, height: int, width: int) -> None:
+    """Height and width must be whole latent patches (the rule of `preflight.image_size_problem`)."""
+    from .preflight import image_size_problem
+
+    problem = image_size_problem(type(pipe).__name__, getattr(pipe, "vae_scale_factor", 8),
+                                 getattr(denoiser.config, "patch_size", None), height, width)
+    if problem:
+        raise SetupError(problem)
+
+
+def read_prompts(path: str, key: str = "data.prompts") -> list[str]:
+    """A prompt file (see `preflight.prompts_from_file`); `key` names the recipe key in messages."""
+    from .preflight import PreflightError, prompts_from_file
+
+    try:
+        return prompts_from_file(path, key)
+    except PreflightError as err:
+        raise SetupError(str(err)) from None
