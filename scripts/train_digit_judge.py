@@ -15,17 +15,15 @@ Usage (needs scikit-learn, a build-time extra; about a minute on 2 cores):
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import augment, load_data  # noqa: E402  (the same data loading and augmentation)
+from train_digits import fit_classifier, load_data  # noqa: E402  (the same data and training loop)
 
 from treegrpo.builtin import BUILTIN_DIGITS_DIR  # noqa: E402
 from treegrpo.rewards.digits import (  # noqa: E402
@@ -41,25 +39,8 @@ JUDGE_CONFIG = DigitClassifierConfig(channels=(24, 48), hidden=128)
 def train_judge(seed: int, epochs: int) -> tuple[DigitClassifier, dict]:
     data = load_data(0)  # the reward classifier's split (its seed 0), so the judge's data is exactly its held-out part
     judge_train = np.concatenate([data.val, data.test])
-    torch.manual_seed(seed)
-    model = DigitClassifier(JUDGE_CONFIG)
-    gen = torch.Generator().manual_seed(seed)
-    x, y = data.pixels[judge_train], data.labels[judge_train]
-    batch = 32
-    steps_per_epoch = math.ceil(len(y) / batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch: (i + 1) * batch]
-            loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
+    model = fit_classifier(JUDGE_CONFIG, data.pixels[judge_train], data.labels[judge_train], seed=seed,
+                           epochs=epochs, batch=32)
     reward = load_digit_classifier()
     with torch.no_grad():
         unseen = torch.as_tensor(data.train)

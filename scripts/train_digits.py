@@ -106,25 +106,32 @@ def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (1.0 - ink + noise).clamp(0, 1)
 
 
-def train_classifier(data: Digits, seed: int, epochs: int) -> tuple[DigitClassifier, dict]:
+def fit_classifier(config: DigitClassifierConfig, x: torch.Tensor, y: torch.Tensor, *, seed: int, epochs: int,
+                   batch: int = 64) -> DigitClassifier:
+    """A `DigitClassifier` trained on `(x, y)` with augmentation, AdamW and a one-cycle schedule (eval mode)."""
     torch.manual_seed(seed)
-    model = DigitClassifier(DigitClassifierConfig())
+    model = DigitClassifier(config)
     gen = torch.Generator().manual_seed(seed)
-    x, y = data.pixels[data.train], data.labels[data.train]
-    steps_per_epoch = math.ceil(len(y) / 64)
+    steps_per_epoch = math.ceil(len(y) / batch)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
         for i in range(steps_per_epoch):
-            idx = order[i * 64 : (i + 1) * 64]
+            idx = order[i * batch : (i + 1) * batch]
             loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     model.eval()
+    return model
+
+
+def train_classifier(data: Digits, seed: int, epochs: int) -> tuple[DigitClassifier, dict]:
+    model = fit_classifier(DigitClassifierConfig(), data.pixels[data.train], data.labels[data.train], seed=seed,
+                           epochs=epochs)
     with torch.no_grad():
         val_logits = model(data.pixels[data.val])
         temps = torch.logspace(-1, 1, 201)
