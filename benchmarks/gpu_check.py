@@ -266,29 +266,24 @@ def denoiser_throughput(run, recipe, stock) -> dict:
                               output_type="latent")
         ours.rows = out.rows
 
-    def theirs():
-        stock(prompt=PROMPTS[0], num_images_per_prompt=leaves, num_inference_steps=steps,
-              guidance_scale=kwargs["guidance_scale"], height=kwargs["height"], width=kwargs["width"],
-              max_sequence_length=kwargs["max_sequence_length"], output_type="latent",
-              generator=torch.Generator().manual_seed(0))
+    def stock_loop(pipe):
+        with torch.no_grad():
+            pipe(prompt=PROMPTS[0], num_images_per_prompt=leaves, num_inference_steps=steps,
+                 guidance_scale=kwargs["guidance_scale"], height=kwargs["height"], width=kwargs["width"],
+                 max_sequence_length=kwargs["max_sequence_length"], output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
 
     ours()
     ours_s = _timed(ours)
-    theirs()
-    theirs_s = _timed(theirs)
+    stock_loop(stock)
+    theirs_s = _timed(lambda: stock_loop(stock))
     # the same stock loop around the module our rollout calls (accelerate's autocast-wrapped forward, fp32 LoRA):
     # what is left between this and ours is our loop's own overhead
     shared = type(stock)(**{**stock.components, run.denoiser_name: run.rollout.adapter.model,
                             "scheduler": type(stock.scheduler).from_config(stock.scheduler.config)})
     shared.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        shared_call = lambda: shared(prompt=PROMPTS[0], num_images_per_prompt=leaves,  # noqa: E731
-                                     num_inference_steps=steps, guidance_scale=kwargs["guidance_scale"],
-                                     height=kwargs["height"], width=kwargs["width"],
-                                     max_sequence_length=kwargs["max_sequence_length"], output_type="latent",
-                                     generator=torch.Generator().manual_seed(0))
-        shared_call()
-        shared_s = _timed(shared_call)
+    stock_loop(shared)
+    shared_s = _timed(lambda: stock_loop(shared))
     stock_rows = 2 * leaves * steps
     return {"throughput_batch_rows": batch_rows, "ours_rows": ours.rows, "ours_s": ours_s,
             "ours_rows_per_s": ours.rows / ours_s, "stock_rows": stock_rows, "stock_s": theirs_s,

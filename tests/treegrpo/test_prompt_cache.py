@@ -92,8 +92,8 @@ def test_offloaded_text_encoders_visit_the_accelerator_only_to_encode_new_prompt
     for epoch in range(4):
         run_epoch(run, epoch)
     encodes = run.prompt_cache.encoded_prompts  # one encoder visit per new prompt, none for cached ones
-    assert len(moves) == 3 * 2 * encodes and encodes <= 4
-    assert [device for _, device in moves[:6]] == ["cpu"] * 6  # the accelerator is the CPU here; order: to, back
+    # each new prompt: every encoder to the accelerator and back (both are the CPU here, so only counts are checked)
+    assert len(moves) == 3 * 2 * encodes and 0 < encodes <= 4
     save_samples(run, workdir / "grid.png", ["a red cat"], seed=0)  # the stock pipeline encodes too
     assert len(moves) == 3 * 2 * (encodes + 1)
     assert (workdir / "grid.png").is_file()

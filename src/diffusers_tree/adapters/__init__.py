@@ -42,15 +42,6 @@ class Conditioning:
     def num_prompts(self) -> int:
         return next(iter(self.cond.values())).shape[0]
 
-    def select(self, index: list[int]) -> Conditioning:
-        """The conditioning of prompts `index` (rows of every per-prompt tensor; `shared` as is)."""
-        rows = torch.as_tensor(index, dtype=torch.long)
-
-        def pick(tensors):
-            return None if tensors is None else {k: v[rows.to(v.device)] for k, v in tensors.items()}
-
-        return replace(self, cond=pick(self.cond), uncond=pick(self.uncond))
-
     def to(self, device: torch.device | str) -> Conditioning:
         """The same conditioning with its per-prompt tensors on `device` (`shared` stays: it lives with the model)."""
 
