@@ -60,11 +60,9 @@ VARIANTS: dict[str, list[str]] = {
     "tree-r0.8": ["tree.window_ratio=0.8"],
     "tree-3trees-k3w2": ["tree.window_width=2", "tree.num_trees=3"],
 }
-# Trees with a different children count per window step (k_1, k_2, k_3); (3, 3, 3) is TreeGRPO and (27, 1, 1) is mix.
-# Not a recipe option yet: the worker swaps the library's plan builder for these runs only.
-PLAN_VARIANTS: dict[str, tuple[int, ...]] = {"tree-9-3-1": (9, 3, 1)}
-for _name in PLAN_VARIANTS:
-    VARIANTS[_name] = []
+# Trees with a different children count per window step (k_1, k_2, k_3); (3, 3, 3) is TreeGRPO, (27, 1, 1) is mix.
+VARIANTS["tree-9-3-1"] = ["tree.branch_factor=[9, 3, 1]"]
+VARIANTS["tree-9-3"] = ["tree.branch_factor=[9, 3]", "tree.window_width=2"]  # same rows, 10 parents instead of 37
 MAIN_METHODS = list(METHODS)
 METHODS.update(VARIANTS)
 TARGETS = (0.8, 0.9)
@@ -85,24 +83,6 @@ def evaluate(run, judge, reward, prompts: list[str], per_digit: int) -> tuple[fl
     return judge.accuracy(images, labels), reward.accuracy(images, labels)
 
 
-def _use_window_factors(factors: tuple[int, ...]) -> None:
-    """Tree plans with `factors[j]` children per node at window step j (an experiment, see PLAN_VARIANTS)."""
-    import diffusers_tree.scheduling_tree_sde as scheduling
-    from diffusers_tree.plan import BranchPlan
-
-    original = scheduling.build_plan
-
-    def build_plan(algorithm, num_steps, branch_factor, window_width, window_start, **kwargs):
-        if algorithm != "tree":
-            return original(algorithm, num_steps, branch_factor, window_width, window_start, **kwargs)
-        plan = original(algorithm, num_steps, branch_factor, window_width, window_start, **kwargs)  # checks
-        window = range(window_start, window_start + len(factors))
-        per_step = dict(zip(window, factors, strict=True))
-        return BranchPlan(tuple(per_step.get(i, 1) for i in range(num_steps)), plan.sde_steps, "tree")
-
-    scheduling.build_plan = build_plan
-
-
 def worker(seed: int, method: str, epochs: int, eval_every: int, per_digit: int, out_file: Path) -> None:
     """One training run through the trainer's own setup/run_epoch, evaluated along the way."""
     from diffusers.utils import logging as diffusers_logging
@@ -114,8 +94,6 @@ def worker(seed: int, method: str, epochs: int, eval_every: int, per_digit: int,
     from treegrpo.rewards.digits import DIGIT_WORDS, DigitsReward
     from treegrpo.trainer import run_epoch, setup
 
-    if method in PLAN_VARIANTS:
-        _use_window_factors(PLAN_VARIANTS[method])
     with tempfile.TemporaryDirectory() as tmp:
         # the learning rate is pinned: the table in docs/benchmarks.md was measured at the recipe's 3e-4
         overrides = METHODS[method] + [f"train.seed={seed}", f"train.epochs={epochs}", "train.cpu_threads=1",

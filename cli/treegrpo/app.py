@@ -138,6 +138,7 @@ def check(
         ("algorithm", plan.algorithm),
         ("model", loaded.model.pretrained),
         ("leaves per prompt", str(plan.leaves_per_prompt)),
+        ("children per SDE step", " x ".join(map(str, plan.children_per_sde_step))),
         ("prompts per epoch / per process", f"{loaded.data.prompts_per_epoch} / {plan.prompts_per_process}"),
         ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows:.0f}  {_cfg_note(loaded)}"),
         ("rollout rows by window start", ", ".join(f"{s}: {r}" for s, r in plan.rows_by_window_start.items())),

@@ -18,11 +18,12 @@ class RunPlan:
     num_processes: int
     prompts_per_process: int
     leaves_per_prompt: int
+    children_per_sde_step: tuple[int, ...]  # of one tree: (3, 3, 3) for TreeGRPO, (27, 1, 1) for mix
     rows_by_window_start: dict[int, int]  # rollout rows per epoch for each possible window start
     expected_rollout_rows: float  # averaged over the window policy (Eq. 7 for geometric)
     trained_edges: int  # per epoch, all processes (flat: before timestep_fraction)
     trained_parents: int  # per epoch = training forwards per CFG half
-    independent_rows: int  # rows if every leaf were an independent trajectory (k^w · T per tree)
+    independent_rows: int  # rows if every leaf were an independent trajectory (leaves · T per tree)
 
 
 def make_plan(recipe: Recipe, num_processes: int = 1) -> RunPlan:
@@ -46,7 +47,10 @@ def make_plan(recipe: Recipe, num_processes: int = 1) -> RunPlan:
     return RunPlan(
         algorithm=t.algorithm, num_processes=num_processes,
         prompts_per_process=recipe.data.prompts_per_epoch // num_processes,
-        leaves_per_prompt=any_plan.num_leaves * t.num_trees, rows_by_window_start=rows,
+        leaves_per_prompt=any_plan.num_leaves * t.num_trees,
+        children_per_sde_step=tuple(f for f, sde in zip(any_plan.branch_factors, any_plan.sde_steps, strict=True)
+                                    if sde),
+        rows_by_window_start=rows,
         expected_rollout_rows=expected, trained_edges=any_plan.trained_edges * trees,
         trained_parents=any_plan.trained_parents * trees, independent_rows=any_plan.num_leaves * steps * trees,
     )

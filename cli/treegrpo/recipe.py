@@ -6,9 +6,10 @@ Every field is documented once, here, in `Field(description=...)`; `docs/recipes
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -76,11 +77,36 @@ class SamplingRecipe(_Table):
 
 
 class TreeRecipe(_Table):
+    @model_validator(mode="before")
+    @classmethod
+    def _width_from_factor_list(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("branch_factor"), list):
+            factors = data["branch_factor"]
+            width = data.setdefault("window_width", len(factors))
+            if width != len(factors):
+                raise ValueError(f"tree.branch_factor={factors} lists {len(factors)} children counts (one per window "
+                                 f"step) but tree.window_width={width}; drop window_width or make them agree.")
+        return data
+
+    @property
+    def window_factors(self) -> tuple[int, ...]:
+        """Children per node at each window step."""
+        from diffusers_tree.plan import window_factors  # lazily: loading a recipe stays free of torch/diffusers
+
+        return window_factors(self.branch_factor, self.window_width)
+
+    @property
+    def leaves_per_tree(self) -> int:
+        return math.prod(self.window_factors)
+
     algorithm: Literal["tree", "flat", "mix"] = Field(
         "tree", description="tree (TreeGRPO), flat (DanceGRPO-style: k^w SDE trajectories from one noise), mix "
         "(MixGRPO-style: k^w trajectories, SDE only in the window).")
-    branch_factor: int = Field(3, ge=1, le=64, description="k, children per node at each window step.")
-    window_width: int = Field(3, ge=1, description="w, SDE steps per rollout (leaves = k^w).")
+    branch_factor: Annotated[int, Field(ge=1, le=64)] | list[Annotated[int, Field(ge=1, le=512)]] = Field(
+        3, description="k, children per node at each window step; or one count per window step, e.g. [9, 3, 1] "
+        "(a wide first split; leaves = their product, window_width = the list's length).")
+    window_width: int = Field(3, ge=1, description="w, SDE steps per rollout (leaves = k^w); with a branch_factor "
+                              "list, its length (set it only to the same value).")
     window_ratio: float = Field(0.5, gt=0, le=1, description="r of Eq. 7 (geometric window policy).")
     window_policy: Literal["geometric", "fixed", "shifting"] = Field(
         "geometric", description="geometric (Eq. 7, drawn every epoch), fixed (`window_start`), shifting "
@@ -222,15 +248,18 @@ class Recipe(_Table):
             raise ValueError(
                 f"tree.window_start={t.window_start} does not fit: with num_inference_steps={steps} and "
                 f"window_width={t.window_width} the start must be 0 … {steps - t.window_width - 1}.")
-        if t.algorithm == "tree" and t.branch_factor < 2:
+        if t.algorithm == "tree" and isinstance(t.branch_factor, int) and t.branch_factor < 2:
             raise ValueError(f"tree.branch_factor={t.branch_factor}: a tree needs at least 2 children per node "
                              "to compare siblings. Use branch_factor >= 2.")
-        if t.branch_factor ** t.window_width > MAX_LEAVES_PER_TREE:
+        if t.algorithm == "tree" and t.window_factors[0] < 2:
+            raise ValueError(f"tree.branch_factor={t.branch_factor}: the first window step needs at least 2 children "
+                             "per node, or nothing is compared where the window starts; e.g. [9, 3, 1].")
+        if t.leaves_per_tree > MAX_LEAVES_PER_TREE:
             raise ValueError(
                 f"tree.branch_factor={t.branch_factor} and tree.window_width={t.window_width} make "
-                f"{t.branch_factor ** t.window_width} leaves per tree; at most {MAX_LEAVES_PER_TREE} fit in memory. "
+                f"{t.leaves_per_tree} leaves per tree; at most {MAX_LEAVES_PER_TREE} fit in memory. "
                 "The paper uses k=3, w=3 (27 leaves); lower branch_factor or window_width.")
-        if t.branch_factor ** t.window_width * t.num_trees < 2:
+        if t.leaves_per_tree * t.num_trees < 2:
             raise ValueError("Each prompt needs at least 2 leaves for a group-relative advantage; raise "
                              "tree.branch_factor, tree.window_width or tree.num_trees.")
         names = [r.name or r.kind for r in self.reward]

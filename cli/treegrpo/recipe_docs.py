@@ -5,6 +5,7 @@ The schema's `Field(description=...)` is the single source; a test checks the co
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -23,8 +24,19 @@ Even Better TOML validate and complete recipes with it (`#:schema ../docs/recipe
 
 
 def _type_name(annotation) -> str:
+    if _has_constraints(annotation):  # constraints are in the meaning column, not the type
+        if typing.get_origin(annotation) is typing.Annotated:
+            return _type_name(typing.get_args(annotation)[0])
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            return " \\| ".join(_type_name(arg) for arg in typing.get_args(annotation))
+        return f"{typing.get_origin(annotation).__name__}[{', '.join(map(_type_name, typing.get_args(annotation)))}]"
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return text.replace("treegrpo.recipe.", "").replace("|", "\\|")  # a pipe would end the table cell
+
+
+def _has_constraints(annotation) -> bool:
+    return typing.get_origin(annotation) is typing.Annotated or any(
+        _has_constraints(arg) for arg in typing.get_args(annotation))
 
 
 def _table_model(annotation) -> type[BaseModel] | None:

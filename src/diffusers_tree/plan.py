@@ -7,7 +7,8 @@ the root (one shared noise per tree), level T holds the leaves. Children of node
 
 Three shapes (SPEC §2.1, §5):
 - `tree` (TreeGRPO): ODE everywhere except a window of `window_width` SDE steps starting at `window_start`,
-  where every node gets `branch_factor` children. Leaves `k^w`.
+  where every node gets `branch_factor` children. Leaves `k^w`. `branch_factor` may also list one children count
+  per window step (`(9, 3, 1)`: a wide first split, then narrower ones; leaves = their product).
 - `flat` (DanceGRPO-style): G trajectories from one root noise, SDE at every step; the root splits into G at
   step 0 and each trajectory is a single-child SDE chain after it.
 - `mix` (MixGRPO-style): G trajectories, ODE outside a window of SDE steps; identical until the window, so the
@@ -16,8 +17,32 @@ Three shapes (SPEC §2.1, §5):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+
+BranchFactor = int | Sequence[int]
+
+
+def window_factors(branch_factor: BranchFactor, window_width: int | None = None) -> tuple[int, ...]:
+    """Children per node at each window step: `(k,) * w` for an int `k`, or the given per-step counts (whose length
+    is the window width; `window_width`, if given, must agree)."""
+    if isinstance(branch_factor, int) and not isinstance(branch_factor, bool):
+        if window_width is None:
+            raise ValueError("window_width is needed with a single branch_factor.")
+        factors = (branch_factor,) * window_width
+    else:
+        factors = tuple(int(f) for f in branch_factor)
+        if window_width is not None and len(factors) != window_width:
+            raise ValueError(f"branch_factor lists {len(factors)} children counts {list(factors)} but window_width "
+                             f"is {window_width}; give one count per window step (or leave window_width out).")
+    if not factors:
+        raise ValueError("branch_factor lists no children counts; give one per window step, e.g. [3, 3, 3].")
+    bad = [f for f in factors if f < 1]
+    if bad:
+        raise ValueError(f"branch_factor {list(factors)} has counts below 1 ({bad}); every window step needs >= 1 child.")
+    return factors
 
 
 @dataclass(frozen=True)
@@ -56,14 +81,16 @@ class BranchPlan:
 
     # ---- constructors -------------------------------------------------------------------------------------------
     @classmethod
-    def tree(cls, num_steps: int, branch_factor: int, window_width: int, window_start: int) -> BranchPlan:
-        """TreeGRPO: `branch_factor` children per node at each of the `window_width` SDE steps from `window_start`."""
+    def tree(cls, num_steps: int, branch_factor: BranchFactor, window_width: int | None, window_start: int
+             ) -> BranchPlan:
+        """TreeGRPO: `branch_factor` children per node at each of the `window_width` SDE steps from `window_start`
+        (or `branch_factor[j]` children at window step j when it is a sequence)."""
+        factors = window_factors(branch_factor, window_width)
+        window_width = len(factors)
         _check_window(num_steps, window_width, window_start)
-        if branch_factor < 1:
-            raise ValueError(f"branch_factor must be >= 1, got {branch_factor}.")
         window = range(window_start, window_start + window_width)
         return cls(
-            branch_factors=tuple(branch_factor if i in window else 1 for i in range(num_steps)),
+            branch_factors=tuple(factors[i - window_start] if i in window else 1 for i in range(num_steps)),
             sde_steps=tuple(i in window for i in range(num_steps)),
             algorithm="tree",
         )
@@ -160,17 +187,23 @@ def _check_window(num_steps: int, window_width: int, window_start: int) -> None:
         )
 
 
-def tree_counts(branch_factor: int, window_width: int) -> dict[str, int]:
-    """Closed forms of SPEC §2.1: leaves k^w, trained edges k + … + k^w, trained parents (k^w - 1)/(k - 1)."""
-    k, w = branch_factor, window_width
-    parents = w if k == 1 else (k**w - 1) // (k - 1)
-    return {"leaves": k**w, "trained_edges": sum(k**d for d in range(1, w + 1)), "trained_parents": parents}
+def tree_counts(branch_factor: BranchFactor, window_width: int | None = None) -> dict[str, int]:
+    """Closed forms of SPEC §2.1: leaves k^w, trained edges k + … + k^w, trained parents (k^w - 1)/(k - 1).
+    With per-step counts k_1 … k_w: leaves Π k_j, edges Σ_d Π_{j<=d} k_j, parents Σ_d Π_{j<d} k_j."""
+    if isinstance(branch_factor, int) and window_width is not None:
+        k, w = branch_factor, window_width
+        parents = w if k == 1 else (k**w - 1) // (k - 1)
+        return {"leaves": k**w, "trained_edges": sum(k**d for d in range(1, w + 1)), "trained_parents": parents}
+    factors = window_factors(branch_factor, window_width)
+    prefix = [math.prod(factors[:d]) for d in range(len(factors) + 1)]  # nodes per tree at window depth d
+    return {"leaves": prefix[-1], "trained_edges": sum(prefix[1:]), "trained_parents": sum(prefix[:-1])}
 
 
-def unique_rows(num_steps: int, branch_factor: int, window_width: int, window_start: int) -> int:
+def unique_rows(num_steps: int, branch_factor: BranchFactor, window_width: int | None, window_start: int) -> int:
     """Closed form of rows per tree (per CFG half): s + (k^w - 1)/(k - 1) + k^w·(T - s - w)."""
-    k, w, s = branch_factor, window_width, window_start
-    return s + tree_counts(k, w)["trained_parents"] + k**w * (num_steps - s - w)
+    counts = tree_counts(branch_factor, window_width)
+    w = len(window_factors(branch_factor, window_width))
+    return window_start + counts["trained_parents"] + counts["leaves"] * (num_steps - window_start - w)
 
 
-__all__ = ["BranchPlan", "tree_counts", "unique_rows"]
+__all__ = ["BranchFactor", "BranchPlan", "tree_counts", "unique_rows", "window_factors"]

@@ -16,6 +16,7 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import diffusers
@@ -27,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .advantages import sample_window_start
 from .dynamics import FLOW_SDE_TYPES, StepResult, ddim_step, flow_step
-from .plan import BranchPlan
+from .plan import BranchFactor, BranchPlan, window_factors
 
 ALGORITHMS: tuple[str, ...] = ("tree", "flat", "mix")
 DDPM_SDE_TYPES: tuple[str, ...] = ("ddim",)
@@ -80,8 +81,10 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
             `"ddim"` for the DDPM family. Defaults to `"flow_sde"` / `"ddim"`.
         eta (`float`, *optional*): noise level η; defaults per `sde_type`: flow_sde 0.7 (Flow-GRPO), dance_sde 0.3
             (DanceGRPO), cps 0.8, ddim 1.0 (DDPO).
-        branch_factor (`int`, defaults to 3): k, children per node at each window step.
-        window_width (`int`, defaults to 3): w, number of SDE steps.
+        branch_factor (`int` or `list[int]`, defaults to 3): k, children per node at each window step; or one count
+            per window step (`[9, 3, 1]`: nine children per root, three per grandchild, one after), leaves Π k_j.
+        window_width (`int`, *optional*): w, number of SDE steps; defaults to 3, or to the length of a
+            `branch_factor` list.
         window_start (`int`, *optional*): s; `None` draws it from Eq. 7 at every `set_timesteps`.
         window_ratio (`float`, defaults to 0.5): r of Eq. 7.
         algorithm (`str`, defaults to `"tree"`): `"tree"`, `"flat"` (k^w SDE trajectories from one noise) or
@@ -108,8 +111,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         base_config: dict | None = None,
         sde_type: str | None = None,
         eta: float | None = None,
-        branch_factor: int = 3,
-        window_width: int = 3,
+        branch_factor: BranchFactor = 3,
+        window_width: int | None = None,
         window_start: int | None = None,
         window_ratio: float = 0.5,
         algorithm: str = "tree",
@@ -131,14 +134,18 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
             )
         if algorithm not in ALGORITHMS:
             raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
-        if branch_factor < 1 or window_width < 1:
-            raise ValueError(f"branch_factor ({branch_factor}) and window_width ({window_width}) must be >= 1.")
+        if window_width is None:
+            window_width = 3 if isinstance(branch_factor, int) else len(branch_factor)
+        if window_width < 1:
+            raise ValueError(f"window_width must be >= 1, got {window_width}.")
+        factors = window_factors(branch_factor, window_width)  # checks the counts
+        branch_factor = branch_factor if isinstance(branch_factor, int) else list(factors)
         if not 0 < window_ratio <= 1:
             raise ValueError(f"window_ratio must be in (0, 1], got {window_ratio}.")
         eta = DEFAULT_ETA[sde_type] if eta is None else float(eta)
         base_keys = {k: v for k, v in base.config.items() if not k.startswith("_")}
         self.register_to_config(base_scheduler_class=type(base).__name__, base_config=base_keys, sde_type=sde_type,
-                                eta=eta)
+                                eta=eta, branch_factor=branch_factor, window_width=window_width)
         # Flatten the base's keys into our config: stock pipelines read e.g. `scheduler.config.base_image_seq_len`.
         own = set(self._get_init_keys(type(self)))
         self.register_to_config(**{k: v for k, v in base_keys.items() if k not in own})
@@ -325,7 +332,7 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if batch % leaves:
             raise ValueError(
                 f"The batch has {batch} rows, which is not whole trees of {leaves} leaves "
-                f"(k={self.config.branch_factor}, w={self.config.window_width}); call the pipeline with "
+                f"(branch_factor={self.config.branch_factor}, window_width={self.config.window_width}); call the pipeline with "
                 f"num_images_per_prompt={leaves} (or a multiple)."
             )
         num_trees, rows = batch // leaves, torch.arange(batch, device=sample.device)
@@ -348,13 +355,15 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         return TreeSDESchedulerOutput(prev_sample=result.prev_sample, log_prob=result.log_prob)
 
 
-def build_plan(algorithm: str, num_steps: int, branch_factor: int, window_width: int, window_start: int, *,
-               zero_noise_steps: tuple[int, ...] = ()) -> BranchPlan:
-    """The plan of one tree for `algorithm`; flat and mix use k^w trajectories, the tree's leaf count.
-    `zero_noise_steps` (see `TreeSDEScheduler.zero_noise_steps`) become ODE steps of flat; a tree/mix window that
-    covers one is an error."""
+def build_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
+               window_start: int, *, zero_noise_steps: tuple[int, ...] = ()) -> BranchPlan:
+    """The plan of one tree for `algorithm`; flat and mix use k^w trajectories (Π k_j for per-step counts), the
+    tree's leaf count. `zero_noise_steps` (see `TreeSDEScheduler.zero_noise_steps`) become ODE steps of flat; a
+    tree/mix window that covers one is an error."""
+    factors = window_factors(branch_factor, window_width)
+    window_width, num_leaves = len(factors), math.prod(factors)
     if algorithm == "flat":
-        return BranchPlan.flat(num_steps, branch_factor**window_width, deterministic_steps=zero_noise_steps)
+        return BranchPlan.flat(num_steps, num_leaves, deterministic_steps=zero_noise_steps)
     if algorithm not in ("tree", "mix"):
         raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
     covered = sorted(set(zero_noise_steps) & set(range(window_start, window_start + window_width)))
@@ -365,8 +374,8 @@ def build_plan(algorithm: str, num_steps: int, branch_factor: int, window_width:
             f"children would be identical and have no log-probability. Start the window at most at "
             f"{min(covered) - window_width}.")
     if algorithm == "tree":
-        return BranchPlan.tree(num_steps, branch_factor, window_width, window_start)
-    return BranchPlan.mix(num_steps, branch_factor**window_width, window_width, window_start)
+        return BranchPlan.tree(num_steps, factors, window_width, window_start)
+    return BranchPlan.mix(num_steps, num_leaves, window_width, window_start)
 
 
 def _family_of(scheduler: SchedulerMixin) -> str:

@@ -48,3 +48,34 @@ def test_invalid_plans_say_what_is_wrong():
         BranchPlan(branch_factors=(2, 1), sde_steps=(False, False))
     with pytest.raises(ValueError, match="equal length"):
         BranchPlan(branch_factors=(2,), sde_steps=(True, False))
+
+
+@pytest.mark.parametrize("factors", [(9, 3, 1), (4, 2), (2, 3, 2, 2), (5,)])
+def test_per_step_children_counts(factors):
+    """A tree with k_j children at window step j: counts by walking the levels, independently of the closed forms."""
+    w, T = len(factors), 10
+    level_sizes = [1]
+    for f in factors:
+        level_sizes.append(level_sizes[-1] * f)
+    leaves, parents, edges = level_sizes[-1], sum(level_sizes[:-1]), sum(level_sizes[1:])
+    assert tree_counts(list(factors)) == tree_counts(factors, w) == {
+        "leaves": leaves, "trained_edges": edges, "trained_parents": parents}
+    for s in range(T - w + 1):
+        plan = BranchPlan.tree(T, factors, None, s)
+        assert plan.branch_factors[s:s + w] == factors and set(plan.branch_factors[:s] + plan.branch_factors[s + w:]) <= {1}
+        assert plan.sde_steps == tuple(s <= i < s + w for i in range(T))
+        assert (plan.num_leaves, plan.trained_parents, plan.trained_edges) == (leaves, parents, edges)
+        assert plan.rows_per_tree == unique_rows(T, factors, None, s) == s + parents + leaves * (T - s - w)
+    # equal counts reduce to the single-k tree
+    assert BranchPlan.tree(10, (3, 3, 3), 3, 2) == BranchPlan.tree(10, 3, 3, 2)
+
+
+def test_per_step_children_counts_errors():
+    with pytest.raises(ValueError, match="lists 2 children counts .* window_width is 3"):
+        BranchPlan.tree(10, (9, 3), 3, 0)
+    with pytest.raises(ValueError, match="counts below 1"):
+        BranchPlan.tree(10, (3, 0, 3), None, 0)
+    with pytest.raises(ValueError, match="lists no children counts"):
+        BranchPlan.tree(10, (), None, 0)
+    with pytest.raises(ValueError, match="window_width is needed"):
+        tree_counts(3)

@@ -187,3 +187,28 @@ def test_called_like_a_diffusers_pipeline():
                **kwargs)
     assert len(out.images) == 27 and out.images[0].size == (32, 32)
     assert out.images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_per_step_children_counts_roll_out(family):
+    """(4, 2, 1) children at the window steps: rows are the unique-node count, and the leaves equal the stock
+    pipeline's with the same scheduler swapped in (every leaf computed there)."""
+    build, kwargs = FAMILIES[family]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    factors, s, T = [4, 2, 1], 1, 6
+    tree = TreeRolloutPipeline.from_pipe(pipe, branch_factor=factors, window_start=s)
+    assert tree.scheduler.config.window_width == 3
+    roots = tree.prepare_roots(len(PROMPTS), 32, 32, torch.Generator().manual_seed(5), torch.float32)
+    with count_rows(tree.denoiser) as counter:
+        out = tree(PROMPTS, num_inference_steps=T, latents=roots, generator=torch.Generator().manual_seed(11),
+                   guidance_scale=1.0, output_type="latent", **SIZE, **kwargs)
+    per_tree = s + (1 + 4 + 8) + 8 * (T - s - 3)  # levels before each step: 1·s, then 1, 4, 8, then 8 per tail step
+    assert counter.rows == out.rows == len(PROMPTS) * per_tree == len(PROMPTS) * unique_rows(T, factors, None, s)
+    assert out.record.child_latents.shape[0] == len(PROMPTS) * (4 + 8 + 8)
+
+    pipe.scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=factors,
+                                                     window_start=s).manual_seed(11)
+    stock = pipe(PROMPTS, num_images_per_prompt=8, num_inference_steps=T, guidance_scale=1.0,
+                 latents=roots.repeat_interleave(8, dim=0), output_type="latent", **SIZE, **kwargs).images
+    assert (out.images - stock).abs().max() < 1e-3 * stock.abs().max()

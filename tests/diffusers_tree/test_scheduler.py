@@ -46,6 +46,22 @@ def test_config_round_trip(tmp_path, base):
     assert loaded.plan == tree.plan
 
 
+def test_per_step_children_counts_config(tmp_path):
+    tree = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), branch_factor=[9, 3, 1],
+                                           window_start=2, algorithm="tree")
+    assert tree.config.window_width == 3 and tree.config.branch_factor == [9, 3, 1]
+    tree.save_pretrained(tmp_path)
+    loaded = TreeSDEScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(10)
+    assert loaded.plan.branch_factors == (1, 1, 9, 3, 1, 1, 1, 1, 1, 1) and loaded.plan.num_leaves == 27
+    for algorithm, first in (("mix", 27), ("flat", 27)):  # the peers get the same leaf count
+        peer = TreeSDEScheduler.from_scheduler(tree, branch_factor=[9, 3, 1], window_start=2, algorithm=algorithm)
+        peer.set_timesteps(10)
+        assert peer.plan.num_leaves == 27 and max(peer.plan.branch_factors) == first
+    with pytest.raises(ValueError, match="lists 2 children counts"):
+        TreeSDEScheduler.from_scheduler(tree, branch_factor=[9, 3], window_width=3)
+
+
 def test_behaves_like_flow_base():
     base = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256)
     tree = TreeSDEScheduler.from_scheduler(base, window_start=0)

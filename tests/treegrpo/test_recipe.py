@@ -41,6 +41,26 @@ def test_overrides_parse_values_and_index_lists():
         apply_override(raw, "reward.3.weight=1")
 
 
+def test_per_step_children_counts(tmp_path):
+    """`branch_factor = [9, 3, 1]`: the window width follows the list, `check`'s plan counts the unique nodes, and
+    the resolved copy keeps the list."""
+    from treegrpo.planning import make_plan
+
+    recipe = validate_recipe({**BASE, "tree": {"branch_factor": [9, 3, 1]}, "data": {"prompts": "p.txt",
+                                                                                  "prompts_per_epoch": 2}})
+    assert recipe.tree.window_width == 3 and recipe.tree.window_factors == (9, 3, 1)
+    assert recipe.tree.leaves_per_tree == 27
+    plan = make_plan(recipe)
+    assert plan.children_per_sde_step == (9, 3, 1) and plan.leaves_per_prompt == 27
+    assert plan.rows_by_window_start[2] == 2 * (2 + (1 + 9 + 27) + 27 * 5)
+    assert plan.trained_parents == 2 * 37 and plan.trained_edges == 2 * (9 + 27 + 27)
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(recipe))
+    assert load_recipe(path) == recipe
+    mix = validate_recipe({**BASE, "tree": {"branch_factor": [9, 3, 1], "algorithm": "mix"}})
+    assert make_plan(mix).children_per_sde_step == (27, 1, 1)
+
+
 def test_resolved_toml_round_trips(tmp_path):
     recipe = validate_recipe({**BASE, "model": {"pretrained": "org/model", "lora": {"rank": 8}},
                               "reward": [{"kind": "jpeg", "quality": 80}, {"kind": "python", "function": "m:f",
@@ -55,6 +75,9 @@ def test_resolved_toml_round_trips(tmp_path):
     [
         ({"tree": {"window_width": 10}}, "must be smaller than sampling.num_inference_steps=10"),
         ({"tree": {"branch_factor": 1}}, "at least 2 children"),
+        ({"tree": {"branch_factor": [9, 3], "window_width": 3}}, "lists 2 children counts"),
+        ({"tree": {"branch_factor": [1, 3, 3]}}, "first window step needs at least 2 children"),
+        ({"tree": {"branch_factor": [64, 64, 2]}}, "8192 leaves per tree"),
         ({"sampling": {"height": -8}}, "sampling.height = -8"),
         ({"reward": [{"kind": "jpeg"}, {"kind": "jpeg"}]}, "names must be unique"),
         ({"reward": []}, "reward = []"),
@@ -90,4 +113,5 @@ def test_recipe_json_schema_is_generated_from_the_models():
     assert path.read_text() == text, "python -m treegrpo.recipe_docs --schema > docs/recipe.schema.json"
     schema = json.loads(text)
     assert {"model", "reward", "data", "output"} <= set(schema["required"])
-    assert schema["$defs"]["TreeRecipe"]["properties"]["branch_factor"]["maximum"] == 64
+    single, per_step = schema["$defs"]["TreeRecipe"]["properties"]["branch_factor"]["anyOf"]
+    assert single["maximum"] == 64 and per_step["items"]["minimum"] == 1
