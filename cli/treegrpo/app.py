@@ -139,6 +139,8 @@ def check(
         ("model", loaded.model.pretrained),
         ("leaves per prompt", str(plan.leaves_per_prompt)),
         ("children per SDE step", " x ".join(map(str, plan.children_per_sde_step))),
+        ("ODE tail after the window", "exact (one step per timestep)" if loaded.sampling.tail_steps is None else
+         f"at most {loaded.sampling.tail_steps} DPM-Solver++ steps (order {loaded.sampling.tail_solver_order})"),
         ("prompts per epoch / per process", f"{loaded.data.prompts_per_epoch} / {plan.prompts_per_process}"),
         ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows:.0f}  {_cfg_note(loaded)}"),
         ("rollout rows by window start", ", ".join(f"{s}: {r}" for s, r in plan.rows_by_window_start.items())),
@@ -254,6 +256,9 @@ def sample(
     window_start: Annotated[int | None, typer.Option(help="s of the tree (default: drawn from Eq. 7).")] = None,
     beam: Annotated[int | None, typer.Option(min=1, help="Pruned tree search: keep this many nodes per "
                                               "prompt at each window depth.")] = None,
+    tail_steps: Annotated[int | None, typer.Option(min=1, help="Best-of-tree: integrate each leaf's ODE tail "
+                                                    "after the window with this many DPM-Solver++ steps (fewer "
+                                                    "denoiser rows; default: one per timestep).")] = None,
 ) -> None:
     """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
     import torch
@@ -281,7 +286,8 @@ def sample(
                 _fail("--best-of-tree needs --reward KIND to score the leaves.")
             (scorer,) = build_rewards([reward], loaded.pipe.device, torch.float32)
             result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=branch_factor,
-                                         window_width=window_width, window_start=window_start, beam=beam, seed=seed)
+                                         window_width=window_width, window_start=window_start, beam=beam, seed=seed,
+                                         tail_steps=tail_steps)
             grid = save_images(result.images, prompts, out, columns=min(8, len(prompts)))
             for p, score in zip(prompts, result.scores.tolist(), strict=True):
                 console.print(f"{score:10.4f}  {p}")

@@ -112,10 +112,12 @@ def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int,
 
 
 def best_of_tree_images(pipe, prompts: list[str], scorer, kwargs: dict, *, branch_factor: int, window_width: int,
-                        window_start: int | None, beam: int | None, seed: int):
-    """Best leaf per prompt of a TreeGRPO tree (or of the pruned search when `beam` is set)."""
+                        window_start: int | None, beam: int | None, seed: int, tail_steps: int | None = None):
+    """Best leaf per prompt of a TreeGRPO tree (or of the pruned search when `beam` is set); `tail_steps` integrates
+    the ODE tail after the window with the scheduler's tail solver."""
     scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=branch_factor,
-                                                window_width=window_width, window_start=window_start)
+                                                window_width=window_width, window_start=window_start,
+                                                tail_steps=tail_steps)
     scheduler.manual_seed(seed)
     rollout = TreeRolloutPipeline(pipe, scheduler)
     call = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}

@@ -33,7 +33,8 @@ def make_plan(recipe: Recipe, num_processes: int = 1) -> RunPlan:
     # cps has no noise into sigma = 0: flat takes its last step as ODE (DDIM's case depends on the model's config)
     zero_noise = (steps - 1,) if s.sde_type == "cps" else ()
     plans: dict[int, BranchPlan] = {
-        start: build_plan(t.algorithm, steps, t.branch_factor, t.window_width, start, zero_noise_steps=zero_noise)
+        start: build_plan(t.algorithm, steps, t.branch_factor, t.window_width, start, zero_noise_steps=zero_noise,
+                          tail_steps=s.tail_steps)
         for start in starts}
     rows = {start: plan.rows_per_tree * trees for start, plan in plans.items()}
     if t.algorithm == "flat":

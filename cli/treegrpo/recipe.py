@@ -74,6 +74,12 @@ class SamplingRecipe(_Table):
     negative_prompt: str | None = Field(None, description="Negative prompt for CFG (default empty).")
     max_batch_size: int = Field(64, ge=2, description="Most latent rows per denoiser forward while sampling (CFG "
                                 "halves included).")
+    tail_steps: int | None = Field(None, ge=1, description="Denoiser steps per leaf after the SDE window: the "
+                                   "untrained ODE tail is integrated by DPM-Solver++ over this many steps of the "
+                                   "model's schedule instead of one per timestep (fewer rollout rows). Absent = the "
+                                   "exact tail. See docs/training.md, 'Fast tails'.")
+    tail_solver_order: int = Field(2, ge=1, le=3, description="Order of the tail solver: 1 DDIM/Euler, 2 "
+                                   "DPM-Solver++(2M), 3 DPM-Solver++(3M).")
 
 
 class TreeRecipe(_Table):

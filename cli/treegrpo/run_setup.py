@@ -147,7 +147,8 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, sde_type=s.sde_type, eta=s.eta,
                                                 branch_factor=t.branch_factor, window_width=t.window_width,
                                                 window_start=0,  # replaced every epoch (run_epoch)
-                                                window_ratio=t.window_ratio, algorithm=t.algorithm)
+                                                window_ratio=t.window_ratio, algorithm=t.algorithm,
+                                                tail_steps=s.tail_steps, tail_solver_order=s.tail_solver_order)
     if recipe.train.kl_beta > 0 and recipe.train.kl_scale == "flow_grpo" and scheduler.family != "flow":
         raise SetupError(f"train.kl_scale = 'flow_grpo' needs a flow-matching model; {recipe.model.pretrained} "
                          f"samples with a {scheduler.family} schedule. Use train.kl_scale = 'exact'.")

@@ -227,8 +227,10 @@ class TreeRolloutPipeline:
         node = builder.add_roots(prompt) if builder else None
         rows = 0
         cfg_factor = 2 if conditioning.do_cfg else 1
-        with self.pipe.progress_bar(total=plan.num_steps) as progress:
-            for i in range(plan.num_steps):
+        # with a tail solver the steps after the window are the solver's (plan.tail_levels), not one per timestep
+        stepwise = plan.num_steps if not plan.tail_compressed else plan.tail_start
+        with self.pipe.progress_bar(total=len(plan.model_steps)) as progress:
+            for i in range(stepwise):
                 timestep = self.scheduler.timesteps[i].expand(x.shape[0])
                 out = self.model_output(x, timestep, prompt, conditioning, max_batch_size)
                 rows += x.shape[0] * cfg_factor
@@ -249,8 +251,28 @@ class TreeRolloutPipeline:
                     node = builder.add_step(i, node, source, x, result, self.scheduler.timesteps[i])
                 x, prompt = result.prev_sample, prompt[source]
                 progress.update()
+            if stepwise < plan.num_steps:
+                x, rows = self._solve_tail(x, prompt, conditioning, plan, max_batch_size, prune, rows, progress)
+                if builder:  # the leaves' edge from their level-L ancestor stands for the whole tail (record.py)
+                    node = builder.add_tail(node)
         record = builder.finish(x, node, rows) if builder else None
         return x, record, rows
+
+    def _solve_tail(self, x, prompt, conditioning, plan: BranchPlan, max_batch_size, prune, rows, progress):
+        """The ODE tail from level L with the scheduler's multistep solver: one forward per leaf per solver step."""
+        levels = plan.tail_levels
+        solver = self.scheduler.tail_solver(levels)
+        cfg_factor = 2 if conditioning.do_cfg else 1
+        for j, level in enumerate(levels[:-1]):
+            timestep = self.scheduler.timesteps[level]
+            out = self.model_output(x, timestep.expand(x.shape[0]), prompt, conditioning, max_batch_size)
+            rows += x.shape[0] * cfg_factor
+            if prune is not None and j == 0:  # before the tail only: the solver's history is per row
+                keep = prune(level, x, out, prompt)
+                x, out, prompt = x[keep], out[keep], prompt[keep]
+            x = solver.step(out, timestep, x).prev_sample
+            progress.update()
+        return x, rows
 
     def decode(self, latents: torch.Tensor, conditioning: Conditioning, max_batch_size: int = 64,
                output_type: str = "pt"):

@@ -13,6 +13,11 @@ Three shapes (SPEC §2.1, §5):
   step 0 and each trajectory is a single-child SDE chain after it.
 - `mix` (MixGRPO-style): G trajectories, ODE outside a window of SDE steps; identical until the window, so the
   split into G happens at the window's first step.
+
+The ODE tail after the last SDE step (level L to the leaves) carries no log-prob and is never trained; it only has to
+land on an image the reward judges fairly. With `tail_steps = n < T - L` it is integrated by a multistep solver
+(DPM-Solver++, `TreeSDEScheduler.tail_solver`) over n + 1 levels of the model's own schedule, `tail_levels`, so
+the denoiser sees each leaf n times instead of T - L.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def window_factors(branch_factor: BranchFactor, window_width: int | None = None)
         raise ValueError("branch_factor lists no children counts; give one per window step, e.g. [3, 3, 3].")
     bad = [f for f in factors if f < 1]
     if bad:
-        raise ValueError(f"branch_factor {list(factors)} has counts below 1 ({bad}); every window step needs >= 1 child.")
+        raise ValueError(f"branch_factor {list(factors)} has counts below 1 ({bad}); every window step needs >= 1 "
+                         "child.")
     return factors
 
 
@@ -53,6 +59,8 @@ class BranchPlan:
         branch_factors (`tuple[int, ...]`): children per frontier node at each step i = 0 … T-1.
         sde_steps (`tuple[bool, ...]`): whether step i is stochastic (its edges carry log-probs and are trained).
         algorithm (`str`): `"tree"`, `"flat"` or `"mix"`; the name of the shape, for logs.
+        tail_steps (`int`, *optional*): most denoiser evaluations after the last SDE step (the ODE tail, integrated
+            by a multistep solver over `tail_levels`); `None` = one per remaining step, the exact ODE tail.
 
     Example:
         ```py
@@ -66,8 +74,11 @@ class BranchPlan:
     branch_factors: tuple[int, ...]
     sde_steps: tuple[bool, ...]
     algorithm: str = "tree"
+    tail_steps: int | None = None
 
     def __post_init__(self):
+        if self.tail_steps is not None and self.tail_steps < 1:
+            raise ValueError(f"tail_steps must be >= 1 (or None for the exact tail), got {self.tail_steps}.")
         if len(self.branch_factors) != len(self.sde_steps) or not self.branch_factors:
             raise ValueError(
                 f"branch_factors ({len(self.branch_factors)} steps) and sde_steps ({len(self.sde_steps)} steps) "
@@ -141,9 +152,28 @@ class BranchPlan:
         return sum(self.frontier_sizes)
 
     @property
+    def tail_start(self) -> int:
+        """Level L after the last SDE step (0 if there is none), where the ODE tail begins."""
+        return max((i + 1 for i, sde in enumerate(self.sde_steps) if sde), default=0)
+
+    @cached_property
+    def tail_levels(self) -> tuple[int, ...]:
+        """Levels the ODE tail visits, L … T: every level for the exact tail, else `tail_steps + 1` of them."""
+        return tail_levels(self.tail_start, self.num_steps, self.tail_steps)
+
+    @property
+    def tail_compressed(self) -> bool:
+        return len(self.tail_levels) - 1 < self.num_steps - self.tail_start
+
+    @property
+    def model_steps(self) -> tuple[int, ...]:
+        """Steps (levels) at which the denoiser sees the frontier: every step up to L, then the tail's levels."""
+        return tuple(range(self.tail_start)) + self.tail_levels[:-1]
+
+    @property
     def rows_per_tree(self) -> int:
-        """Denoiser rows to sample one tree (per CFG half): one forward per node before each step."""
-        return sum(self.frontier_sizes[:-1])
+        """Denoiser rows to sample one tree (per CFG half): one forward per frontier node at each model step."""
+        return sum(self.frontier_sizes[i] for i in self.model_steps)
 
     @property
     def trained_edges(self) -> int:
@@ -174,7 +204,31 @@ class BranchPlan:
         for i, (factor, sde) in enumerate(zip(self.branch_factors, self.sde_steps, strict=True)):
             kind = f"SDE x{factor}" if sde else "ODE"
             lines.append(f"step {i}: {kind} ({self.frontier_sizes[i]} -> {self.frontier_sizes[i + 1]} nodes)")
+        if self.tail_compressed:
+            lines.append(f"tail: steps {self.tail_start} … {self.num_steps - 1} as {len(self.tail_levels) - 1} "
+                         f"solver steps over levels {list(self.tail_levels)}")
         return "\n".join(lines)
+
+
+def tail_levels(start_level: int, num_steps: int, tail_steps: int | None) -> tuple[int, ...]:
+    """The levels an ODE tail from `start_level` to `num_steps` visits with at most `tail_steps` solver steps:
+    all of them when `tail_steps` is `None` or covers every step, else `tail_steps + 1` levels evenly spaced in
+    step index (rounded), both ends included, so the solver keeps the model's own sigma schedule.
+
+    Example:
+        ```py
+        >>> from diffusers_tree.plan import tail_levels
+        >>> tail_levels(5, 10, None), tail_levels(5, 10, 2), tail_levels(2, 10, 3)
+        ((5, 6, 7, 8, 9, 10), (5, 8, 10), (2, 5, 7, 10))
+        ```
+    """
+    remaining = num_steps - start_level
+    if tail_steps is None or tail_steps >= remaining:
+        return tuple(range(start_level, num_steps + 1))
+    if tail_steps < 1:
+        raise ValueError(f"tail_steps must be >= 1, got {tail_steps}.")
+    # j·remaining/tail_steps rounded half up, in integers
+    return tuple(start_level + (2 * j * remaining + tail_steps) // (2 * tail_steps) for j in range(tail_steps + 1))
 
 
 def _check_window(num_steps: int, window_width: int, window_start: int) -> None:
@@ -199,11 +253,15 @@ def tree_counts(branch_factor: BranchFactor, window_width: int | None = None) ->
     return {"leaves": prefix[-1], "trained_edges": sum(prefix[1:]), "trained_parents": sum(prefix[:-1])}
 
 
-def unique_rows(num_steps: int, branch_factor: BranchFactor, window_width: int | None, window_start: int) -> int:
-    """Closed form of rows per tree (per CFG half): s + (k^w - 1)/(k - 1) + k^w·(T - s - w)."""
+def unique_rows(num_steps: int, branch_factor: BranchFactor, window_width: int | None, window_start: int,
+                tail_steps: int | None = None) -> int:
+    """Closed form of rows per tree (per CFG half): s + (k^w - 1)/(k - 1) + k^w·n, with n = T - s - w tail steps
+    (the exact tail) or min(tail_steps, T - s - w) with a tail solver."""
     counts = tree_counts(branch_factor, window_width)
     w = len(window_factors(branch_factor, window_width))
-    return window_start + counts["trained_parents"] + counts["leaves"] * (num_steps - window_start - w)
+    tail = num_steps - window_start - w
+    tail = tail if tail_steps is None else min(tail_steps, tail)
+    return window_start + counts["trained_parents"] + counts["leaves"] * tail
 
 
-__all__ = ["BranchFactor", "BranchPlan", "tree_counts", "unique_rows", "window_factors"]
+__all__ = ["BranchFactor", "BranchPlan", "tail_levels", "tree_counts", "unique_rows", "window_factors"]

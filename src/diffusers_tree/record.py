@@ -166,6 +166,12 @@ class RecordBuilder:
         self.prompt, self.tree = prompt, tree
         return new
 
+    def add_tail(self, node: torch.Tensor) -> torch.Tensor:
+        """Record an ODE tail integrated in one go (a tail solver): the leaves, children of the level-L frontier
+        `node` through an edge with NaN log-prob, as the stepwise tail records them. Returns the leaf ids."""
+        nan = torch.full((node.numel(),), float("nan"), device=node.device)
+        return self._add_nodes(node, self.plan.num_steps, self.prompt, self.tree, nan)
+
     def finish(self, leaves: torch.Tensor, leaf_node: torch.Tensor, rows: int) -> RolloutRecord:
         cpu, data = self._cat_cpu, torch.cat
         return RolloutRecord(

@@ -16,6 +16,7 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,12 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         window_ratio (`float`, defaults to 0.5): r of Eq. 7.
         algorithm (`str`, defaults to `"tree"`): `"tree"`, `"flat"` (k^w SDE trajectories from one noise) or
             `"mix"` (k^w trajectories, SDE only in the window).
+        tail_steps (`int`, *optional*): most denoiser evaluations per leaf after the last SDE step; the ODE tail is
+            then integrated by [`~TreeSDEScheduler.tail_solver`] (DPM-Solver++) over that many steps of the model's
+            own schedule. `None` (default) keeps the exact one-step-per-timestep tail. Used by
+            `TreeRolloutPipeline`; a stock pipeline calling `step` walks every timestep, so it keeps the exact tail.
+        tail_solver_order (`int`, defaults to 2): order of the tail's multistep solver: 1 is DDIM (= the Euler ODE
+            step for flow models), 2 is DPM-Solver++(2M), 3 is DPM-Solver++(3M).
 
     Example:
         ```py
@@ -116,6 +123,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         window_start: int | None = None,
         window_ratio: float = 0.5,
         algorithm: str = "tree",
+        tail_steps: int | None = None,
+        tail_solver_order: int = 2,
     ):
         base_cls = getattr(diffusers, base_scheduler_class, None)
         if base_cls is None:
@@ -140,6 +149,10 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"window_width must be >= 1, got {window_width}.")
         factors = window_factors(branch_factor, window_width)  # checks the counts
         branch_factor = branch_factor if isinstance(branch_factor, int) else list(factors)
+        if tail_steps is not None and tail_steps < 1:
+            raise ValueError(f"tail_steps must be >= 1 (or None for the exact ODE tail), got {tail_steps}.")
+        if tail_solver_order not in (1, 2, 3):
+            raise ValueError(f"tail_solver_order must be 1, 2 or 3 (DPM-Solver++ orders), got {tail_solver_order}.")
         if not 0 < window_ratio <= 1:
             raise ValueError(f"window_ratio must be in (0, 1], got {window_ratio}.")
         eta = DEFAULT_ETA[sde_type] if eta is None else float(eta)
@@ -206,7 +219,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if self.num_inference_steps is None:
             raise RuntimeError("Call `set_timesteps` before `set_window_start`.")
         self.plan = build_plan(self.config.algorithm, self.num_inference_steps, self.config.branch_factor,
-                               self.config.window_width, window_start, zero_noise_steps=self.zero_noise_steps())
+                               self.config.window_width, window_start, zero_noise_steps=self.zero_noise_steps(),
+                               tail_steps=self.config.tail_steps)
 
     def zero_noise_steps(self) -> tuple[int, ...]:
         """Steps of the current schedule at which this `sde_type` has no noise (std = 0), so no log-probability:
@@ -303,6 +317,48 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
                          prediction_type=self.config.prediction_type, noise=noise, prev_sample=prev_sample,
                          generator=generator)
 
+    def tail_solver(self, levels: tuple[int, ...] | list[int], order: int | None = None):
+        """A diffusers `DPMSolverMultistepScheduler` (DPM-Solver++, data prediction) set up to integrate the
+        probability-flow ODE from level `levels[0]` to level `levels[-1]` of the current schedule, one solver step
+        per consecutive pair of `levels` (the plan's `tail_levels`). Step it with the denoiser's output at
+        `self.timesteps[levels[j]]`, as any diffusers scheduler: `solver.step(model_output, t, x).prev_sample`.
+
+        Why diffusers' solver with its grid replaced: its `set_timesteps` builds a grid from pure noise (DPM-Solver
+        takes no custom sigmas; UniPC reshapes them), while the tail starts mid-schedule on the sigmas the model was
+        sampled with. Only `sigmas` and `timesteps` are replaced, after `set_timesteps` has reset the solver state.
+        Order 1 is the DDIM step, which for flow matching equals the Euler ODE step, so over every level it
+        reproduces the exact tail."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        if self.timesteps is None:
+            raise RuntimeError("Call `set_timesteps` before `tail_solver`.")
+        levels = [int(level) for level in levels]
+        if len(levels) < 2 or levels != sorted(set(levels)) or levels[0] < 0 or levels[-1] > self.num_inference_steps:
+            raise ValueError(f"levels must increase within 0 … {self.num_inference_steps}, got {levels}.")
+        order = self.config.tail_solver_order if order is None else order
+        common = {"algorithm_type": "dpmsolver++", "solver_order": order, "lower_order_final": True,
+                  "final_sigmas_type": "zero", "use_karras_sigmas": False, "thresholding": False}
+        index = torch.tensor(levels)
+        if self.family == "flow":
+            solver = DPMSolverMultistepScheduler(num_train_timesteps=self.base.config.num_train_timesteps,
+                                                 use_flow_sigmas=True, prediction_type="flow_prediction", **common)
+            sigmas = self.sigmas.float().cpu()[index]
+        else:
+            # DPM-Solver's sigma of a variance-preserving schedule: sqrt((1 - ᾱ) / ᾱ), at DDIM's grid and after it
+            solver = DPMSolverMultistepScheduler.from_config(
+                {k: v for k, v in self.base.config.items() if not k.startswith("_")},
+                prediction_type=self.config.prediction_type, **common)
+            grid = torch.cat([self.alpha_pair(torch.arange(self.num_inference_steps))[0],
+                              self.alpha_pair(torch.tensor([self.num_inference_steps - 1]))[1]])
+            alpha = grid[index].double()
+            sigmas = ((1 - alpha) / alpha).sqrt().float()
+        solver.set_timesteps(len(levels) - 1)
+        solver.sigmas = sigmas
+        solver.timesteps = self.timesteps[index[:-1].to(self.timesteps.device)].clone()
+        solver.num_inference_steps = len(levels) - 1
+        solver.set_begin_index(0)
+        return solver
+
     def alpha_pair(self, step_index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ᾱ_t, ᾱ_prev) of DDIM step(s), as CPU float32 tensors. ᾱ_prev is read at the next timestep of the schedule
         (for DDIM's "leading"/"trailing" spacings that is DDIM's t - num_train_timesteps // num_inference_steps; for
@@ -332,8 +388,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if batch % leaves:
             raise ValueError(
                 f"The batch has {batch} rows, which is not whole trees of {leaves} leaves "
-                f"(branch_factor={self.config.branch_factor}, window_width={self.config.window_width}); call the pipeline with "
-                f"num_images_per_prompt={leaves} (or a multiple)."
+                f"(branch_factor={self.config.branch_factor}, window_width={self.config.window_width}); call the "
+                f"pipeline with num_images_per_prompt={leaves} (or a multiple)."
             )
         num_trees, rows = batch // leaves, torch.arange(batch, device=sample.device)
         tree, leaf = rows // leaves, rows % leaves
@@ -356,10 +412,17 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
 
 
 def build_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
-               window_start: int, *, zero_noise_steps: tuple[int, ...] = ()) -> BranchPlan:
+               window_start: int, *, zero_noise_steps: tuple[int, ...] = (), tail_steps: int | None = None
+               ) -> BranchPlan:
     """The plan of one tree for `algorithm`; flat and mix use k^w trajectories (Π k_j for per-step counts), the
     tree's leaf count. `zero_noise_steps` (see `TreeSDEScheduler.zero_noise_steps`) become ODE steps of flat; a
-    tree/mix window that covers one is an error."""
+    tree/mix window that covers one is an error. `tail_steps`: see `BranchPlan`."""
+    plan = _shape_plan(algorithm, num_steps, branch_factor, window_width, window_start, zero_noise_steps)
+    return plan if tail_steps is None else dataclasses.replace(plan, tail_steps=tail_steps)
+
+
+def _shape_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
+                window_start: int, zero_noise_steps: tuple[int, ...]) -> BranchPlan:
     factors = window_factors(branch_factor, window_width)
     window_width, num_leaves = len(factors), math.prod(factors)
     if algorithm == "flat":

@@ -62,7 +62,8 @@ def test_per_step_children_counts(factors):
         "leaves": leaves, "trained_edges": edges, "trained_parents": parents}
     for s in range(T - w + 1):
         plan = BranchPlan.tree(T, factors, None, s)
-        assert plan.branch_factors[s:s + w] == factors and set(plan.branch_factors[:s] + plan.branch_factors[s + w:]) <= {1}
+        assert plan.branch_factors[s:s + w] == factors
+        assert set(plan.branch_factors[:s] + plan.branch_factors[s + w:]) <= {1}
         assert plan.sde_steps == tuple(s <= i < s + w for i in range(T))
         assert (plan.num_leaves, plan.trained_parents, plan.trained_edges) == (leaves, parents, edges)
         assert plan.rows_per_tree == unique_rows(T, factors, None, s) == s + parents + leaves * (T - s - w)

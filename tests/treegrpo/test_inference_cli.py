@@ -28,6 +28,21 @@ def test_sample_best_of_tree_and_beam(workdir, tiny_sd3_dir):
         assert (out / "grid.png").is_file() and "denoiser rows" in result.output
 
 
+def test_best_of_tree_with_a_tail_solver_counts_fewer_rows(workdir, tiny_sd3_dir):
+    """k 2, w 3, s 1, T 8: the exact tail costs 1 + 7 + 8·4 rows per tree, a 1-step tail 1 + 7 + 8·1."""
+    rows = {}
+    for tail in ([], ["--tail-steps", "1"]):
+        result = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "a red cat", "--out",
+                                     str(workdir / f"t{len(tail)}"),
+                                     "--reward", "python:function=test_rewards:brightness",
+                                     "--best-of-tree", "--window-start", "1", "--branch-factor", "2", "--steps", "8",
+                                     "--seed", "1", *tail])
+        assert result.exit_code == 0, result.output
+        rows[len(tail)] = int(result.output.split("best-of-tree: ")[1].split()[0])
+    cfg = rows[0] // 40
+    assert cfg in (1, 2) and rows == {0: 40 * cfg, 2: 16 * cfg}
+
+
 def test_sample_errors_exit_2(workdir, tiny_sd3_dir):
     assert runner.invoke(app, ["sample", str(tiny_sd3_dir), *TINY]).exit_code == 2  # no prompts
     result = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "x", "--best-of-tree", *TINY])

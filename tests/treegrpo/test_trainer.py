@@ -180,6 +180,22 @@ def test_missing_recipe_and_bad_override_exit_2(workdir):
     assert result.exit_code == 2 and "not valid TOML" in result.output
 
 
+def test_tail_solver_in_training(workdir, tiny_sd3_dir):
+    """sampling.tail_steps = 1: the rows are the new schedule's unique nodes, training is untouched (ratio 1), and
+    `check` states the tail."""
+    recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2),
+                         ["sampling.tail_steps=1", "tree.window_policy=\"fixed\"", "tree.window_start=0"])
+    train(recipe, reporter=QUIET)
+    for m in read_metrics(workdir / "run"):
+        assert m["tree/window_start"] == 0
+        assert m["model/rollout_rows"] == 2 * unique_rows(5, 2, 2, 0, tail_steps=1) * 2 == 2 * (0 + 3 + 4 * 1) * 2
+        assert m["model/train_rows"] == 2 * 3 * 2
+        assert m["policy/first_ratio_error"] < 1e-5
+    result = runner.invoke(app, ["check", str(write_recipe(workdir, tiny_sd3_dir)), "--set", "sampling.tail_steps=1"])
+    assert result.exit_code == 0, result.output
+    assert "at most 1 DPM-Solver++ steps (order 2)" in result.output
+
+
 def test_check_prints_plan(workdir, tiny_sd3_dir):
     result = runner.invoke(app, ["check", str(write_recipe(workdir, tiny_sd3_dir)), "--set", "tree.branch_factor=3"])
     assert result.exit_code == 0, result.output
