@@ -63,6 +63,10 @@ VARIANTS: dict[str, list[str]] = {
 # Trees with a different children count per window step (k_1, k_2, k_3); (3, 3, 3) is TreeGRPO, (27, 1, 1) is mix.
 VARIANTS["tree-9-3-1"] = ["tree.branch_factor=[9, 3, 1]"]
 VARIANTS["tree-9-3"] = ["tree.branch_factor=[9, 3]", "tree.window_width=2"]  # same rows, 10 parents instead of 37
+# The ODE tail after the window integrated by DPM-Solver++(2M) in at most n steps (sampling.tail_steps)
+VARIANTS["tree-tail3"] = ["sampling.tail_steps=3"]
+VARIANTS["tree-tail2"] = ["sampling.tail_steps=2"]
+VARIANTS["tree-9-3-tail3"] = ["tree.branch_factor=[9, 3]", "tree.window_width=2", "sampling.tail_steps=3"]
 MAIN_METHODS = list(METHODS)
 METHODS.update(VARIANTS)
 TARGETS = (0.8, 0.9)

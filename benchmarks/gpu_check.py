@@ -106,14 +106,21 @@ def build_model(size: str, folder: Path) -> Path:
     return folder
 
 
-def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int, micro_batch_size: int = 2) -> Path:
+def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int, micro_batch_size: int = 2, *,
+                 variant: str = "", tail_steps: int = 2) -> Path:
+    """The recipe of one part. `variant`: "" (as the algorithm), "tail" (the ODE tail after the window in at most
+    `tail_steps` DPM-Solver++ steps) or "offload" (text encoders kept in CPU memory between encodes)."""
     cfg = SIZES[size]
     extra = ('sde_type = "dance_sde"\neta = 0.3' if algorithm == "flat" else 'sde_type = "flow_sde"')
+    if variant == "tail":
+        extra += f"\ntail_steps = {tail_steps}"
+    name = algorithm + (f"_{variant}" if variant else "")
     text = textwrap.dedent(f"""\
         # written by benchmarks/gpu_check.py
         [model]
         pretrained = "{model}"
         dtype = "{cfg['dtype']}"
+        offload_text_encoders = {'true' if variant == "offload" else 'false'}
         [model.lora]
         rank = {cfg['lora_rank']}
         alpha = {cfg['lora_alpha']}
@@ -141,13 +148,13 @@ def write_recipe(out: Path, model: Path, size: str, algorithm: str, epochs: int,
         learning_rate = 1e-3
         micro_batch_size = {micro_batch_size}
         [output]
-        dir = "{out / ('run_' + algorithm)}"
+        dir = "{out / ('run_' + name)}"
         checkpoint_every = 1000
         eval_every = 1000
         log_with = "none"
         samples = false
     """).replace("{extra}", extra)
-    path = out / f"{algorithm}.toml"
+    path = out / f"{name}.toml"
     path.write_text(text)
     return path
 
@@ -197,7 +204,7 @@ def train_one(recipe_path: Path, *, micro_batch_sweep: tuple[int, ...] = (), thr
             train_peak = max(train_peak, torch.cuda.max_memory_allocated())
     result = {key: metrics[key] for key in ("time/rollout_s", "time/score_s", "time/train_s", "time/epoch_s",
                                             "model/rollout_rows", "model/train_rows", "model/trained_parents",
-                                            "policy/first_ratio_error", "train/grad_norm")}
+                                            "policy/first_ratio_error", "train/grad_norm", "tree/window_start")}
     result.update(setup_s=setup_s, rollout_peak_gib=peak.rollout_peak / 2**30, train_peak_gib=train_peak / 2**30)
     if micro_batch_sweep:
         result["micro_batch_sweep"] = sweep_micro_batches(run, recipe.train.epochs, micro_batch_sweep)
@@ -353,14 +360,17 @@ def table(results: dict) -> str:
     """The markdown table and notes for docs/benchmarks.md; a part that failed is named with its error's last line."""
     lines = []
     tree, flat = results.get("tree", {}), results.get("flat", {})
-    for name, part in (("tree", tree), ("flat", flat)):
+    variants = [(name, results[name]) for name in ("tail", "offload") if name in results]
+    for name, part in (("tree", tree), ("flat", flat), *variants):
         if "error" in part:
             lines.append(f"{name}: FAILED ({part['error'].strip().splitlines()[-1]})")
 
     def cell(part, key, fmt):
         return fmt.format(part[key]) if key in part else "-"
 
-    rows = [("", "tree (k=3, w=3)", "flat (27 traj., DanceGRPO steps)")]
+    titles = {"tail": f"tree, tail in {results.get('tail_steps')} solver steps",
+              "offload": "tree, text encoders offloaded"}
+    rows = [("", "tree (k=3, w=3)", "flat (27 traj., DanceGRPO steps)", *(titles[name] for name, _ in variants))]
     for label, key, fmt in (
             ("s / iteration", "time/epoch_s", "{:.2f}"),
             ("  rollout s (sampling + VAE decode)", "time/rollout_s", "{:.2f}"),
@@ -375,12 +385,17 @@ def table(results: dict) -> str:
             ("train/grad_norm", "train/grad_norm", "{:.3g}"),
             ("LoRA effect on the denoiser (max rel. change)", "lora_effect", "{:.1e}"),
             ("stock pipeline + exported LoRA vs trained, max rel. error", "lora_reload_max_rel_error", "{:.1e}")):
-        rows.append((label, cell(tree, key, fmt), cell(flat, key, fmt)))
+        rows.append((label, cell(tree, key, fmt), cell(flat, key, fmt),
+                     *(cell(part, key, fmt) for _, part in variants)))
     table_lines = ["| " + " | ".join(r) + " |" for r in rows]
-    table_lines.insert(1, "|---|---|---|")
+    table_lines.insert(1, "|" + "---|" * len(rows[0]))
     lines += table_lines
     if "time/epoch_s" in tree and "time/epoch_s" in flat:
         lines.append(f"\ntree vs flat per iteration: {flat['time/epoch_s'] / tree['time/epoch_s']:.2f}x faster")
+    tail = results.get("tail", {})
+    if "time/epoch_s" in tail and "time/epoch_s" in flat:
+        lines.append(f"tree with a {results.get('tail_steps')}-step tail vs flat per iteration: "
+                     f"{flat['time/epoch_s'] / tail['time/epoch_s']:.2f}x faster")
     sweeps = [(name, row) for name, part in (("tree", tree), ("flat", flat))
               for row in part.get("micro_batch_sweep", [])]
     if sweeps:
@@ -418,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="work folder (model, runs, json)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per method; the last one is reported")
     parser.add_argument("--skip-fsdp", action="store_true", help="do not run the accelerate-launch FSDP epoch")
-    parser.add_argument("--parts", default="tree,flat,fsdp", help="comma-separated subset of tree,flat,fsdp")
+    parser.add_argument("--parts", default="tree,flat,fsdp", help="comma-separated subset of tree,flat,fsdp,tail,"
+                        "offload (tail: the tree with a compressed ODE tail; offload: the tree with its text encoders "
+                        "kept in CPU memory, for the memory it frees)")
+    parser.add_argument("--tail-steps", type=int, default=2, help="solver steps of the tail part's ODE tail")
     parser.add_argument("--micro-batch-size", type=int, default=2,
                         help="train.micro_batch_size (parents) of both methods' reported epochs")
     parser.add_argument("--no-extras", action="store_true",
@@ -469,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     if "flat" in parts:
         phase("flat", lambda: train_one(write_recipe(out, model, args.size, "flat", epochs, mb), throughput=extras,
                                         micro_batch_sweep=cfg["flat_micro_batch_sweep"] if extras else ()))
+    if "tail" in parts:
+        results["tail_steps"] = args.tail_steps
+        phase("tail", lambda: train_one(write_recipe(out, model, args.size, "tree", epochs, mb, variant="tail",
+                                                     tail_steps=args.tail_steps)))
+    if "offload" in parts:
+        phase("offload", lambda: train_one(write_recipe(out, model, args.size, "tree", epochs, mb, variant="offload")))
     if torch.cuda.is_available() and not args.skip_fsdp and "fsdp" in parts:
         write_recipe(out, model, args.size, "tree", epochs)
         phase("fsdp", lambda: fsdp_epoch(out / "tree.toml", out))

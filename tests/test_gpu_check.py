@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_runs_end_to_end_at_its_smallest_setting(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--size", "tiny", "--out",
-                           str(tmp_path), "--epochs", "1", "--skip-fsdp"],
+                           str(tmp_path), "--epochs", "1", "--parts", "tree,flat,tail,offload"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| s / iteration |" in proc.stdout and "tree vs flat per iteration" in proc.stdout
@@ -31,6 +31,13 @@ def test_gpu_check_runs_end_to_end_at_its_smallest_setting(tmp_path):
     # the micro-batch sweep trains the same 13 parents at each size; the throughput check counts rows exactly
     assert [row["micro_batch_size"] for row in tree["micro_batch_sweep"]] == [1, 13]
     assert all(row["train_rows"] == 26 and not row["oom"] for row in tree["micro_batch_sweep"])
+    # the tail part: rows of the tree with a 2-step ODE tail; the offload part trains like the tree
+    from diffusers_tree import unique_rows
+
+    tail, steps = results["tail"], results["tail"]["model/rollout_rows"]
+    assert steps == 2 * unique_rows(10, 3, 3, tail["tree/window_start"], tail_steps=2)
+    assert "tree with a 2-step tail vs flat per iteration" in proc.stdout
+    assert results["offload"]["model/train_rows"] == 26 and "tree, text encoders offloaded" in proc.stdout
     speed = flat["throughput"]
     assert speed["ours_rows"] == 2 * (1 + 27 * 9) and speed["stock_rows"] == 2 * 27 * 10
     assert "denoiser rows/s at 54 rows per forward" in proc.stdout
