@@ -4,7 +4,7 @@ trains on.
     python benchmarks/baselines.py                                   # 5 seeds × 5 methods, 100 epochs, 2 jobs
     python benchmarks/baselines.py --seeds 0 --epochs 6 --jobs 1     # a quick look
 
-Methods (all from `recipes/digits.toml`: same model, LoRA, optimizer, learning rate, prompts and digits reward;
+Methods (all from `recipes/digits_paper.toml`: same model, LoRA, optimizer, learning rate, prompts and digits reward;
 the overrides below are the only differences; see `METHODS`):
 - tree: TreeGRPO, k = 3, w = 3 (27 leaves), Eq. 7 window.
 - mix-sliding: MixGRPO's progressive sliding window (27 trajectories from one noise, shared ODE prefix, SDE and
@@ -67,6 +67,9 @@ VARIANTS["tree-9-3"] = ["tree.branch_factor=[9, 3]", "tree.window_width=2"]  # s
 VARIANTS["tree-tail3"] = ["sampling.tail_steps=3"]
 VARIANTS["tree-tail2"] = ["sampling.tail_steps=2"]
 VARIANTS["tree-9-3-tail3"] = ["tree.branch_factor=[9, 3]", "tree.window_width=2", "sampling.tail_steps=3"]
+VARIANTS["tree-9-3-tail3-o1"] = VARIANTS["tree-9-3-tail3"] + ["sampling.tail_solver_order=1"]  # DDIM/Euler tail
+# the same tail solver given to the fastest window baseline (MixGRPO-Flash also compresses its ODE part)
+VARIANTS["mix-fast-tail3"] = METHODS["mix-fast"] + ["sampling.tail_steps=3"]
 MAIN_METHODS = list(METHODS)
 METHODS.update(VARIANTS)
 TARGETS = (0.8, 0.9)
@@ -103,7 +106,7 @@ def worker(seed: int, method: str, epochs: int, eval_every: int, per_digit: int,
         overrides = METHODS[method] + [f"train.seed={seed}", f"train.epochs={epochs}", "train.cpu_threads=1",
                                        "train.learning_rate=3e-4",
                                        f"output.dir={json.dumps(tmp)}", "output.samples=false"]
-        recipe = load_recipe(ROOT / "recipes" / "digits.toml", overrides)
+        recipe = load_recipe(ROOT / "recipes" / "digits_paper.toml", overrides)
         run = setup(recipe, Reporter(enabled=False))
         judge = DigitsReward(classifier=str(BUILTIN_DIGITS_DIR / "judge")).load()
         reward = DigitsReward().load()
@@ -171,24 +174,39 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the peers' methods, and the same methods given our tail solver (mix-fast-tail3): everything not a tree
+BASELINES = [m for m in METHODS if m.split("-")[0] in ("mix", "flat")]
+
+
 def head_to_head(runs: list[dict], target: float = 0.9) -> str:
-    """Per seed: does the tree reach `target` (judge) sooner in wall clock than every baseline?"""
+    """Per seed and per tree method that ran (TreeGRPO and any tree variant): does it reach `target` (judge) sooner
+    in wall clock than every baseline (the peers' methods, `BASELINES`)?"""
     seeds = sorted({r["seed"] for r in runs})
+    trees = [m for m in METHODS if m not in BASELINES and any(r["method"] == m for r in runs)]
     lines = []
-    wins = 0
-    for seed in seeds:
-        by_method = {r["method"]: reached(r["evals"], target) for r in runs if r["seed"] == seed}
-        tree = by_method.get("tree")
-        others = {m: h for m, h in by_method.items() if m != "tree"}
-        best = min(((h[1], m) for m, h in others.items() if h), default=None)
-        win = tree is not None and (best is None or tree[1] < best[0])
-        wins += win
-        tree_text = f"{tree[1]:.0f} s" if tree else "never"
-        best_text = f"{best[1]} {best[0]:.0f} s" if best else "none"
-        lines.append(f"seed {seed}: tree {tree_text}, fastest baseline {best_text} -> "
-                     f"{'tree first' if win else 'not'}")
-    lines.append(f"tree first to judge accuracy {target} (wall clock) on {wins}/{len(seeds)} seeds")
+    for tree_method in trees:
+        wins = 0
+        for seed in seeds:
+            by_method = {r["method"]: reached(r["evals"], target) for r in runs if r["seed"] == seed}
+            tree = by_method.get(tree_method)
+            best = min(((h[1], m) for m, h in by_method.items() if m in BASELINES and h), default=None)
+            win = tree is not None and (best is None or tree[1] < best[0])
+            wins += win
+            tree_text = f"{tree[1]:.0f} s" if tree else "never"
+            best_text = f"{best[1]} {best[0]:.0f} s" if best else "none"
+            lines.append(f"seed {seed}: {tree_method} {tree_text}, fastest baseline {best_text} -> "
+                         f"{'tree first' if win else 'not'}")
+        lines.append(f"{tree_method} first to judge accuracy {target} (wall clock) on {wins}/{len(seeds)} seeds\n")
     return "\n".join(lines)
+
+
+def _report(out: Path, seeds: list[int], methods: list[str]) -> None:
+    runs = [json.loads((out / f"{m}-seed{s}.json").read_text()) for s in seeds for m in methods
+            if (out / f"{m}-seed{s}.json").is_file()]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    print(table(runs))
+    print()
+    print(head_to_head(runs))
 
 
 def main() -> None:
@@ -228,12 +246,7 @@ def main() -> None:
                 running.remove((proc, job))
                 status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 print(f"[{time.perf_counter() - started:6.0f} s] seed {job[0]} {job[1]}: {status}", flush=True)
-    runs = [json.loads((args.out / f"{m}-seed{s}.json").read_text()) for s in args.seeds for m in args.methods
-            if (args.out / f"{m}-seed{s}.json").is_file()]
-    (args.out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
-    print(table(runs))
-    print()
-    print(head_to_head(runs))
+    _report(args.out, args.seeds, args.methods)
 
 
 if __name__ == "__main__":

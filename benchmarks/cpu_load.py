@@ -5,7 +5,7 @@ policy: free cores when the run starts; see cli/treegrpo/threads.py).
     python benchmarks/cpu_load.py                        # ~10 min on 2 cores
     python benchmarks/cpu_load.py --epochs 4 --busy 0 2 --threads 1 2 auto
 
-Each configuration is one `treegrpo run recipes/digits.toml` process (real CLI path) for `--epochs` epochs; the
+Each configuration is one `treegrpo run recipes/digits_paper.toml` process (real CLI path) for `--epochs` epochs; the
 table shows the median `time/epoch_s` over all epochs but the first (warm-up), and the thread count the run chose.
 The load is `--busy` processes spinning in pure Python, started before and stopped after each group of runs.
 """
@@ -31,7 +31,7 @@ SPIN = "while True: pass"
 def run_digits(out: Path, algorithm: str, threads: str, epochs: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["HF_HUB_OFFLINE"] = "1"
-    command = [sys.executable, "-m", "treegrpo", "run", str(ROOT / "recipes" / "digits.toml"),
+    command = [sys.executable, "-m", "treegrpo", "run", str(ROOT / "recipes" / "digits_paper.toml"),
                "--set", f'tree.algorithm="{algorithm}"', "--set", f"train.epochs={epochs}",
                "--set", f"output.dir={json.dumps(str(out))}", "--set", "output.samples=false",
                "--set", "output.checkpoint_every=1000"]

@@ -1,10 +1,11 @@
 """Seconds per training iteration (one epoch: rollout, scoring, training), methods interleaved round-robin in one
 process, on the digits model and on the 9M-parameter CPU SD3 of `benchmarks/rollout.py`.
 
-Methods (overrides of one base recipe per model; see `METHODS`):
+Methods (overrides of one base recipe per model, `recipes/digits_paper.toml` for digits; see `METHODS`):
 - tree: TreeGRPO k 3, w 3, Eq. 7 window, exact ODE tail.
 - tree-tail2 / tree-tail3: the same with the ODE tail after the window integrated by DPM-Solver++(2M) in at most
   2 / 3 steps (`sampling.tail_steps`).
+- tree-9-3-tail3: (9, 3) children at a 2-step window and a 3-step tail (the defaults of `recipes/digits.toml`).
 - flat-dancegrpo: DanceGRPO (27 trajectories from one noise, `dance_sde` η 0.3 at every step, int(0.6·(T−1)) = 5
   random steps of 0..8 trained per trajectory).
 - mix-fast: Flow-GRPO-Fast-like (25 trajectories split at an Eq. 7 window start, 2 SDE steps trained).
@@ -35,6 +36,7 @@ METHODS: dict[str, list[str]] = {
     "tree": [],
     "tree-tail3": ["sampling.tail_steps=3"],
     "tree-tail2": ["sampling.tail_steps=2"],
+    "tree-9-3-tail3": ["tree.branch_factor=[9, 3]", "tree.window_width=2", "sampling.tail_steps=3"],
     "flat-dancegrpo": ['tree.algorithm="flat"', 'sampling.sde_type="dance_sde"', "sampling.eta=0.3",
                        "tree.timestep_fraction=0.6"],
     "mix-fast": ['tree.algorithm="mix"', "tree.branch_factor=5", "tree.window_width=2"],
@@ -78,7 +80,7 @@ eval_every = 100000
 
 def recipe_for(model: str, tmp: Path) -> Path:
     if model == "digits":
-        return ROOT / "recipes" / "digits.toml"
+        return ROOT / "recipes" / "digits_paper.toml"
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from rollout import large_sd3_pipeline
 

@@ -30,6 +30,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from diffusers_tree import TreeRolloutPipeline, group_normalize, unique_rows, window_probs  # noqa: E402
+from treegrpo.rewards import to_pil  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 T, K, W, RATIO = 10, 3, 3, 0.5
@@ -88,14 +89,14 @@ def compare(name, setup, tail_settings, seeds, starts):
                 assert n_rows == len(prompts) * unique_rows(T, K, W, start, tail_steps=tail_steps) * (
                     2 if kwargs.get("guidance_scale", 1) > 1 else 1)
                 diff = (images - exact).abs()
-                r_exact, r_fast = reward(exact, labels).float(), reward(images, labels).float()
+                r_exact, r_fast = reward(to_pil(exact), labels).float(), reward(to_pil(images), labels).float()
                 a_exact, a_fast = group_normalize(r_exact, group), group_normalize(r_fast, group)
                 corr = float(torch.corrcoef(torch.stack([a_exact, a_fast]))[0, 1])
                 for key, value in (("mean_err", float(diff.mean())), ("max_err", float(diff.max())),
                                    ("reward_diff", float((r_fast - r_exact).abs().mean())), ("adv_corr", corr)):
                     stats[key].append((weight, value))
                 if hasattr(reward, "accuracy"):
-                    stats["acc"].append((weight, reward.accuracy(images, labels)))
+                    stats["acc"].append((weight, reward.accuracy(to_pil(images), labels)))
 
         def weighted(key, stats=stats):
             pairs = stats[key]

@@ -5,7 +5,7 @@
 
 Prints markdown tables (per-iteration wall clock split into rollout / scoring / training, denoiser rows, final
 reward and accuracy, time to reach the flat run's final reward) and writes PNG curves of reward and accuracy
-against wall clock. Every run is `treegrpo.trainer.train` on `recipes/digits.toml` with `--set`-style overrides;
+against wall clock. Every run is `treegrpo.trainer.train` on `recipes/digits_paper.toml` with `--set`-style overrides;
 nothing about the baselines is tuned down: flat trains DanceGRPO's `timestep_fraction` of every trajectory's
 steps (the recipe's value, 0.6 by default here) with the same optimizer, rewards and leaves per prompt.
 """
@@ -99,7 +99,7 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "digits.toml")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "digits_paper.toml")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tree-epochs", type=int, default=None,

@@ -96,10 +96,11 @@ class TreeRecipe(_Table):
 
     @property
     def window_factors(self) -> tuple[int, ...]:
-        """Children per node at each window step."""
-        from diffusers_tree.plan import window_factors  # lazily: loading a recipe stays free of torch/diffusers
-
-        return window_factors(self.branch_factor, self.window_width)
+        """Children per node at each window step (as `diffusers_tree.plan.window_factors`, without importing torch:
+        loading a recipe stays light; the list's length was checked against window_width on load)."""
+        if isinstance(self.branch_factor, int):
+            return (self.branch_factor,) * self.window_width
+        return tuple(self.branch_factor)
 
     @property
     def leaves_per_tree(self) -> int:

@@ -20,8 +20,10 @@ def test_digits_recipe_runs_from_the_builtin_model(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2
-    # 10 digit prompts × one 27-leaf tree; no CFG at guidance 1: rows = 10 · unique nodes of the epoch's window
+    # 10 digit prompts × one 27-leaf tree with (9, 3) children at its 2 window steps and a 3-step tail; no CFG at
+    # guidance 1: rows = 10 · (s nodes before the window + 1 + 9 parents + 27 leaves × min(3, steps left))
     s = metrics[0]["tree/window_start"]
-    assert metrics[0]["model/rollout_rows"] == 10 * (s + 13 + 27 * (10 - s - 3))
+    assert metrics[0]["model/rollout_rows"] == 10 * (s + 10 + 27 * min(3, 10 - s - 2))
+    assert metrics[0]["model/train_rows"] == 10 * 10
     assert 0.2 < metrics[0]["reward/digits/accuracy"] < 0.8  # the base model follows its prompt only partly
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
