@@ -37,7 +37,11 @@ def test_gpu_check_runs_end_to_end_at_its_smallest_setting(tmp_path):
     tail, steps = results["tail"], results["tail"]["model/rollout_rows"]
     assert steps == 2 * unique_rows(10, 3, 3, tail["tree/window_start"], tail_steps=2)
     assert "tree with a 2-step tail vs flat per iteration" in proc.stdout
-    assert results["offload"]["model/train_rows"] == 26 and "tree, text encoders offloaded" in proc.stdout
+    # the offload part is the tree run with its text encoders parked between encodes: the same training step
+    offload = results["offload"]
+    assert "tree, text encoders offloaded" in proc.stdout
+    assert offload["model/rollout_rows"] == tree["model/rollout_rows"]
+    assert abs(offload["train/grad_norm"] - tree["train/grad_norm"]) <= 1e-5 * tree["train/grad_norm"]
     speed = flat["throughput"]
     assert speed["ours_rows"] == 2 * (1 + 27 * 9) and speed["stock_rows"] == 2 * 27 * 10
     assert "denoiser rows/s at 54 rows per forward" in proc.stdout

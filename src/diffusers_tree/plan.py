@@ -244,10 +244,6 @@ def _check_window(num_steps: int, window_width: int, window_start: int) -> None:
 def tree_counts(branch_factor: BranchFactor, window_width: int | None = None) -> dict[str, int]:
     """Closed forms of SPEC §2.1: leaves k^w, trained edges k + … + k^w, trained parents (k^w - 1)/(k - 1).
     With per-step counts k_1 … k_w: leaves Π k_j, edges Σ_d Π_{j<=d} k_j, parents Σ_d Π_{j<d} k_j."""
-    if isinstance(branch_factor, int) and window_width is not None:
-        k, w = branch_factor, window_width
-        parents = w if k == 1 else (k**w - 1) // (k - 1)
-        return {"leaves": k**w, "trained_edges": sum(k**d for d in range(1, w + 1)), "trained_parents": parents}
     factors = window_factors(branch_factor, window_width)
     prefix = [math.prod(factors[:d]) for d in range(len(factors) + 1)]  # nodes per tree at window depth d
     return {"leaves": prefix[-1], "trained_edges": sum(prefix[1:]), "trained_parents": sum(prefix[:-1])}

@@ -113,7 +113,7 @@ class RecordBuilder:
 
     def __init__(self, plan: BranchPlan, num_prompts: int, num_trees: int, device=None):
         self.plan, self.num_prompts, self.num_trees, self.device = plan, num_prompts, num_trees, device
-        self.last_level = max((i + 1 for i, sde in enumerate(plan.sde_steps) if sde), default=0)
+        self.last_level = plan.tail_start  # the level after the last SDE step
         self.nodes: dict[str, list[torch.Tensor]] = {k: [] for k in ("parent", "level", "prompt", "tree", "log_prob")}
         self.parents: dict[str, list[torch.Tensor]] = {k: [] for k in ("node", "step", "timestep", "prompt", "x")}
         self.edges: dict[str, list[torch.Tensor]] = {k: [] for k in ("child", "parent", "x")}

@@ -46,7 +46,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-__all__ = ["tiny_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline"]
+__all__ = ["TINY_PIPELINES", "tiny_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline",
+           "tiny_flux_pipeline"]
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, matching the CLIP configs below
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -259,3 +260,12 @@ def tiny_flux_pipeline(*, seed: int = 0) -> FluxPipeline:
         transformer=transformer,
     )
     return _finish(pipe)
+
+
+# family → (builder, the call kwargs its tiny pipeline needs: T5's token length for SD3 and FLUX)
+TINY_PIPELINES = {
+    "sd": (tiny_sd_pipeline, {}),
+    "sdxl": (tiny_sdxl_pipeline, {}),
+    "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 16}),
+    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
+}

@@ -10,19 +10,9 @@ import torch  # noqa: E402
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, backup_advantages, unique_rows  # noqa: E402
 from diffusers_tree.search import best_of_n, count_rows  # noqa: E402
-from diffusers_tree.testing import (  # noqa: E402
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    tiny_sd_pipeline,
-    tiny_sdxl_pipeline,
-)
+from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
 
-FAMILIES = {
-    "sd": (tiny_sd_pipeline, {}),
-    "sdxl": (tiny_sdxl_pipeline, {}),
-    "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 16}),
-    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
-}
+FAMILIES = TINY_PIPELINES
 PROMPTS = ["a red cat", "a blue dog"]
 SIZE = {"height": 32, "width": 32}
 

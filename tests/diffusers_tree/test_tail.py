@@ -2,6 +2,7 @@
 schedule. Rows against the unique-node formula in every family; the solver against the exact stepwise tail and
 against the analytic solution of a linear ODE."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,22 +14,11 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E4
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, backup_advantages, unique_rows  # noqa: E402
 from diffusers_tree.plan import BranchPlan, tail_levels  # noqa: E402
 from diffusers_tree.search import count_rows  # noqa: E402
-from diffusers_tree.testing import (  # noqa: E402
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    tiny_sd_pipeline,
-    tiny_sdxl_pipeline,
-)
+from diffusers_tree.testing import SD_BETAS, TINY_PIPELINES  # noqa: E402
 
-FAMILIES = {
-    "sd": (tiny_sd_pipeline, {}),
-    "sdxl": (tiny_sdxl_pipeline, {}),
-    "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 16}),
-    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
-}
+FAMILIES = TINY_PIPELINES
 PROMPTS = ["a red cat", "a blue dog"]
 SIZE = {"height": 32, "width": 32}
-SD_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
 def test_tail_levels():
@@ -51,15 +41,14 @@ def test_rows_formula(n):
     T, k, w = 10, 3, 3
     for s in range(T - w):
         plan = BranchPlan.tree(T, k, w, s)
-        tailed = BranchPlan(plan.branch_factors, plan.sde_steps, "tree", tail_steps=n)
+        tailed = dataclasses.replace(plan, tail_steps=n)
         by_level = s * 1 + (1 + 3 + 9) + 27 * min(n, T - s - w)
         assert tailed.rows_per_tree == unique_rows(T, k, w, s, tail_steps=n) == by_level
         assert tailed.trained_parents == plan.trained_parents and tailed.num_leaves == 27
         assert tailed.tail_compressed == (n < T - s - w)
-    mix = BranchPlan(BranchPlan.mix(T, 25, 2, 1).branch_factors, BranchPlan.mix(T, 25, 2, 1).sde_steps, "mix",
-                     tail_steps=n)
+    mix = dataclasses.replace(BranchPlan.mix(T, 25, 2, 1), tail_steps=n)
     assert mix.rows_per_tree == 1 + 1 + 25 + 25 * min(n, T - 3)
-    flat = BranchPlan(BranchPlan.flat(T, 27).branch_factors, BranchPlan.flat(T, 27).sde_steps, "flat", tail_steps=n)
+    flat = dataclasses.replace(BranchPlan.flat(T, 27), tail_steps=n)
     assert flat.rows_per_tree == BranchPlan.flat(T, 27).rows_per_tree  # no tail: every step is SDE
 
 
@@ -103,8 +92,8 @@ def _solver_tail(scheduler, model, x, levels, order):
 
 
 @pytest.mark.parametrize("base", [FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                  DDIMScheduler(**SD_CONFIG, set_alpha_to_one=False),
-                                  DDIMScheduler(**SD_CONFIG, set_alpha_to_one=True, prediction_type="v_prediction")],
+                                  DDIMScheduler(**SD_BETAS, set_alpha_to_one=False),
+                                  DDIMScheduler(**SD_BETAS, set_alpha_to_one=True, prediction_type="v_prediction")],
                          ids=["flow", "ddim", "ddim-v"])
 def test_first_order_solver_over_every_level_is_the_exact_tail(base):
     """DPM-Solver++ order 1 is the DDIM step (= Euler for flow matching): over all levels it is the exact tail."""
@@ -123,8 +112,8 @@ def test_first_order_solver_over_every_level_is_the_exact_tail(base):
 
 
 BASES = {"flow": FlowMatchEulerDiscreteScheduler(shift=3.0),
-         "ddim-eps": DDIMScheduler(**SD_CONFIG, set_alpha_to_one=False),
-         "ddim-v": DDIMScheduler(**SD_CONFIG, set_alpha_to_one=True, prediction_type="v_prediction")}
+         "ddim-eps": DDIMScheduler(**SD_BETAS, set_alpha_to_one=False),
+         "ddim-v": DDIMScheduler(**SD_BETAS, set_alpha_to_one=True, prediction_type="v_prediction")}
 
 
 @pytest.mark.parametrize("name", list(BASES))
