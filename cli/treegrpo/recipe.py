@@ -55,6 +55,9 @@ class ModelRecipe(_Table):
                                         "the accelerator only to encode prompts the run has not cached yet (with "
                                         "data.cache_embeddings); frees their accelerator memory (SD3's T5-XXL: "
                                         "~9 GB in bf16) for most of the run.")
+    offload_rewards: bool = Field(False, description="Keep the reward models in CPU memory, moving them to the "
+                                  "accelerator only while they score an epoch's leaves; frees their accelerator "
+                                  "memory (PickScore/HPS's CLIP ViT-H: ~2 GB in bf16) during rollout and training.")
 
 
 class SamplingRecipe(_Table):

@@ -64,24 +64,54 @@ class Run:
                                        negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
                                        width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
 
-    @contextmanager
     def text_encoders_ready(self):
         """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
         memory after it (anything that encodes prompts, the stock pipeline's sample grids included, runs inside)."""
         encoders = text_encoders(self.pipe) if self.recipe.model.offload_text_encoders else []
-        for encoder in encoders:
-            encoder.to(self.accelerator.device)
+        return on_accelerator_inside(encoders, self.accelerator.device)
+
+    @contextmanager
+    def rewards_ready(self):
+        """With `model.offload_rewards`, the reward models on the accelerator inside this block (scoring) and back in
+        CPU memory after it. A reward that loads lazily loads inside the block, on its own device (the accelerator),
+        and leaves it on the way out like the others."""
+        rewards = self.rewards if self.recipe.model.offload_rewards else []
+        for reward in rewards:
+            for module in reward_modules(reward):
+                module.to(self.accelerator.device)
         try:
             yield
-        finally:
-            for encoder in encoders:
-                encoder.to("cpu")
+        finally:  # read again: a lazy reward's first call made its modules inside the block
+            for reward in rewards:
+                for module in reward_modules(reward):
+                    module.to("cpu")
+
+
+@contextmanager
+def on_accelerator_inside(modules: list[torch.nn.Module], device):
+    """`modules` on `device` inside the block and in CPU memory after it. A plain `.to()`, not accelerate's
+    `cpu_offload_with_hook`: that hook moves a module when its `forward` runs, and rewards call other methods
+    (`get_image_features`), and text encoders are called through the pipeline's own code, which reads their device
+    first; one move per block is also what costs least (no move per forward)."""
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
 
 
 def text_encoders(pipe) -> list[torch.nn.Module]:
     """The pipeline's text encoders (`text_encoder`, `text_encoder_2`, ...; the components diffusers names so)."""
     return [module for name, module in pipe.components.items()
             if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)]
+
+
+def reward_modules(reward) -> list[torch.nn.Module]:
+    """The torch modules a reward holds as attributes (its loaded models; none before a lazy reward's first call,
+    none for rewards that are plain functions)."""
+    return [value for value in vars(reward).values() if isinstance(value, torch.nn.Module)]
 
 
 def make_accelerator(recipe: Recipe):

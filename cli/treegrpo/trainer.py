@@ -85,8 +85,9 @@ def run_epoch(run: Run, epoch: int) -> dict:
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("scoring")
     try:
-        scores, accuracies = score_leaves(run, out.images,
-                                          [local_prompts[int(p)] for p in record.leaf_prompt_index])
+        with run.rewards_ready():
+            scores, accuracies = score_leaves(run, out.images,
+                                              [local_prompts[int(p)] for p in record.leaf_prompt_index])
         failure = None
     except TrainingError as err:
         failure = err
