@@ -85,13 +85,22 @@ def _from_pretrained(pretrained: str, torch_dtype, revision):
         raise ModelLoadError(f"Could not load model.pretrained = {pretrained!r}: {err}") from None
 
 
+def default_lora_targets(pipe, denoiser_name: str) -> list[str]:
+    """The family's LoRA targets: its adapter's `lora_target_modules`, else the attention projections of the
+    UNet or MMDiT families."""
+    targets = getattr(adapter_for(pipe), "lora_target_modules", None)
+    if targets:
+        return list(targets)
+    return UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS
+
+
 def add_lora(denoiser: torch.nn.Module, *, rank: int, alpha: float, target_modules: list[str] | None, seed: int,
-             denoiser_name: str) -> list[str]:
+             denoiser_name: str, default_targets: list[str] | None = None) -> list[str]:
     """Add a LoRA adapter (peft) to the denoiser, freeze everything else, keep LoRA weights in fp32.
-    Returns the target module names used."""
+    `default_targets` (see `default_lora_targets`) apply when `target_modules` is None. Returns the targets used."""
     from peft import LoraConfig
 
-    default = UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS
+    default = default_targets or (UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS)
     targets = target_modules or default
     names = [name for name, _ in denoiser.named_modules()]
     # peft matches a target against the end of a module's dotted name

@@ -14,7 +14,7 @@ from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
 
 from .ema import EMA
 from .grpo import derive_seed
-from .models import DTYPES, add_lora, load_pipeline, trainable_parameters
+from .models import DTYPES, add_lora, default_lora_targets, load_pipeline, trainable_parameters
 from .prompt_cache import PromptEmbeddingCache
 from .recipe import Recipe, TrainRecipe
 from .reporting import Reporter
@@ -167,7 +167,8 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     if recipe.model.lora is not None:
         lora = recipe.model.lora
         add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
-                 seed=derive_seed(recipe.train.seed, lora.init_seed), denoiser_name=name)
+                 seed=derive_seed(recipe.train.seed, lora.init_seed), denoiser_name=name,
+                 default_targets=default_lora_targets(pipe, name))
     else:
         denoiser.requires_grad_(True)
         denoiser.float()
@@ -241,8 +242,16 @@ def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
 
 def check_image_size(pipe, denoiser, height: int, width: int) -> None:
     """Height and width must be whole latent patches (the rule of `preflight.image_size_problem`)."""
+    from diffusers_tree.adapters import adapter_for
+
     from .preflight import image_size_problem
 
+    multiple = getattr(adapter_for(pipe), "pixels_per_patch", None)  # families that know their own rule
+    if multiple:
+        bad = [f"sampling.{key}={value}" for key, value in (("height", height), ("width", width)) if value % multiple]
+        if bad:
+            raise SetupError(f"{', '.join(bad)}: this {type(pipe).__name__} needs multiples of {multiple} pixels.")
+        return
     problem = image_size_problem(type(pipe).__name__, getattr(pipe, "vae_scale_factor", 8),
                                  getattr(denoiser.config, "patch_size", None), height, width)
     if problem:

@@ -32,7 +32,8 @@ def test_rows_equal_unique_node_count(family, guidance):
     with count_rows(tree.denoiser) as counter:  # counted at the model, independently of the pipeline's own count
         out = tree(PROMPTS, num_trees=trees, num_inference_steps=T, guidance_scale=guidance, output_type="latent",
                    max_batch_size=40, generator=torch.Generator().manual_seed(0), **SIZE, **kwargs)
-    cfg = 2 if guidance > 1 and family != "flux" else 1  # FLUX is guidance-distilled: one row per node
+    # guidance-distilled families (FLUX) take one row per node; CFG families two
+    cfg = 2 if tree.encode(PROMPTS[:1], guidance_scale=guidance, **kwargs).do_cfg else 1
     expected = len(PROMPTS) * trees * (s + (k**w - 1) // (k - 1) + k**w * (T - s - w)) * cfg
     assert counter.rows == out.rows == expected == len(PROMPTS) * trees * unique_rows(T, k, w, s) * cfg
     assert counter.max_rows <= 40  # chunked to max_batch_size, CFG halves included

@@ -15,12 +15,7 @@ from diffusers import (  # noqa: E402
 
 from diffusers_tree import TreeSDEScheduler  # noqa: E402
 from diffusers_tree.dynamics import flow_step  # noqa: E402
-from diffusers_tree.testing import (  # noqa: E402
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    tiny_sd_pipeline,
-    tiny_sdxl_pipeline,
-)
+from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
 
 SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
@@ -135,13 +130,8 @@ def test_bad_inputs_name_the_value():
         tree.step(torch.zeros(4, 4, 2, 2), tree.timesteps[0], torch.zeros(4, 4, 2, 2))
 
 
-# ---- the four stock pipelines ---------------------------------------------------------------------------------------
-FAMILIES = {
-    "sd": (tiny_sd_pipeline, {"guidance_scale": 7.5}),
-    "sdxl": (tiny_sdxl_pipeline, {"guidance_scale": 5.0}),
-    "sd3": (tiny_sd3_pipeline, {"guidance_scale": 7.0, "max_sequence_length": 16}),
-    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
-}
+# ---- every family's stock pipeline (each with its own default guidance) ---------------------------------------
+FAMILIES = TINY_PIPELINES
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

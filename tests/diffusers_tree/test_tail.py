@@ -63,7 +63,7 @@ def test_compressed_tail_rows_equal_unique_node_formula(family, guidance):
     with count_rows(tree.denoiser) as counter:  # counted at the model
         out = tree(PROMPTS, num_inference_steps=T, guidance_scale=guidance, output_type="latent",
                    generator=torch.Generator().manual_seed(0), **SIZE, **kwargs)
-    cfg = 2 if guidance > 1 and family != "flux" else 1
+    cfg = 2 if tree.encode(PROMPTS[:1], guidance_scale=guidance, **kwargs).do_cfg else 1  # FLUX: guidance-distilled
     per_tree = s + (1 + k) + k**w * n
     assert counter.rows == out.rows == len(PROMPTS) * per_tree * cfg == len(PROMPTS) * cfg * unique_rows(
         T, k, w, s, tail_steps=n)

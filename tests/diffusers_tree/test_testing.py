@@ -5,23 +5,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_tree.testing import (  # noqa: E402
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    tiny_sd_pipeline,
-    tiny_sdxl_pipeline,
-    tiny_tokenizer,
-)
+from diffusers_tree.testing import TINY_PIPELINES, tiny_tokenizer  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog"]
 
-# builder, extra call kwargs
-FAMILIES = {
-    "sd": (tiny_sd_pipeline, {"guidance_scale": 7.5}),
-    "sdxl": (tiny_sdxl_pipeline, {"guidance_scale": 5.0}),
-    "sd3": (tiny_sd3_pipeline, {"guidance_scale": 7.0, "max_sequence_length": 16}),
-    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
-}
+# builder, extra call kwargs (each pipeline samples with its own default guidance)
+FAMILIES = TINY_PIPELINES
 
 
 def _modules(pipe) -> dict[str, torch.nn.Module]:

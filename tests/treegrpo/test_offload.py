@@ -1,5 +1,6 @@
 """`model.offload_rewards`: reward models in CPU memory except while they score an epoch's leaves."""
 
+import numpy as np
 import torch
 
 from treegrpo.recipe import load_recipe
@@ -38,7 +39,7 @@ class LazyModelReward:
         if self._model is None:
             self._model = MovesRecorder(self.log)
         self.log.append(("score", len(images)))
-        means = torch.stack([torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).mean((0, 1)) for image in images])
+        means = torch.stack([torch.from_numpy(np.asarray(image, dtype="float32")).mean((0, 1)) for image in images])
         return self._model(means / 255).flatten().detach()
 
 

@@ -87,6 +87,12 @@ class PipelineAdapter(Protocol):
 
     def decode(self, latents: torch.Tensor, conditioning: Conditioning) -> torch.Tensor: ...
 
+    # Optional, read with getattr by the loop and the trainer:
+    #   lora_target_modules: list[str]  (class attribute) the denoiser's module names a LoRA targets by default
+    #   pixels_per_patch: int  image height and width must be multiples of it (VAE factor × latent patch)
+    #   combine_guidance(uncond_out, cond_out, conditioning) -> guided output, for pipelines whose CFG is not
+    #       `u + g·(c - u)` (e.g. a norm rescale); used at sampling and training alike
+
 
 def register_adapter(*pipeline_class_names: str):
     """Class decorator: use this adapter for pipelines of these class names (and their subclasses)."""
@@ -126,6 +132,9 @@ def guided_model_output(
     both = {k: torch.cat([conditioning.uncond[k][prompt_index], cond[k]]) for k in cond}
     out = adapter.model_forward(torch.cat([latents, latents]), torch.cat([timestep, timestep]), both, conditioning)
     uncond_out, cond_out = out.chunk(2)
+    combine = getattr(adapter, "combine_guidance", None)  # families whose pipelines guide otherwise (Qwen-Image)
+    if combine is not None:
+        return combine(uncond_out, cond_out, conditioning)
     return uncond_out + conditioning.guidance_scale * (cond_out - uncond_out)
 
 
@@ -141,6 +150,6 @@ def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:
     return pipe.image_processor.postprocess(image, output_type="pt")
 
 
-from . import flux, sd, sd3, sdxl  # noqa: E402,F401  (registers the built-in families)
+from . import flux, flux2, qwenimage, sana, sd, sd3, sdxl, wan, zimage  # noqa: E402,F401  (registers the families)
 
 __all__ = ["Conditioning", "PipelineAdapter", "adapter_for", "guided_model_output", "register_adapter"]

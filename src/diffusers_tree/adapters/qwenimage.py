@@ -1,0 +1,1 @@
+"""Qwen-Image: adapter not written yet."""

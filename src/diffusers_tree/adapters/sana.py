@@ -1,0 +1,1 @@
+"""SANA: adapter not written yet."""
