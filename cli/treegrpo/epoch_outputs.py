@@ -16,21 +16,22 @@ if TYPE_CHECKING:
     from .run_setup import Run
 
 
+FRAME_REDUCTIONS = ("mean", "min", "max", "whole")  # how a video's frame scores become one score (see below)
+
+
 def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
     """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and the
-    leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`)."""
-    from treegrpo.rewards import to_pil
-    from treegrpo.rewards.base import score_with_accuracy
-
-    pil = to_pil(images)
+    leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`). Leaves are images `[N, 3, H, W]`
+    or videos `[N, F, 3, H, W]` (see `score_reward`)."""
     rows, accuracies = [], {}
     for reward in run.rewards:
         try:
-            values, accuracy = score_with_accuracy(reward, pil, prompts)
+            values, accuracy = score_reward(reward, images, prompts)
         except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
             raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
-        if values.numel() != len(pil):
-            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {len(pil)} images.")
+        if values.numel() != images.shape[0]:
+            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {images.shape[0]} "
+                                f"{'videos' if images.ndim == 5 else 'images'}.")
         if not torch.isfinite(values).all():
             raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
                                 "images; stopping.")
@@ -38,6 +39,33 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[to
         if accuracy is not None:
             accuracies[reward.name] = float(accuracy)
     return torch.stack(rows), accuracies
+
+
+def score_reward(reward, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, float | None]:
+    """One reward's scores `[N]`. The video contract: a reward's `frame_reduction` (`[[reward]] frame_reduction`)
+    says how it sees a video. "mean" (default), "min" or "max": every frame is scored as an image with the video's
+    prompt, and the frame scores are reduced per video, so every image reward works on video unchanged. "whole": the
+    reward is called with the videos themselves, each a list of its frames as PIL images (python rewards that judge
+    motion or consistency)."""
+    from treegrpo.rewards import to_pil
+    from treegrpo.rewards.base import score_with_accuracy
+
+    if images.ndim != 5:
+        return score_with_accuracy(reward, to_pil(images), prompts)
+    num_videos, num_frames = images.shape[:2]
+    reduction = getattr(reward, "frame_reduction", "mean")
+    if reduction == "whole":
+        frames = to_pil(images.flatten(0, 1))
+        videos = [frames[i * num_frames:(i + 1) * num_frames] for i in range(num_videos)]
+        return score_with_accuracy(reward, videos, prompts)
+    frame_prompts = [prompt for prompt in prompts for _ in range(num_frames)]
+    values, accuracy = score_with_accuracy(reward, to_pil(images.flatten(0, 1)), frame_prompts)
+    if values.numel() != num_videos * num_frames:
+        raise ValueError(f"returned {values.numel()} scores for {num_videos * num_frames} frames "
+                         f"({num_videos} videos × {num_frames})")
+    per_frame = values.reshape(num_videos, num_frames)
+    reduced = {"mean": per_frame.mean(1), "min": per_frame.amin(1), "max": per_frame.amax(1)}[reduction]
+    return reduced, accuracy
 
 
 def epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times) -> dict:
@@ -89,11 +117,25 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
     call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad(), run.text_encoders_ready():
-        images = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
-                      generator=torch.Generator().manual_seed(seed), **call).images
+        result = pipe(prompts, num_inference_steps=run.recipe.sampling.num_inference_steps,
+                      generator=torch.Generator().manual_seed(seed), output_type="pil", **call)
+    # video pipelines (Wan) return `frames`: one strip of evenly spaced frames per video
+    images = result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
     if not run.accelerator.is_main_process:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 96 // images[0].size[0])
     image_grid(images, columns=min(10, len(images)), labels=prompts, scale=scale).save(path)
     return path
+
+
+def frame_strip(frames, count: int = 4):
+    """Up to `count` evenly spaced frames of a video (PIL images), side by side: a video's preview in a grid."""
+    from PIL import Image
+
+    picks = sorted({round(i * (len(frames) - 1) / max(count - 1, 1)) for i in range(min(count, len(frames)))})
+    width, height = frames[0].size
+    strip = Image.new("RGB", (width * len(picks), height), "white")
+    for slot, index in enumerate(picks):
+        strip.paste(frames[index].convert("RGB"), (slot * width, 0))
+    return strip

@@ -56,6 +56,7 @@ class Family:
     name: str  # the diffusers_tree adapter name: sd, sdxl, sd3, flux
     pipeline_class: str
     tags: tuple[str, ...]  # Hub tags, the family's first (diffusers' own training scripts use the same)
+    task: str = "text-to-image"  # the Hub's pipeline_tag
 
 
 FAMILIES = {f.pipeline_class: f for f in (
@@ -63,6 +64,12 @@ FAMILIES = {f.pipeline_class: f for f in (
     Family("sdxl", "StableDiffusionXLPipeline", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")),
     Family("sd3", "StableDiffusion3Pipeline", ("sd3", "sd3-diffusers")),
     Family("flux", "FluxPipeline", ("flux", "flux-diffusers")),
+    Family("flux2", "Flux2Pipeline", ("flux2", "flux2-diffusers")),
+    Family("flux2", "Flux2KleinPipeline", ("flux2", "flux2-diffusers")),
+    Family("qwenimage", "QwenImagePipeline", ("qwen-image", "qwen-image-diffusers")),
+    Family("zimage", "ZImagePipeline", ("z-image", "z-image-diffusers")),
+    Family("sana", "SanaPipeline", ("sana", "sana-diffusers")),
+    Family("wan", "WanPipeline", ("wan", "wan-diffusers"), task="text-to-video"),
 )}
 GENERIC = Family("", "DiffusionPipeline", ())  # unknown class: `DiffusionPipeline.from_pretrained` picks it
 

@@ -66,12 +66,12 @@ def model_card(summary: RunSummary, repo_id: str):
 
     recipe, family = summary.recipe, summary.family
     # diffusers' LoRA card conventions (its training scripts' tags and the widget gallery the Hub renders)
-    tags = ["text-to-image", "diffusers-training", "diffusers", "lora", "template:sd-lora", *family.tags, "treegrpo",
+    tags = [family.task, "diffusers-training", "diffusers", "lora", "template:sd-lora", *family.tags, "treegrpo",
             "grpo", "reinforcement-learning"]
     extra = {"base_model_relation": "adapter"} if summary.base_model else {}
     if "samples/final.png" in summary.images:
         extra["widget"] = [{"text": summary.example_prompt, "output": {"url": "samples/final.png"}}]
-    data = ModelCardData(base_model=summary.base_model, library_name="diffusers", pipeline_tag="text-to-image",
+    data = ModelCardData(base_model=summary.base_model, library_name="diffusers", pipeline_tag=family.task,
                          tags=list(dict.fromkeys(tags)), **extra)
     captions = {"samples/before.png": "Before training", "samples/final.png": "After training",
                 "reward_curve.png": "Mean reward per epoch"}
@@ -99,8 +99,11 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
     base = summary.base_model or summary.pretrained
     call = {"num_inference_steps": sampling.get("num_inference_steps"), "guidance_scale":
             sampling.get("guidance_scale"), "height": sampling.get("height"), "width": sampling.get("width")}
-    if summary.family.name in ("sd3", "flux", ""):
+    if summary.family.name not in ("sd", "sdxl"):  # the T5 / LLM text encoders' token length
         call["max_sequence_length"] = sampling.get("max_sequence_length")
+    video = summary.family.task == "text-to-video"
+    if video:
+        call["num_frames"] = sampling.get("num_frames")
     args = "".join(f", {k}={json.dumps(v)}" for k, v in call.items() if v is not None)
     dtype = DTYPE_NAMES.get(recipe.get("model", {}).get("dtype", "fp32"), "torch.float32")
     comment = "" if summary.base_model else "  # the local base model this LoRA was trained on"
@@ -108,7 +111,9 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
         "import torch", f"from diffusers import {summary.family.pipeline_class}", "",
         f'pipe = {summary.family.pipeline_class}.from_pretrained("{base}", torch_dtype={dtype}){comment}',
         'pipe.to("cuda" if torch.cuda.is_available() else "cpu")', f'pipe.load_lora_weights("{repo_id}")',
-        f"image = pipe({json.dumps(prompt)}{args}).images[0]", 'image.save("sample.png")'])
+        *([f"frames = pipe({json.dumps(prompt)}{args}).frames[0]", "from diffusers.utils import export_to_video",
+           'export_to_video(frames, "sample.mp4", fps=16)'] if video else
+          [f"image = pipe({json.dumps(prompt)}{args}).images[0]", 'image.save("sample.png")'])])
 
 
 def _base_line(summary: RunSummary) -> str:

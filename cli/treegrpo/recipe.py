@@ -67,6 +67,8 @@ class SamplingRecipe(_Table):
     height: int = Field(512, ge=8, le=8192, description="Image height in pixels (a multiple of the model's latent "
                         "patch size in pixels, checked when the model loads).")
     width: int = Field(512, ge=8, le=8192, description="Image width in pixels (as height).")
+    num_frames: int | None = Field(None, ge=1, description="Video models (Wan): frames per video, 4k + 1 (e.g. 33, "
+                                   "81); default: the pipeline's. Must be unset for image models.")
     sde_type: Literal["flow_sde", "dance_sde", "cps", "ddim"] | None = Field(
         None, description="Stochastic step: flow_sde (Flow-GRPO), dance_sde (DanceGRPO), cps; ddim for UNet "
         "(DDPM-family) models. Default: flow_sde for flow models, ddim for UNets.")
@@ -148,10 +150,14 @@ class RewardRecipe(BaseModel):
     version: str | None = Field(None, description="hpsv2: v2.1 (default) or v2.0.")
     quality: int | None = Field(None, description="jpeg: JPEG quality used to measure compressibility.")
     batch_size: int | None = Field(None, gt=0, description="Images per reward-model forward.")
+    frame_reduction: Literal["mean", "min", "max", "whole"] = Field(
+        "mean", description="Video models (Wan): how a video gets one score. mean/min/max: every frame is scored as "
+        "an image with the video's prompt and the frame scores are reduced; whole (python rewards only): the "
+        "function receives each video as a list of PIL frames. Ignored for image models.")
 
     def options(self) -> dict:
         """The kind-specific options that are set (passed to `treegrpo.rewards.build_reward`)."""
-        skip = {"kind", "weight", "name"}
+        skip = {"kind", "weight", "name", "frame_reduction"}
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
 
     @model_validator(mode="after")
@@ -162,6 +168,9 @@ class RewardRecipe(BaseModel):
         unknown = sorted(set(self.options()) - set(allowed))
         if unknown:
             raise ValueError(f"reward kind {self.kind!r} does not take {unknown}; it takes {sorted(allowed)}.")
+        if self.frame_reduction == "whole" and self.kind != "python":
+            raise ValueError(f"frame_reduction = 'whole' (videos as lists of frames) needs a python reward; the "
+                             f"{self.kind!r} reward scores images: use 'mean', 'min' or 'max'.")
         return self
 
 

@@ -157,6 +157,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
         except (ValueError, TypeError) as err:
             raise SetupError(f"[[reward]] kind={spec.kind!r}: {err}") from None
         reward.name = spec.name or spec.kind
+        reward.frame_reduction = spec.frame_reduction  # how it scores video leaves (epoch_outputs.score_reward)
         rewards.append(reward)
     reporter.info(f"loading {recipe.model.pretrained} ({recipe.model.dtype}) on {accelerator.device} ...")
     loaded = load_pipeline(recipe.model.pretrained, dtype=recipe.model.dtype, revision=recipe.model.revision,
