@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
+from diffusers_tree.adapters import stock_call_kwargs
 
 from .grpo import derive_seed
 from .metrics import image_grid
@@ -94,6 +95,7 @@ def call_kwargs(pipe, defaults: dict, settings: Settings) -> dict:
               "height": settings.height, "width": settings.width,
               "max_sequence_length": settings.max_sequence_length}
     merged = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
+    merged = stock_call_kwargs(pipe, merged)  # Qwen-Image: true_cfg_scale; SANA: no resolution binning
     accepted = inspect.signature(pipe.__call__).parameters
     return {k: v for k, v in merged.items() if v is not None and k in accepted}
 
@@ -107,7 +109,7 @@ def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int,
             count = min(batch_size, num_images - start)
             generators = [torch.Generator().manual_seed(derive_seed(seed, p, start + j)) for j in range(count)]
             with torch.no_grad():
-                images += pipe(prompt, num_images_per_prompt=count, generator=generators, **kwargs).images
+                images += pipe(prompt=prompt, num_images_per_prompt=count, generator=generators, **kwargs).images
     return images
 
 

@@ -62,7 +62,8 @@ class Run:
         with self.text_encoders_ready():
             return self.rollout.encode(prompts, guidance_scale=kwargs["guidance_scale"],
                                        negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
-                                       width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"])
+                                       width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"],
+                                       num_frames=kwargs["num_frames"])
 
     def text_encoders_ready(self):
         """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
@@ -185,6 +186,9 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
         raise SetupError(f"train.kl_scale = 'flow_grpo' needs a flow-matching model; {recipe.model.pretrained} "
                          f"samples with a {scheduler.family} schedule. Use train.kl_scale = 'exact'.")
     rollout = TreeRolloutPipeline(pipe, scheduler)
+    if s.num_frames is not None and getattr(rollout.adapter, "default_num_frames", None) is None:
+        raise SetupError(f"sampling.num_frames = {s.num_frames}: {type(pipe).__name__} makes images, not videos; "
+                         "remove sampling.num_frames.")
     rollout.set_progress_bar_config(disable=True)
     dropped = align_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), denoiser)
     if dropped:
@@ -199,6 +203,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
         else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
         "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
         "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
+        "num_frames": s.num_frames,
     }
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,

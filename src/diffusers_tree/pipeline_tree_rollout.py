@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers.utils import BaseOutput
@@ -33,7 +33,8 @@ class TreeRolloutOutput(BaseOutput):
 
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): every leaf, grouped by prompt, then tree,
-            then leaf (`[num_prompts · num_trees · num_leaves, 3, H, W]` in [0, 1] for `output_type="pt"`).
+            then leaf (`[num_prompts · num_trees · num_leaves, 3, H, W]` in [0, 1] for `output_type="pt"`). Video
+            families (Wan): videos, `[N, F, 3, H, W]` for `"pt"`, as the stock pipeline's `frames` otherwise.
         record ([`RolloutRecord`], *optional*): the tree structure, log-probs and latents for training.
         rows (`int`): latent rows that went through the denoiser (CFG halves counted).
     """
@@ -97,13 +98,17 @@ class TreeRolloutPipeline:
     # ---- public entry points ----------------------------------------------------------------------------------
     def encode(self, prompts: list[str], *, guidance_scale: float | None = None, negative_prompt=None,
                height: int | None = None, width: int | None = None,
-               max_sequence_length: int | None = None) -> Conditioning:
-        """Encode each prompt once (cond and, with CFG, uncond); reused for sampling and training forwards."""
+               max_sequence_length: int | None = None, num_frames: int | None = None) -> Conditioning:
+        """Encode each prompt once (cond and, with CFG, uncond); reused for sampling and training forwards. Video
+        families also record `num_frames` (their default when `None`) for the rollouts that use the conditioning."""
         height, width = self._size(height, width)
+        num_frames = self._num_frames(num_frames)
         guidance_scale = self.adapter.default_guidance_scale if guidance_scale is None else guidance_scale
         with torch.no_grad():
-            return self.adapter.encode(list(prompts), negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                                       height=height, width=width, max_sequence_length=max_sequence_length)
+            conditioning = self.adapter.encode(list(prompts), negative_prompt=negative_prompt,
+                                               guidance_scale=guidance_scale, height=height, width=width,
+                                               max_sequence_length=max_sequence_length)
+        return conditioning if num_frames is None else replace(conditioning, num_frames=num_frames)
 
     @torch.no_grad()
     def __call__(
@@ -118,6 +123,7 @@ class TreeRolloutPipeline:
         height: int | None = None,
         width: int | None = None,
         max_sequence_length: int | None = None,
+        num_frames: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         conditioning: Conditioning | None = None,
@@ -136,6 +142,8 @@ class TreeRolloutPipeline:
             num_inference_steps (`int`, defaults to 10): T.
             window_start (`int`, *optional*): override the scheduler's window start (the trainer's epoch draw).
             guidance_scale (`float`, *optional*): CFG scale (FLUX: distilled guidance); the family's default.
+            num_frames (`int`, *optional*): video families only (Wan: 4k + 1 frames); the conditioning's, else the
+                pipeline's default.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): draws the root noise, then one
                 branch-noise tensor per SDE step (falls back to the scheduler's `manual_seed` generator, then torch's
                 global RNG). A list of one generator per tree (`num_prompts · num_trees`, prompt-major) makes every
@@ -145,7 +153,7 @@ class TreeRolloutPipeline:
             conditioning ([`Conditioning`], *optional*): pre-encoded prompts from [`~TreeRolloutPipeline.encode`].
             max_batch_size (`int`, defaults to 64): most latent rows per denoiser forward, CFG halves included.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` (float `[N, 3, H, W]` in [0, 1], what
-                the trainer asks for) or `"latent"`.
+                the trainer asks for; videos `[N, F, 3, H, W]`) or `"latent"`.
             return_record (`bool`, defaults to `True`): build the [`RolloutRecord`] for training.
             record_device (`str`, *optional*): keep the record's latents there (e.g. `"cpu"`) to bound GPU memory.
             prune (`callable`, *optional*): called before each step's transition; returns the frontier rows to
@@ -158,10 +166,16 @@ class TreeRolloutPipeline:
                 raise ValueError(f"height/width {height}x{width} differ from the conditioning's "
                                  f"{conditioning.height}x{conditioning.width}; encode for the size you sample.")
             height, width = conditioning.height, conditioning.width
+            if num_frames is not None and num_frames != conditioning.num_frames:
+                raise ValueError(f"num_frames={num_frames} differs from the conditioning's "
+                                 f"{conditioning.num_frames}; encode with the num_frames you sample.")
+            num_frames = conditioning.num_frames
         height, width = self._size(height, width)
         if conditioning is None:
             conditioning = self.encode(prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                       height=height, width=width, max_sequence_length=max_sequence_length)
+                                       height=height, width=width, max_sequence_length=max_sequence_length,
+                                       num_frames=num_frames)
+            num_frames = conditioning.num_frames
         if conditioning.num_prompts != len(prompts):
             raise ValueError(f"conditioning has {conditioning.num_prompts} prompts but {len(prompts)} were given.")
         if isinstance(generator, list) and (len(generator) != len(prompts) * num_trees or prune is not None):
@@ -172,7 +186,7 @@ class TreeRolloutPipeline:
         num_roots = len(prompts) * num_trees
         dtype = next(iter(conditioning.cond.values())).dtype
         if latents is None:
-            latents = self.prepare_roots(num_roots, height, width, generator, dtype)
+            latents = self.prepare_roots(num_roots, height, width, generator, dtype, num_frames=num_frames)
         elif latents.shape[0] != num_roots:
             raise ValueError(f"latents has {latents.shape[0]} rows; expected num_prompts × num_trees = {num_roots}.")
         self.adapter.set_timesteps(self.scheduler, num_inference_steps, latents)
@@ -185,11 +199,15 @@ class TreeRolloutPipeline:
         images = leaves if output_type == "latent" else self.decode(leaves, conditioning, max_batch_size, output_type)
         return TreeRolloutOutput(images=images, record=record, rows=rows)
 
-    def prepare_roots(self, num: int, height: int, width: int, generator, dtype: torch.dtype) -> torch.Tensor:
+    def prepare_roots(self, num: int, height: int, width: int, generator, dtype: torch.dtype,
+                      num_frames: int | None = None) -> torch.Tensor:
         """Root noise in the pipeline's layout, at the tree scheduler's scale. The stock `prepare_latents` scales by
         the pipeline's own scheduler (SDXL's Euler: init_noise_sigma ≈ 14.6), while the tree scheduler steps from
-        its own `init_noise_sigma` (1: DDIM on variance-preserving latents, or flow matching)."""
-        latents = self.adapter.prepare_latents(num, height, width, generator, dtype)
+        its own `init_noise_sigma` (1: DDIM on variance-preserving latents, or flow matching). `num_frames`: video
+        families only (their default when `None`)."""
+        num_frames = self._num_frames(num_frames)
+        video = {} if num_frames is None else {"num_frames": num_frames}  # image adapters take no frame count
+        latents = self.adapter.prepare_latents(num, height, width, generator, dtype, **video)
         scale = self.scheduler.init_noise_sigma / getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
         return latents if scale == 1 else latents * scale
 
@@ -282,6 +300,9 @@ class TreeRolloutPipeline:
                                 for s in range(0, latents.shape[0], max_batch_size)])
         if output_type == "pt":
             return images
+        postprocess = getattr(self.adapter, "postprocess", None)  # video families: as their pipeline's `frames`
+        if postprocess is not None and output_type in ("pil", "np"):
+            return postprocess(images, output_type)
         processor = self.pipe.image_processor  # the pipelines' own conversion, as with output_type="pil"/"np"
         if output_type == "pil":
             return processor.numpy_to_pil(processor.pt_to_numpy(images))
@@ -289,8 +310,19 @@ class TreeRolloutPipeline:
             return processor.pt_to_numpy(images)
         raise ValueError(f"Unknown output_type {output_type!r}; choose 'pt', 'pil', 'np' or 'latent'.")
 
+    def _num_frames(self, num_frames):
+        """`num_frames` or the video family's default; `None` for image families (which refuse a frame count)."""
+        default = getattr(self.adapter, "default_num_frames", None)
+        if default is None and num_frames is not None:
+            raise ValueError(f"num_frames={num_frames} was given, but {type(self.pipe).__name__} makes images; "
+                             "num_frames is for video pipelines (Wan).")
+        return default if num_frames is None else num_frames
+
     def _size(self, height, width):
         pipe = self.pipe
+        default = getattr(self.adapter, "default_size", None)  # pipelines without a sample size (Wan: 480x832)
+        if default is not None:
+            return height or default[0], width or default[1]
         size = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size
         return height or size * pipe.vae_scale_factor, width or size * pipe.vae_scale_factor
 

@@ -114,7 +114,8 @@ def best_of_n(pipe, prompts, scorer, *, n: int, num_inference_steps: int = 10, g
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     with count_rows(adapter_for(pipe).denoiser) as counter:
-        images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=num_inference_steps,
+        # by keyword (FLUX.2 takes `image` first), a copy (Z-Image writes its templated prompts into the list)
+        images = pipe(prompt=list(prompts), num_images_per_prompt=n, num_inference_steps=num_inference_steps,
                       generator=generator, output_type="pil", **call_kwargs).images
     leaf_prompt = torch.arange(len(images)) // n
     scores = _score(scorer, images, [prompts[int(p)] for p in leaf_prompt])
@@ -130,8 +131,9 @@ class count_rows:  # noqa: N801 (a context manager used like a function)
 
     def _hook(self, module, args, kwargs):
         latents = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        self.rows += int(latents.shape[0])
-        self.max_rows = max(self.max_rows, int(latents.shape[0]))
+        rows = len(latents)  # a batch tensor, or Z-Image's list of per-sample latents
+        self.rows += rows
+        self.max_rows = max(self.max_rows, rows)
         self.calls += 1
 
     def __enter__(self):

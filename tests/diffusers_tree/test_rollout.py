@@ -1,5 +1,6 @@
 """TreeRolloutPipeline: unique-node row counts, equality with the stock pipeline, the record, best-of-tree."""
 
+import inspect
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, backup_advantages, unique_rows  # noqa: E402
+from diffusers_tree.adapters import adapter_for, stock_call_kwargs  # noqa: E402
 from diffusers_tree.search import best_of_n, count_rows  # noqa: E402
 from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
 
@@ -22,6 +24,24 @@ def rollout_pipe(family, **tree_kwargs):
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     return TreeRolloutPipeline.from_pipe(pipe, **tree_kwargs), kwargs
+
+
+def stock_leaves(pipe, per_prompt: int, **kwargs) -> torch.Tensor:
+    """The stock pipeline's output for `PROMPTS`: image pipelines take `num_images_per_prompt` and return `.images`,
+    video pipelines (Wan) `num_videos_per_prompt` and `.frames`; both are the output's first field."""
+    kind = "videos" if "num_videos_per_prompt" in inspect.signature(pipe.__call__).parameters else "images"
+    adapter = adapter_for(pipe)
+    if hasattr(adapter, "pipeline_latents"):  # FLUX.2: roots in the layout of the stock pipeline's `latents=`
+        kwargs["latents"] = adapter.pipeline_latents(kwargs["latents"], **SIZE)
+    # a copy: Z-Image's pipeline writes its chat-templated prompts into the list it is given
+    return pipe(prompt=list(PROMPTS), **{f"num_{kind}_per_prompt": per_prompt}, **stock_call_kwargs(pipe, kwargs))[0]
+
+
+def tree_latent_output(tree, out, **kwargs):
+    """The tree's leaves as the stock pipeline returns output_type="latent" (FLUX.2 klein unpacks them)."""
+    if not hasattr(tree.adapter, "latent_output"):
+        return out.images
+    return tree.adapter.latent_output(out.images, tree.encode(PROMPTS, **SIZE, **kwargs))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -61,11 +81,12 @@ def test_leaves_equal_stock_pipeline_with_tree_scheduler(family):
 
     pipe.scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=k, window_width=w,
                                                      window_start=s).manual_seed(11)
-    stock = pipe(PROMPTS, num_images_per_prompt=k**w, num_inference_steps=T,
-                 latents=roots.repeat_interleave(k**w, dim=0), output_type="latent", **SIZE, **kwargs).images
-    assert stock.shape == out.images.shape
-    torch.testing.assert_close(out.images, stock, rtol=1e-4, atol=1e-4)
-    assert (out.images - stock).abs().max() < 1e-3 * stock.abs().max()
+    stock = stock_leaves(pipe, k**w, num_inference_steps=T, latents=roots.repeat_interleave(k**w, dim=0),
+                         output_type="latent", **SIZE, **kwargs)
+    leaves = tree_latent_output(tree, out, **kwargs)
+    assert stock.shape == leaves.shape
+    torch.testing.assert_close(leaves, stock, rtol=1e-4, atol=1e-4)
+    assert (leaves - stock).abs().max() < 1e-3 * stock.abs().max()
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd"])
@@ -195,11 +216,13 @@ def test_per_step_children_counts_roll_out(family):
         out = tree(PROMPTS, num_inference_steps=T, latents=roots, generator=torch.Generator().manual_seed(11),
                    guidance_scale=1.0, output_type="latent", **SIZE, **kwargs)
     per_tree = s + (1 + 4 + 8) + 8 * (T - s - 3)  # levels before each step: 1·s, then 1, 4, 8, then 8 per tail step
-    assert counter.rows == out.rows == len(PROMPTS) * per_tree == len(PROMPTS) * unique_rows(T, factors, None, s)
+    cfg = 2 if tree.encode(PROMPTS[:1], guidance_scale=1.0, **kwargs).do_cfg else 1  # Z-Image guides at any g > 0
+    assert counter.rows == out.rows == len(PROMPTS) * per_tree * cfg == len(PROMPTS) * unique_rows(T, factors, None,
+                                                                                                  s) * cfg
     assert out.record.child_latents.shape[0] == len(PROMPTS) * (4 + 8 + 8)
 
     pipe.scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=factors,
                                                      window_start=s).manual_seed(11)
-    stock = pipe(PROMPTS, num_images_per_prompt=8, num_inference_steps=T, guidance_scale=1.0,
-                 latents=roots.repeat_interleave(8, dim=0), output_type="latent", **SIZE, **kwargs).images
-    assert (out.images - stock).abs().max() < 1e-3 * stock.abs().max()
+    stock = stock_leaves(pipe, 8, num_inference_steps=T, guidance_scale=1.0,
+                         latents=roots.repeat_interleave(8, dim=0), output_type="latent", **SIZE, **kwargs)
+    assert (tree_latent_output(tree, out, **kwargs) - stock).abs().max() < 1e-3 * stock.abs().max()

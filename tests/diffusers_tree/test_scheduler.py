@@ -1,5 +1,6 @@
 """TreeSDEScheduler: config round-trip, base-scheduler behaviour, and the four stock pipelines in fixed-batch mode."""
 
+import inspect
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,7 @@ from diffusers import (  # noqa: E402
 )
 
 from diffusers_tree import TreeSDEScheduler  # noqa: E402
+from diffusers_tree.adapters import stock_call_kwargs  # noqa: E402
 from diffusers_tree.dynamics import flow_step  # noqa: E402
 from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
 
@@ -148,11 +150,12 @@ def test_stock_pipeline_returns_tree_leaves(family, k, w, s):
         levels.append(callback_kwargs["latents"].clone())
         return callback_kwargs
 
-    out = pipe(["a red cat", "a blue dog"], num_images_per_prompt=leaves, num_inference_steps=steps, height=32,
-               width=32, output_type="pt", generator=torch.Generator().manual_seed(0),
-               callback_on_step_end=record, **kwargs)
-    assert out.images.shape[0] == 2 * leaves
-    assert torch.isfinite(out.images).all()
+    kind = "videos" if "num_videos_per_prompt" in inspect.signature(pipe.__call__).parameters else "images"  # Wan
+    images = pipe(prompt=["a red cat", "a blue dog"], **{f"num_{kind}_per_prompt": leaves}, num_inference_steps=steps,
+                  height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(0),
+                  callback_on_step_end=record, **stock_call_kwargs(pipe, kwargs))[0]  # `.images` or `.frames`
+    assert images.shape[0] == 2 * leaves
+    assert torch.isfinite(images).all()
     plan = pipe.scheduler.plan
     assert len(levels) == steps
     for step, latents in enumerate(levels):

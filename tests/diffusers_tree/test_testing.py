@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from diffusers_tree.adapters import stock_call_kwargs  # noqa: E402
 from diffusers_tree.testing import TINY_PIPELINES, tiny_tokenizer  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog"]
@@ -42,21 +43,24 @@ def test_tiny_pipeline_generates(family):
         assert not module.training, name
         assert all(p.dtype == torch.float32 for p in module.parameters()), name
     generator = torch.Generator().manual_seed(0)
+    kwargs = stock_call_kwargs(pipe, kwargs)  # SANA: at 32×32, not binned to 512×512
     images = pipe(
-        PROMPTS, num_inference_steps=4, height=32, width=32, output_type="pt", generator=generator, **kwargs
-    ).images
-    assert images.shape == (2, 3, 32, 32)
+        prompt=list(PROMPTS), num_inference_steps=4, height=32, width=32, output_type="pt", generator=generator,
+        **kwargs,
+    )[0]  # `.images`, or a video pipeline's `.frames`
+    frames = (kwargs["num_frames"],) if "num_frames" in kwargs else ()  # video families: [B, F, 3, H, W]
+    assert images.shape == (2, *frames, 3, 32, 32)
     assert torch.isfinite(images).all()
 
     again = pipe(
-        PROMPTS,
+        prompt=list(PROMPTS),
         num_inference_steps=4,
         height=32,
         width=32,
         output_type="pt",
         generator=torch.Generator().manual_seed(0),
         **kwargs,
-    ).images
+    )[0]
     torch.testing.assert_close(images, again)
 
 

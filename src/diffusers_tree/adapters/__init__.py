@@ -25,6 +25,7 @@ class Conditioning:
         shared (`dict[str, Any]`): tensors the same for every row (FLUX's `txt_ids`/`img_ids`, guidance).
         guidance_scale (`float`): g of `u + g·(c - u)` (CFG) or FLUX's distilled guidance.
         height, width (`int`): the image size, for families whose denoiser or decoder needs it.
+        num_frames (`int`, *optional*): the video length in frames for video families (Wan); `None` for images.
     """
 
     cond: dict[str, torch.Tensor]
@@ -33,6 +34,7 @@ class Conditioning:
     height: int
     width: int
     shared: dict[str, Any] = field(default_factory=dict)
+    num_frames: int | None = None
 
     @property
     def do_cfg(self) -> bool:
@@ -92,6 +94,17 @@ class PipelineAdapter(Protocol):
     #   pixels_per_patch: int  image height and width must be multiples of it (VAE factor × latent patch)
     #   combine_guidance(uncond_out, cond_out, conditioning) -> guided output, for pipelines whose CFG is not
     #       `u + g·(c - u)` (e.g. a norm rescale); used at sampling and training alike
+    #   default_size: tuple[int, int]  (height, width) when the pipeline has no `default_sample_size`/`sample_size`
+    #   stock_call_kwargs(kwargs) -> kwargs for the stock pipeline's own call that sample as the tree does
+    #       (Qwen-Image: `true_cfg_scale`; SANA: no resolution binning); see `stock_call_kwargs` below
+    #   pipeline_latents(latents, height, width) -> roots in the layout the stock pipeline's `latents=` takes, and
+    #   latent_output(latents, conditioning) -> leaves as its `output_type="latent"` returns them, for families
+    #       whose tree steps in another layout (FLUX.2 packs; klein returns unpacked VAE latents)
+    # Video families (Wan) also have:
+    #   default_num_frames: int  (class attribute) marks the family as video; `num_frames` when none is given
+    #   prepare_latents(..., num_frames=None)  latents with a frame axis, `[num, C, F', h, w]`
+    #   decode(...) -> float videos `[N, F, 3, H, W]` in [0, 1]
+    #   postprocess(videos, output_type) -> what the stock pipeline returns for "pil" / "np"
 
 
 def register_adapter(*pipeline_class_names: str):
@@ -114,6 +127,13 @@ def adapter_for(pipe) -> PipelineAdapter:
         f"No tree-rollout adapter for {type(pipe).__name__}; supported: {sorted(_ADAPTERS)}. "
         "Add one file in diffusers_tree/adapters/ to support a new family."
     )
+
+
+def stock_call_kwargs(pipe, kwargs: dict) -> dict:
+    """`kwargs` for a call of the stock pipeline that samples as the tree does, through the adapter's optional
+    `stock_call_kwargs` (Qwen-Image: its CFG scale is `true_cfg_scale`; SANA: no resolution binning)."""
+    translate = getattr(adapter_for(pipe), "stock_call_kwargs", None)
+    return translate(dict(kwargs)) if translate is not None else dict(kwargs)
 
 
 def guided_model_output(
@@ -152,4 +172,5 @@ def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:
 
 from . import flux, flux2, qwenimage, sana, sd, sd3, sdxl, wan, zimage  # noqa: E402,F401  (registers the families)
 
-__all__ = ["Conditioning", "PipelineAdapter", "adapter_for", "guided_model_output", "register_adapter"]
+__all__ = ["Conditioning", "PipelineAdapter", "adapter_for", "guided_model_output", "register_adapter",
+           "stock_call_kwargs"]

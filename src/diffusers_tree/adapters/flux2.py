@@ -1,1 +1,133 @@
-"""FLUX.2 (and FLUX.2 klein): adapter not written yet."""
+"""FLUX.2 [dev] (`Flux2Pipeline`) and FLUX.2 [klein] (`Flux2KleinPipeline`).
+
+Quirks, as the pipelines do them:
+- the prompt embedding is the text encoder's hidden states of three layers (Mistral3: 10, 20, 30; Qwen3: 9, 18, 27)
+  stacked per token, after a chat template; prompts are padded to `max_sequence_length`, so every prompt's text
+  position ids are the same and live in `shared`;
+- 4D position ids (T, H, W, L) for text (L = token index) and image tokens (H, W = patch row, column);
+- latents are 2x2-patchified and packed `[N, (H/2)·(W/2), 4·C]`, normalised by the VAE's batch-norm running
+  statistics: decoding un-packs, de-normalises, un-patchifies;
+- timestep/1000, and the scheduler's mu from `compute_empirical_mu(image_seq_len, num_steps)` (not FLUX.1's
+  `calculate_shift`), with sigmas linspace(1, 1/T, T);
+- [dev] is guidance-distilled: `guidance_scale` goes into the guidance embedding, one row per node, no CFG;
+- [klein] has no guidance embedding: the base model runs true CFG against the empty prompt (two rows per node) when
+  `guidance_scale > 1`; the step-distilled models (`is_distilled`) never do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+from . import Conditioning, postprocess_decoded, register_adapter
+
+
+@register_adapter("Flux2Pipeline")
+class Flux2Adapter:
+    default_guidance_scale = 4.0
+    prediction_type = "flow"
+    guidance_embedding = True  # [dev]: guidance_scale is a transformer input, not CFG
+    # double-stream attention projections, and the single-stream blocks' fused QKV+MLP input projection (their
+    # output projection `attn.to_out` shares its name with the double-stream blocks' `to_out` ModuleList)
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                           "to_add_out", "to_qkv_mlp_proj"]
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def pixels_per_patch(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 latent patches
+
+    def _encode(self, prompts, max_sequence_length):
+        embeds, text_ids = self.pipe.encode_prompt(prompt=prompts, device=self.pipe._execution_device,
+                                                   num_images_per_prompt=1,
+                                                   max_sequence_length=max_sequence_length or 512)
+        return embeds, text_ids[0]  # [P, L, 3·D] and [L, 4]: padded prompts share their position ids
+
+    def _shared(self, text_ids, height, width) -> dict:
+        """Text and image position ids (the transformer takes one set for the whole batch)."""
+        pipe = self.pipe
+        latent_h = int(height) // (pipe.vae_scale_factor * 2)  # patch grid, as the pipeline's prepare_latents
+        latent_w = int(width) // (pipe.vae_scale_factor * 2)
+        image_ids = pipe._prepare_latent_ids(torch.empty(1, 0, latent_h, latent_w))[0]  # [(H/2)·(W/2), 4]
+        return {"txt_ids": text_ids, "img_ids": image_ids.to(text_ids.device)}
+
+    def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
+        embeds, text_ids = self._encode(prompts, max_sequence_length)
+        return Conditioning(cond={"encoder_hidden_states": embeds}, uncond=None, guidance_scale=guidance_scale,
+                            height=height, width=width, shared=self._shared(text_ids, height, width))
+
+    def prepare_latents(self, num, height, width, generator, dtype):
+        pipe = self.pipe
+        channels = pipe.transformer.config.in_channels // 4
+        latents, _ = pipe.prepare_latents(num, channels, height, width, dtype, pipe._execution_device, generator)
+        return latents  # packed: [num, (h/2)·(w/2), 4·C]
+
+    def set_timesteps(self, scheduler, num_inference_steps, latents):
+        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(
+            1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, device=latents.device, sigmas=sigmas, mu=mu)
+
+    def model_forward(self, latents, timestep, inputs, conditioning):
+        guidance = None
+        if self.guidance_embedding:  # one value per row, as the pipeline's expanded `guidance`
+            guidance = torch.full((latents.shape[0],), conditioning.guidance_scale, device=latents.device,
+                                  dtype=torch.float32)
+        return self.model(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
+                          encoder_hidden_states=inputs["encoder_hidden_states"],
+                          txt_ids=conditioning.shared["txt_ids"], img_ids=conditioning.shared["img_ids"],
+                          return_dict=False)[0]
+
+    def vae_latents(self, latents, conditioning):
+        """Packed latents to the VAE's: un-pack, undo the batch-norm normalisation, un-patchify [N, C, H, W]."""
+        pipe, vae = self.pipe, self.pipe.vae
+        image_ids = conditioning.shared["img_ids"].expand(latents.shape[0], -1, -1)
+        latents = pipe._unpack_latents_with_ids(latents, image_ids)  # [N, 4·C, H/2, W/2]
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+        return pipe._unpatchify_latents(latents * std + mean)
+
+    def decode(self, latents, conditioning):
+        vae = self.pipe.vae
+        image = vae.decode(self.vae_latents(latents, conditioning).to(vae.dtype), return_dict=False)[0]
+        return postprocess_decoded(self.pipe, image)
+
+    # The stock pipelines' latent layouts differ from the packed one the loop (and the stock loop) steps on:
+    def pipeline_latents(self, latents, height, width):
+        """Packed roots as the stock pipeline's `latents=` argument takes them: [N, 4·C, H/2, W/2]."""
+        grid = self.pipe.vae_scale_factor * 2
+        return latents.transpose(1, 2).reshape(latents.shape[0], -1, int(height) // grid, int(width) // grid)
+
+    def latent_output(self, latents, conditioning):
+        """Leaves as the stock pipeline returns them for output_type="latent": [dev] packed."""
+        return latents
+
+
+@register_adapter("Flux2KleinPipeline")
+class Flux2KleinAdapter(Flux2Adapter):
+    """[klein]: no guidance embedding; true CFG as the pipeline's `do_classifier_free_guidance`."""
+
+    guidance_embedding = False
+
+    def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
+        embeds, text_ids = self._encode(prompts, max_sequence_length)
+        uncond = None
+        if guidance_scale > 1 and not self.pipe.config.is_distilled:
+            # the pipeline's negative prompt is always ""; a given one is honoured (same padded length)
+            negative = negative_prompt or ""
+            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            uncond = {"encoder_hidden_states": self._encode(negative, max_sequence_length)[0]}
+        return Conditioning(cond={"encoder_hidden_states": embeds}, uncond=uncond, guidance_scale=guidance_scale,
+                            height=height, width=width, shared=self._shared(text_ids, height, width))
+
+    def latent_output(self, latents, conditioning):
+        """[klein]'s output_type="latent" is the VAE's latents [N, C, H, W] (it un-packs before that check)."""
+        return self.vae_latents(latents, conditioning)

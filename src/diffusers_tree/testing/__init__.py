@@ -269,3 +269,24 @@ TINY_PIPELINES = {
     "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 16}),
     "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
 }
+
+from .zimage import tiny_zimage_pipeline  # noqa: E402  (after the helpers it imports)
+
+TINY_PIPELINES["zimage"] = (tiny_zimage_pipeline, {"max_sequence_length": 32})
+
+from .sana import tiny_sana_pipeline  # noqa: E402  (after the helpers it imports)
+
+TINY_PIPELINES["sana"] = (tiny_sana_pipeline, {"max_sequence_length": 16})
+
+from .wan import tiny_wan_pipeline  # noqa: E402  (after the helpers it imports)
+
+TINY_PIPELINES["wan"] = (tiny_wan_pipeline, {"max_sequence_length": 16, "num_frames": 5})  # 2 latent frames
+
+from .qwenimage import tiny_qwenimage_pipeline  # noqa: E402  (after the helpers it imports)
+
+TINY_PIPELINES["qwenimage"] = (tiny_qwenimage_pipeline, {"max_sequence_length": 16})
+
+from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline  # noqa: E402  (after the helpers it imports)
+
+TINY_PIPELINES["flux2"] = (tiny_flux2_pipeline, {"max_sequence_length": 48})
+TINY_PIPELINES["flux2_klein"] = (tiny_flux2_klein_pipeline, {"max_sequence_length": 32})
