@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
-from diffusers_tree.adapters import stock_call_kwargs
+from diffusers_tree.adapters import adapter_for, stock_call_kwargs
 
 from .grpo import derive_seed
 from .metrics import image_grid
-from .models import load_pipeline
+from .models import ModelLoadError, load_pipeline
 from .rewards.base import score_with_accuracy
 
 
@@ -81,6 +81,10 @@ def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", dev
 
         lora_source(lora)  # checked before the (slow) model load
     loaded = load_pipeline(model, dtype=dtype, device=device)
+    if getattr(adapter_for(loaded.pipe), "default_num_frames", None) is not None:
+        raise ModelLoadError(f"{model} is a video model ({type(loaded.pipe).__name__}); treegrpo sample and eval "
+                             "make and score images. Sample it with diffusers (the snippet on a pushed LoRA's card), "
+                             "or train it: `treegrpo run` scores videos frame by frame.")
     if lora:
         from treegrpo.hub import load_lora_into
 

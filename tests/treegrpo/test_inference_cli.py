@@ -107,3 +107,12 @@ def test_verbose_shows_library_warnings(monkeypatch):
     treegrpo.app.VERBOSE[0] = False
     treegrpo.app._quiet_libraries()
     assert transformers.utils.logging.get_verbosity() == logging.ERROR
+
+
+def test_sample_refuses_a_video_model_in_one_line(workdir):
+    from diffusers_tree.testing import TINY_PIPELINES
+
+    TINY_PIPELINES["wan"][0]().save_pretrained(workdir / "tiny_wan")
+    result = runner.invoke(app, ["sample", str(workdir / "tiny_wan"), "--prompt", "a red cat", *TINY])
+    assert result.exit_code == 2 and "is a video model (WanPipeline)" in result.output
+    assert "Traceback" not in result.output
