@@ -343,6 +343,40 @@ def evaluate_command(
         write_json(data, json_out)
 
 
+@app.command("reward-server")
+def reward_server(
+    kind: Annotated[str, typer.Argument(help="Built-in reward kind to serve (pickscore, hpsv2, python, ...).")],
+    option: Annotated[list[str] | None, typer.Option("--option", help="A reward option key=value (repeatable), "
+                                                     "e.g. --option scale=flow_grpo.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    dtype: DtypeOption = "fp32",
+) -> None:
+    """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
+    import torch
+
+    from treegrpo.inference import InferenceError, build_rewards
+    from treegrpo.reward_server import make_server
+
+    _quiet_libraries()
+    spec = kind + (":" + ",".join(option) if option else "")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        (reward,) = build_rewards([spec], device, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                   "fp16": torch.float16}[_check_dtype(dtype)])
+        server = make_server(reward, host, port)
+    except (InferenceError, OSError) as err:
+        _fail(str(err))
+    console.print(f"serving reward {kind!r} on http://{host}:{server.server_address[1]}/score ({device}); "
+                  "Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 @app.command()
 def push(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (the output.dir of `treegrpo run`).")],

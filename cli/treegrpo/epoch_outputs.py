@@ -21,14 +21,17 @@ if TYPE_CHECKING:
 FRAME_REDUCTIONS = ("mean", "min", "max", "whole")  # how a video's frame scores become one score (see below)
 
 
-def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and the
-    leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`). Leaves are images `[N, 3, H, W]`
-    or videos `[N, F, 3, H, W]` (see `score_reward`)."""
-    rows, accuracies = [], {}
+def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and
+    per-reward extras to log: the leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`, as
+    `<name>/accuracy`) and the mean of each sub-score a remote reward returned (`last_subscores`, as
+    `<name>/<sub-score>`). Leaves are images `[N, 3, H, W]` or videos `[N, F, 3, H, W]` (see `score_reward`);
+    `metadata` is each leaf's prompt metadata."""
+    rows, extras = [], {}
     for reward in run.rewards:
         try:
-            values, accuracy = score_reward(reward, images, prompts)
+            values, accuracy = score_reward(reward, images, prompts, metadata)
         except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
             raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
         if values.numel() != images.shape[0]:
@@ -39,11 +42,14 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str]) -> tuple[to
                                 "images; stopping.")
         rows.append(values)
         if accuracy is not None:
-            accuracies[reward.name] = float(accuracy)
-    return torch.stack(rows), accuracies
+            extras[f"{reward.name}/accuracy"] = float(accuracy)
+        for sub, sub_values in (getattr(reward, "last_subscores", None) or {}).items():
+            extras[f"{reward.name}/{sub}"] = float(sub_values.float().mean())
+    return torch.stack(rows), extras
 
 
-def score_reward(reward, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, float | None]:
+def score_reward(reward, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+                 ) -> tuple[torch.Tensor, float | None]:
     """One reward's scores `[N]`. The video contract: a reward's `frame_reduction` (`[[reward]] frame_reduction`)
     says how it sees a video. "mean" (default), "min" or "max": every frame is scored as an image with the video's
     prompt, and the frame scores are reduced per video, so every image reward works on video unchanged. "whole": the
@@ -53,15 +59,16 @@ def score_reward(reward, images: torch.Tensor, prompts: list[str]) -> tuple[torc
     from treegrpo.rewards.base import score_with_accuracy
 
     if images.ndim != 5:
-        return score_with_accuracy(reward, to_pil(images), prompts)
+        return score_with_accuracy(reward, to_pil(images), prompts, metadata)
     num_videos, num_frames = images.shape[:2]
     reduction = getattr(reward, "frame_reduction", "mean")
     if reduction == "whole":
         frames = to_pil(images.flatten(0, 1))
         videos = [frames[i * num_frames:(i + 1) * num_frames] for i in range(num_videos)]
-        return score_with_accuracy(reward, videos, prompts)
+        return score_with_accuracy(reward, videos, prompts, metadata)
     frame_prompts = [prompt for prompt in prompts for _ in range(num_frames)]
-    values, accuracy = score_with_accuracy(reward, to_pil(images.flatten(0, 1)), frame_prompts)
+    frame_metadata = None if metadata is None else [meta for meta in metadata for _ in range(num_frames)]
+    values, accuracy = score_with_accuracy(reward, to_pil(images.flatten(0, 1)), frame_prompts, frame_metadata)
     if values.numel() != num_videos * num_frames:
         raise ValueError(f"returned {values.numel()} scores for {num_videos * num_frames} frames "
                          f"({num_videos} videos × {num_frames})")

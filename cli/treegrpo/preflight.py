@@ -19,7 +19,35 @@ class PreflightError(ValueError):
 
 
 def prompts_from_file(path: str, key: str = "data.prompts") -> list[str]:
-    """Prompts of a text file, one a line (blank lines and `#` comments skipped)."""
+    """Prompts of a text file, one a line (blank lines and `#` comments skipped), or of a `.jsonl` file."""
+    return prompt_records(path, key)[0]
+
+
+def prompt_records(path: str, key: str = "data.prompts") -> tuple[list[str], list[dict]]:
+    """(prompts, metadata): a `.jsonl` file holds one JSON object a line with a `prompt` string and any other
+    fields (GenEval's `tag`/`include`, an OCR target text), which reach the rewards that take metadata (python,
+    http, vlm); a text file holds one prompt a line and gives empty metadata."""
+    prompts = _prompt_lines(path, key)
+    if not str(path).endswith(".jsonl"):
+        return prompts, [{} for _ in prompts]
+    records = []
+    for number, line in enumerate(prompts, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PreflightError(f"{key} = {path!r}: line {number} is not JSON ({err.msg}); a .jsonl prompt file "
+                                 'holds one object a line, like {"prompt": "a red cat", "tag": "color"}.') from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise PreflightError(f"{key} = {path!r}: line {number} has no \"prompt\" string; each line needs one "
+                                 'besides any metadata, like {"prompt": "a red cat", "tag": "color"}.')
+        if len(record["prompt"]) > MAX_PROMPT_CHARS:
+            raise PreflightError(f"{key} = {path!r}: the prompt of line {number} has {len(record['prompt'])} "
+                                 f"characters; prompts over {MAX_PROMPT_CHARS} are refused.")
+        records.append(record)
+    return [r["prompt"] for r in records], [{k: v for k, v in r.items() if k != "prompt"} for r in records]
+
+
+def _prompt_lines(path: str, key: str) -> list[str]:
     file = Path(path)
     if file.is_dir():
         raise PreflightError(f"{key} = {path!r} is a folder; give a text file with one prompt per line.")
@@ -36,6 +64,8 @@ def prompts_from_file(path: str, key: str = "data.prompts") -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise PreflightError(f"{key} = {path!r} has no prompts (one prompt per line).")
+    if str(path).endswith(".jsonl"):
+        return prompts  # lines of JSON: the prompt's own length is checked in `prompt_records`
     for number, prompt in enumerate(prompts, 1):
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PreflightError(f"{key} = {path!r}: prompt {number} has {len(prompt)} characters; prompts over "

@@ -138,7 +138,7 @@ class RewardRecipe(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     kind: str = Field(..., description="Reward kind: pickscore, hpsv2, imagereward, aesthetic, clipscore, jpeg, "
-                      "digits, python.")
+                      "digits, python, http (a reward server), vlm (an OpenAI-compatible VLM judge).")
     weight: float = Field(1.0, description="Weight in the aggregation.")
     name: str | None = Field(None, description="Name in metrics (default: the kind).")
     function: str | None = Field(None, description="python kind: `module:function` taking (images, prompts).")
@@ -186,7 +186,9 @@ class AdvantageRecipe(_Table):
 
 
 class DataRecipe(_Table):
-    prompts: str = Field(..., description="Prompt file, one prompt a line (relative to the recipe's folder).")
+    prompts: str = Field(..., description="Prompt file (relative to the recipe's folder): one prompt a line, or a "
+                         ".jsonl file of objects with a `prompt` and any metadata fields, which python, http and vlm "
+                         "rewards receive.")
     prompts_per_epoch: int = Field(16, gt=0, description="Prompts per epoch across all processes.")
     eval_prompts: str | None = Field(None, description="Prompts for sample grids (default: the first training "
                                      "prompts).")

@@ -15,6 +15,10 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
     "jpeg": frozenset({"quality"}),
     "digits": frozenset({"name", "classifier"}),
     "python": frozenset({"function", "batch_size"}),
+    "http": frozenset({"url", "body", "timeout", "retries", "backoff", "batch_size", "parallel", "headers",
+                       "api_key_env"}),
+    "vlm": frozenset({"base_url", "model", "template", "score", "answer_tokens", "scale_max", "max_tokens",
+                      "timeout", "retries", "backoff", "parallel", "api_key_env"}),
 }
 
 

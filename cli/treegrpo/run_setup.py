@@ -46,6 +46,7 @@ class Run:
     ema: EMA | None = None
     signals: StopSignals | None = None
     prompt_cache: PromptEmbeddingCache | None = None
+    prompt_metadata: list[dict] | None = None  # per prompt, from a .jsonl prompt file (empty dicts otherwise)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -144,7 +145,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
         except HubError as err:
             raise SetupError(f"output.push_to_hub = {recipe.output.push_to_hub!r}: {err}") from None
     out_dir = Path(recipe.output.dir)
-    prompts = read_prompts(recipe.data.prompts)
+    prompts, prompt_metadata = read_prompt_records(recipe.data.prompts)
     world = accelerator.num_processes
     if recipe.data.prompts_per_epoch % world:
         raise SetupError(f"data.prompts_per_epoch={recipe.data.prompts_per_epoch} must be divisible by the "
@@ -207,7 +208,8 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
     }
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
-              sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema)
+              sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema,
+              prompt_metadata=prompt_metadata)
     if recipe.data.cache_embeddings:
         run.prompt_cache = PromptEmbeddingCache(run._encode_now, accelerator.device)
     if recipe.model.offload_text_encoders:
@@ -262,6 +264,16 @@ def check_image_size(pipe, denoiser, height: int, width: int) -> None:
                                  getattr(denoiser.config, "patch_size", None), height, width)
     if problem:
         raise SetupError(problem)
+
+
+def read_prompt_records(path: str, key: str = "data.prompts") -> tuple[list[str], list[dict]]:
+    """Prompts and their metadata (`.jsonl` files; empty for text files), see `preflight.prompt_records`."""
+    from .preflight import PreflightError, prompt_records
+
+    try:
+        return prompt_records(path, key)
+    except PreflightError as err:
+        raise SetupError(str(err)) from None
 
 
 def read_prompts(path: str, key: str = "data.prompts") -> list[str]:

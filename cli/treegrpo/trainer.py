@@ -85,9 +85,10 @@ def run_epoch(run: Run, epoch: int) -> dict:
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("scoring")
     try:
+        leaf_prompts = [int(p) for p in record.leaf_prompt_index]
+        metadata = [run.prompt_metadata[local_indices[p]] for p in leaf_prompts] if run.prompt_metadata else None
         with run.rewards_ready():
-            scores, accuracies = score_leaves(run, out.images,
-                                              [local_prompts[int(p)] for p in record.leaf_prompt_index])
+            scores, extras = score_leaves(run, out.images, [local_prompts[p] for p in leaf_prompts], metadata)
         failure = None
     except TrainingError as err:
         failure = err
@@ -108,9 +109,11 @@ def run_epoch(run: Run, epoch: int) -> dict:
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
     metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
-    for name, value in accuracies.items():  # rewards that can also judge right/wrong (e.g. digits)
+    # accuracies of rewards that can judge right/wrong (digits), sub-scores of remote rewards: the same keys on
+    # every process (the same rewards score every epoch), so one all-reduce each
+    for name, value in extras.items():
         local = torch.tensor([value], dtype=torch.float64, device=acc.device)
-        metrics[f"reward/{name}/accuracy"] = float(acc.reduce(local, reduction="mean"))
+        metrics[f"reward/{name}"] = float(acc.reduce(local, reduction="mean"))
     return metrics
 
 

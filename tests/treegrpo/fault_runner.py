@@ -50,10 +50,10 @@ elif kind == "kill-in-training":
 elif kind == "sigterm-in-scoring":
     original_score = treegrpo.trainer.score_leaves
 
-    def score_leaves(run, images, prompts):
+    def score_leaves(*args, **kwargs):
         if _nth_call():
             os.kill(os.getpid(), signal.SIGTERM)
-        return original_score(run, images, prompts)
+        return original_score(*args, **kwargs)
 
     treegrpo.trainer.score_leaves = score_leaves
 

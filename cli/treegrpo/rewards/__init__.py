@@ -16,11 +16,13 @@ from treegrpo.rewards.base import Reward, resolve_dtype, to_pil
 from treegrpo.rewards.clipscore import CLIPScoreReward
 from treegrpo.rewards.digits import DigitsReward
 from treegrpo.rewards.hpsv2 import HPSv2Reward
+from treegrpo.rewards.http import HttpReward
 from treegrpo.rewards.imagereward import ImageRewardReward
 from treegrpo.rewards.jpeg import JpegCompressibilityReward
 from treegrpo.rewards.multi import MultiReward, RewardScores
 from treegrpo.rewards.pickscore import PickScoreReward
 from treegrpo.rewards.python import PythonReward
+from treegrpo.rewards.vlm import VlmReward
 
 __all__ = ["REWARD_KINDS", "Reward", "MultiReward", "RewardScores", "build_reward", "reward_options", "to_pil"]
 
@@ -34,6 +36,8 @@ REWARD_KINDS: dict[str, Callable[..., Reward]] = {
     "jpeg": JpegCompressibilityReward,
     "digits": DigitsReward,
     "python": PythonReward,
+    "http": HttpReward,
+    "vlm": VlmReward,
 }
 _RUN_ARGUMENTS = ("device", "dtype")
 
@@ -74,6 +78,12 @@ def build_reward(
     - ``jpeg``: ``quality`` (95).
     - ``digits``: the toy digit classifier of ``builtin:digits`` (see `treegrpo.rewards.digits`).
     - ``python``: ``function`` (required, "module:function" or "file.py:function"), ``batch_size`` (all at once).
+    - ``http``: ``url`` (required), ``body`` ("json" | "multipart"), ``timeout`` (120), ``retries`` (2),
+      ``backoff`` (1.0), ``batch_size`` (32), ``parallel`` (1), ``headers``, ``api_key_env`` (see
+      `treegrpo.rewards.remote` for the protocol).
+    - ``vlm``: ``base_url`` and ``model`` (required), ``template`` ("yes_no" | "quality" | your text),
+      ``score`` ("logprobs" | "parse"), ``answer_tokens``, ``scale_max`` (10), ``max_tokens``, ``timeout``,
+      ``retries``, ``backoff``, ``parallel`` (8), ``api_key_env``.
 
     Raises:
         ValueError: for an unknown kind or option, a missing required option, or a bad option value; the message

@@ -49,12 +49,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image, mode="RGB") for image in array]
 
 
-def score_with_accuracy(reward, images, prompts) -> tuple[torch.Tensor, float | None]:
+def score_with_accuracy(reward, images, prompts, metadata: list[dict] | None = None
+                        ) -> tuple[torch.Tensor, float | None]:
     """Scores `[N]` float32, and the accuracy for rewards that can also judge right/wrong (`score_and_accuracy`,
-    e.g. digits: one model pass for both); `None` for the others."""
+    e.g. digits: one model pass for both); `None` for the others. Rewards with `takes_metadata` (python functions
+    with a `metadata` parameter, http, vlm) also get each image's prompt metadata (`.jsonl` prompt files)."""
     both = getattr(reward, "score_and_accuracy", None)
     if callable(both):
         scores, accuracy = both(images, prompts)
+    elif metadata is not None and getattr(reward, "takes_metadata", False):
+        scores, accuracy = reward(images, prompts, metadata=metadata), None
     else:
         scores, accuracy = reward(images, prompts), None
     return torch.as_tensor(scores, dtype=torch.float32).flatten().cpu(), accuracy

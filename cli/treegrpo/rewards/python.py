@@ -1,6 +1,7 @@
 """Your own reward: any Python function ``f(images: list[PIL.Image.Image], prompts: list[str])`` returning one
 number per image (a list, a NumPy array or a tensor), named as ``"package.module:function"`` or
-``"path/to/file.py:function"``.
+``"path/to/file.py:function"``. A function that also takes a ``metadata`` parameter receives each image's prompt
+metadata (a list of dicts; the fields of a ``.jsonl`` prompt file's lines).
 
 The function is imported when the reward is built, so a typo fails before any model loads or any image is sampled.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -113,6 +115,10 @@ class PythonReward:
     ):
         self.function = str(function)
         self._function = import_function(self.function)
+        try:  # a function with a `metadata` parameter gets each image's prompt metadata (.jsonl prompt files)
+            self.takes_metadata = "metadata" in inspect.signature(self._function).parameters
+        except (TypeError, ValueError):  # builtins and some C callables have no signature
+            self.takes_metadata = False
         self.name = self.function.rpartition(":")[2]
         self.batch_size = None if batch_size is None else check_batch_size(batch_size)
 
@@ -120,18 +126,17 @@ class PythonReward:
         """Nothing to load; the function was imported when the reward was built."""
         return self
 
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None
+                 ) -> torch.Tensor:
         n = check_batch(images, prompts, self.name)
-        if self.batch_size is None or n <= self.batch_size:
-            return as_scores(self._function(list(images), list(prompts)), n, self.function)
-        return torch.cat(
-            [
-                as_scores(
-                    self._function(list(images[part]), list(prompts[part])), part.stop - part.start, self.function
-                )
-                for part in chunks(n, self.batch_size)
-            ]
-        )
+        size = n if self.batch_size is None else self.batch_size
+        parts = []
+        for part in chunks(n, max(size, 1)):
+            extra = {"metadata": list(metadata[part]) if metadata is not None else [{}] * (part.stop - part.start)} \
+                if self.takes_metadata else {}
+            parts.append(as_scores(self._function(list(images[part]), list(prompts[part]), **extra),
+                                   part.stop - part.start, self.function))
+        return torch.cat(parts) if parts else torch.empty(0)
 
 
 def mean_brightness(images: list[Image.Image], prompts: list[str]) -> list[float]:

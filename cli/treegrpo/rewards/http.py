@@ -1,0 +1,95 @@
+"""A reward that lives in another process or on another machine: ``kind = "http"`` POSTs each batch of images, with
+their prompts and the prompts' metadata, to a reward server and reads one score per image back (the protocol is in
+`treegrpo.rewards.remote`; `treegrpo reward-server` serves any built-in kind with it).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+
+from treegrpo.rewards.base import check_batch, check_batch_size, chunks
+from treegrpo.rewards.remote import BODIES, decode_scores, encode_request, post
+
+
+class HttpReward:
+    """Scores from a reward server.
+
+    Args:
+        url (`str`): the server's scoring endpoint, e.g. ``"http://gpu-box:8000/score"``.
+        body (`str`, *optional*, defaults to `"json"`): ``"json"`` (images as base64 PNG) or ``"multipart"`` (PNG
+            parts, a third smaller on the wire).
+        timeout (`float`, *optional*, defaults to 120): seconds to wait for one batch's answer.
+        retries (`int`, *optional*, defaults to 2): more attempts after a connection error, a timeout, HTTP 408,
+            429 or 5xx, with `backoff` · 2^attempt seconds between them; other errors fail at once.
+        backoff (`float`, *optional*, defaults to 1.0): the first wait between attempts, in seconds.
+        batch_size (`int`, *optional*, defaults to 32): images per request.
+        parallel (`int`, *optional*, defaults to 1): requests in flight at once (for servers that batch or
+            replicate; the scores keep the images' order).
+        headers (`dict`, *optional*): extra HTTP headers.
+        api_key_env (`str`, *optional*): the name of an environment variable holding a token, sent as
+            ``Authorization: Bearer <token>`` (the token itself never goes in a recipe).
+        device, dtype: unused; the server decides.
+
+    Example:
+        ```py
+        >>> from treegrpo.rewards import build_reward
+        >>> reward = build_reward("http", url="http://127.0.0.1:8000/score")
+        >>> scores = reward(images, prompts, metadata=[{"tag": "counting"}] * len(images))  # float32 [N]
+        >>> reward.last_subscores  # {"name": float32 [N]} when the server sends sub-scores
+        ```
+    """
+
+    takes_metadata = True
+
+    def __init__(self, *, url: str, body: str = "json", timeout: float = 120.0, retries: int = 2,
+                 backoff: float = 1.0, batch_size: int = 32, parallel: int = 1, headers: dict | None = None,
+                 api_key_env: str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str = torch.float32):
+        if not str(url).startswith(("http://", "https://")):
+            raise ValueError(f"http reward url must start with http:// or https://; got {url!r}.")
+        if body not in BODIES:
+            raise ValueError(f"http reward body must be one of {BODIES}; got {body!r}.")
+        if not timeout > 0 or retries < 0 or backoff < 0:
+            raise ValueError(f"http reward needs timeout > 0, retries >= 0, backoff >= 0; got timeout={timeout!r}, "
+                             f"retries={retries!r}, backoff={backoff!r}.")
+        self.url, self.body, self.timeout, self.retries, self.backoff = str(url), body, float(timeout), int(
+            retries), float(backoff)
+        self.batch_size, self.parallel = check_batch_size(batch_size), check_batch_size(parallel)
+        self.headers = {str(k): str(v) for k, v in (headers or {}).items()}
+        if api_key_env is not None:
+            token = os.environ.get(api_key_env)
+            if not token:
+                raise ValueError(f"http reward api_key_env = {api_key_env!r}: that environment variable is not set.")
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.name = "http"
+        self.last_subscores: dict[str, torch.Tensor] = {}
+
+    def load(self) -> HttpReward:
+        """Nothing to load (the server holds the model)."""
+        return self
+
+    def _score(self, images, prompts, metadata):
+        data, content_type = encode_request(images, prompts, metadata, self.body)
+        answer = post(self.url, data, content_type, timeout=self.timeout, retries=self.retries,
+                      backoff=self.backoff, headers=self.headers)
+        return decode_scores(answer, len(images), self.url)
+
+    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None
+                 ) -> torch.Tensor:
+        n = check_batch(images, prompts, self.name)
+        metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
+        parts = list(chunks(n, self.batch_size))
+        jobs = [(images[part], list(prompts[part]), metadata[part]) for part in parts]
+        if self.parallel > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.parallel, len(jobs))) as pool:
+                results = list(pool.map(lambda job: self._score(*job), jobs))
+        else:
+            results = [self._score(*job) for job in jobs]
+        names = results[0][1].keys() if results else ()
+        self.last_subscores = {name: torch.cat([sub[name] for _, sub in results]) for name in names
+                               if all(name in sub for _, sub in results)}
+        return torch.cat([scores for scores, _ in results]) if results else torch.empty(0)

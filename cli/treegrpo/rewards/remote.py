@@ -1,0 +1,133 @@
+"""The reward-server protocol, both ends: what `kind = "http"` sends and what `treegrpo reward-server` answers.
+
+A request is one HTTP POST of a batch, in either body:
+
+- ``application/json``: ``{"prompts": [str, ...], "metadata": [object, ...], "images": [base64 PNG, ...]}``
+- ``multipart/form-data``: a part ``request`` (the same JSON without ``images``) and parts ``image_0`` ...
+  ``image_{N-1}`` (``image/png``): no base64 inflation, for large images.
+
+The answer is JSON: ``{"scores": [float, ...]}`` with one score per image, in order, and optionally
+``"subscores": {"name": [float, ...], ...}`` (each the same length; the trainer logs their means). Nothing is
+pickled in either direction: a compromised server can send wrong numbers, never code. Only the standard library is
+used (``urllib``, ``http.server``), so a reward server needs no extra dependency.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
+
+import torch
+from PIL import Image
+
+BODIES = ("json", "multipart")
+RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # worth another try; other 4xx will fail again
+
+
+class RemoteRewardError(RuntimeError):
+    """A remote reward call failed; the message is one line naming the URL and what happened."""
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_request(images: list[Image.Image], prompts: list[str], metadata: list[dict], body: str = "json"
+                   ) -> tuple[bytes, str]:
+    """(request body, content type) of one batch."""
+    if body == "json":
+        payload = {"prompts": prompts, "metadata": metadata,
+                   "images": [base64.b64encode(png_bytes(image)).decode("ascii") for image in images]}
+        return json.dumps(payload).encode(), "application/json"
+    if body != "multipart":
+        raise ValueError(f"body must be one of {BODIES}; got {body!r}.")
+    boundary = uuid.uuid4().hex
+    parts = [(b'Content-Disposition: form-data; name="request"\r\nContent-Type: application/json\r\n\r\n'
+              + json.dumps({"prompts": prompts, "metadata": metadata}).encode())]
+    parts += [(f'Content-Disposition: form-data; name="image_{i}"; filename="{i}.png"\r\n'
+               "Content-Type: image/png\r\n\r\n").encode() + png_bytes(image) for i, image in enumerate(images)]
+    data = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return data + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
+
+
+def decode_request(data: bytes, content_type: str) -> tuple[list[Image.Image], list[str], list[dict]]:
+    """The server side of `encode_request`: (images, prompts, metadata); ValueError for a malformed body."""
+    if content_type.startswith("application/json"):
+        payload = json.loads(data)
+        images = [Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB") for text in payload["images"]]
+    elif content_type.startswith("multipart/form-data"):
+        message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data)
+        fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                  for part in message.iter_parts()}
+        payload = json.loads(fields["request"])
+        count = sum(1 for name in fields if name.startswith("image_"))
+        images = [Image.open(io.BytesIO(fields[f"image_{i}"])).convert("RGB") for i in range(count)]
+    else:
+        raise ValueError(f"unsupported content type {content_type!r}; send application/json or multipart/form-data")
+    prompts = [str(p) for p in payload["prompts"]]
+    metadata = payload.get("metadata") or [{} for _ in prompts]
+    if not (len(images) == len(prompts) == len(metadata)):
+        raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries; "
+                         "send one of each per image")
+    return images, prompts, metadata
+
+
+def decode_scores(data: bytes, count: int, url: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores float32 `[count]` and sub-scores from a server's answer; `RemoteRewardError` for a wrong answer."""
+    try:
+        payload = json.loads(data)
+        scores = [float(x) for x in payload["scores"]]
+        subscores = {str(k): [float(x) for x in v] for k, v in (payload.get("subscores") or {}).items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise RemoteRewardError(f"{url} answered something other than {{\"scores\": [numbers]}} "
+                                f"({type(err).__name__}: {str(err)[:120]}): {data[:120]!r}") from None
+    for name, values in [("scores", scores), *subscores.items()]:
+        if len(values) != count:
+            raise RemoteRewardError(f"{url} returned {len(values)} {name} for {count} images")
+    if not all(math.isfinite(x) for x in scores):
+        raise RemoteRewardError(f"{url} returned non-finite scores")
+    return (torch.tensor(scores, dtype=torch.float32),
+            {name: torch.tensor(values, dtype=torch.float32) for name, values in subscores.items()})
+
+
+def post(url: str, data: bytes, content_type: str, *, timeout: float, retries: int, backoff: float,
+         headers: dict[str, str] | None = None) -> bytes:
+    """POST with a timeout per attempt and `retries` more attempts after a connection error, a timeout or a
+    retryable status (408, 429, 5xx), waiting `backoff · 2^attempt` seconds between them. Raises
+    `RemoteRewardError` with one line naming the URL and the last failure."""
+    request_headers = {"Content-Type": content_type, "Accept": "application/json", **(headers or {})}
+    failure = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, data=data, headers=request_headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the user's URL)
+                return response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+            failure = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
+            if err.code not in RETRIED_STATUS:
+                break
+        except TimeoutError:
+            failure = f"no answer within {timeout:g} s (timeout)"
+        except urllib.error.URLError as err:
+            reason = err.reason
+            if isinstance(reason, TimeoutError):
+                failure = f"no answer within {timeout:g} s (timeout)"
+            else:
+                failure = f"cannot connect ({reason})"
+        except (ConnectionError, OSError) as err:
+            failure = f"connection failed ({type(err).__name__}: {err})"
+    tries = f" after {retries + 1} attempts" if retries else ""
+    raise RemoteRewardError(f"reward server {url}: {failure}{tries}")

@@ -1,0 +1,85 @@
+"""A run whose reward lives behind HTTP (the reference server on the loopback interface) and whose prompts come
+from a `.jsonl` file with metadata: it trains end to end, the metadata reaches the reward, sub-scores reach the
+metrics; and `.jsonl` mistakes are one line."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from treegrpo.preflight import PreflightError, prompt_records
+from treegrpo.recipe import load_recipe
+from treegrpo.reporting import Reporter
+from treegrpo.reward_server import make_server
+from treegrpo.trainer import train
+
+from .conftest import write_recipe
+
+RECORDS = [{"prompt": "a red cat", "target": 0.2, "tag": "colors"},
+           {"prompt": "a blue dog", "target": 0.8, "tag": "colors"},
+           {"prompt": "a green tree", "target": 0.5, "tag": "counting", "objects": ["tree"]}]
+
+
+class TargetBrightness:
+    """Closeness of the image's brightness to its prompt's metadata target; records what it was sent."""
+
+    name, takes_metadata = "target", True
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, images, prompts, metadata=None):
+        self.requests.append((list(prompts), list(metadata)))
+        brightness = torch.tensor([sum(image.convert("L").getdata()) / (255 * image.width * image.height)
+                                   for image in images])
+        self.last_subscores = {"brightness": brightness}
+        return -(brightness - torch.tensor([m["target"] for m in metadata])).abs()
+
+
+def test_http_reward_and_jsonl_prompts_train_end_to_end(workdir, tiny_sd3_dir):
+    (workdir / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    reward = TargetBrightness()
+    server = make_server(reward, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = write_recipe(workdir, tiny_sd3_dir, epochs=2)
+        text = path.read_text().replace('kind = "python"\nfunction = "test_rewards:brightness"',
+                                        f'kind = "http"\nurl = "http://127.0.0.1:{server.server_address[1]}/score"'
+                                        '\nbatch_size = 3')
+        path.write_text(text.replace('prompts = "prompts.txt"', 'prompts = "prompts.jsonl"'))
+        final = train(load_recipe(path), reporter=Reporter(enabled=False))
+    finally:
+        server.shutdown()
+        server.server_close()
+    metrics = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1] and (final / "pytorch_lora_weights.safetensors").is_file()
+    # every scored image came with its own prompt's metadata, the prompt itself removed from it
+    by_prompt = {r["prompt"]: {k: v for k, v in r.items() if k != "prompt"} for r in RECORDS}
+    sent = [(p, m) for prompts, metadata in reward.requests for p, m in zip(prompts, metadata, strict=True)]
+    assert sent and all(by_prompt[p] == m for p, m in sent)
+    assert len(sent) == 2 * 2 * 4  # 2 epochs × 2 prompts × 4 leaves (k = 2, w = 2)
+    # the server's sub-score reaches the metrics, as the mean over the epoch's leaves
+    assert all(0 <= m["reward/http/brightness"] <= 1 for m in metrics)
+    assert all(m["reward/http/mean"] <= 0 for m in metrics)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a cat"', "line 2 is not JSON"),
+    ('{"text": "a cat"}', 'line 2 has no "prompt" string'),
+    ('["a cat"]', 'line 2 has no "prompt" string'),
+])
+def test_jsonl_mistakes_are_one_line(tmp_path, line, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a dog", "tag": "animals"}\n' + line + "\n")
+    with pytest.raises(PreflightError, match=message):
+        prompt_records(str(path))
+
+
+def test_text_files_keep_working_with_empty_metadata(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a dog\n# a comment\na cat\n")
+    assert prompt_records(str(path)) == (["a dog", "a cat"], [{}, {}])
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "a dog", "objects": ["dog"], "count": 1}\n\n')
+    assert prompt_records(str(jsonl)) == (["a dog"], [{"objects": ["dog"], "count": 1}])
