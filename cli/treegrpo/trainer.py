@@ -109,12 +109,25 @@ def run_epoch(run: Run, epoch: int) -> dict:
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
     metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
-    # accuracies of rewards that can judge right/wrong (digits), sub-scores of remote rewards: the same keys on
-    # every process (the same rewards score every epoch), so one all-reduce each
-    for name, value in extras.items():
-        local = torch.tensor([value], dtype=torch.float64, device=acc.device)
-        metrics[f"reward/{name}"] = float(acc.reduce(local, reduction="mean"))
+    metrics.update(mean_over_processes(acc, extras))
+
     return metrics
+
+
+def mean_over_processes(acc, extras: dict[str, float]) -> dict[str, float]:
+    """`reward/<key>` → the mean over the processes that have the key: accuracies of rewards that judge right/wrong
+    (digits) and sub-scores of remote rewards, which a server may send on one process and not on another. The union
+    of keys first (one gather), then every key's sum and count in one all-reduce, so the collectives are the same on
+    every process whatever each one's keys."""
+    from accelerate.utils import gather_object
+
+    names = sorted(set(extras)) if acc.num_processes == 1 else sorted(set(gather_object(sorted(extras))))
+    if not names:
+        return {}
+    local = torch.tensor([[extras.get(n, 0.0), float(n in extras)] for n in names], dtype=torch.float64,
+                         device=acc.device)
+    total = acc.reduce(local, reduction="sum").cpu()
+    return {f"reward/{n}": float(total[i, 0] / total[i, 1]) for i, n in enumerate(names)}
 
 
 def _reference_context(run: Run):

@@ -91,3 +91,26 @@ def test_a_reward_failing_on_one_process_stops_both(workdir, tiny_sd3_dir):
     assert "reward server down" in proc.stderr and "scoring failed on another process" in proc.stderr
     # no worker traceback (torchrun's own "ChildFailedError" report of the exit codes remains)
     assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
+
+
+MEAN_SCRIPT = """
+import json, sys
+from accelerate import Accelerator
+from treegrpo.trainer import mean_over_processes
+acc = Accelerator(cpu=True)
+extras = [{"digits/accuracy": 0.5, "http/alignment": 0.25}, {"digits/accuracy": 1.0}][acc.process_index]
+result = mean_over_processes(acc, extras)
+if acc.is_main_process:
+    print(json.dumps(result))
+"""
+
+
+def test_per_reward_extras_average_over_the_processes_that_have_them(tmp_path):
+    """A sub-score one process's server sent and the other's did not: no hang, and the mean of those that have it."""
+    script = tmp_path / "mean_over_processes.py"
+    script.write_text(MEAN_SCRIPT)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"reward/digits/accuracy": 0.75, "reward/http/alignment": 0.25}
