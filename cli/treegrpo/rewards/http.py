@@ -5,14 +5,13 @@ their prompts and the prompts' metadata, to a reward server and reads one score 
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
 
 from treegrpo.rewards.base import check_batch, check_batch_size, chunks
-from treegrpo.rewards.remote import BODIES, decode_scores, encode_request, post
+from treegrpo.rewards.remote import BODIES, bearer_headers, decode_scores, encode_request, post
 
 
 class HttpReward:
@@ -59,12 +58,7 @@ class HttpReward:
         self.url, self.body, self.timeout, self.retries, self.backoff = str(url), body, float(timeout), int(
             retries), float(backoff)
         self.batch_size, self.parallel = check_batch_size(batch_size), check_batch_size(parallel)
-        self.headers = {str(k): str(v) for k, v in (headers or {}).items()}
-        if api_key_env is not None:
-            token = os.environ.get(api_key_env)
-            if not token:
-                raise ValueError(f"http reward api_key_env = {api_key_env!r}: that environment variable is not set.")
-            self.headers["Authorization"] = f"Bearer {token}"
+        self.headers = {**{str(k): str(v) for k, v in (headers or {}).items()}, **bearer_headers(api_key_env, "http")}
         self.name = "http"
         self.last_subscores: dict[str, torch.Tensor] = {}
 

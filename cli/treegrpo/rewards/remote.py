@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,17 @@ RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # worth another try;
 
 class RemoteRewardError(RuntimeError):
     """A remote reward call failed; the message is one line naming the URL and what happened."""
+
+
+def bearer_headers(api_key_env: str | None, kind: str) -> dict[str, str]:
+    """`Authorization: Bearer <token>` from the environment variable `api_key_env` (so no token is written into a
+    recipe); no header when it is None; ValueError naming the variable when it is unset."""
+    if api_key_env is None:
+        return {}
+    token = os.environ.get(api_key_env)
+    if not token:
+        raise ValueError(f"{kind} reward api_key_env = {api_key_env!r}: that environment variable is not set.")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards.base import check_batch, check_batch_size
-from treegrpo.rewards.remote import RemoteRewardError, png_bytes, post
+from treegrpo.rewards.remote import RemoteRewardError, bearer_headers, png_bytes, post
 
 TEMPLATES = {
     "yes_no": 'Does this image show "{prompt}"? Answer with one word: Yes or No.',
@@ -84,12 +83,7 @@ class VlmReward:
         self.max_tokens = max_tokens or (1 if self.score == "logprobs" else 16)
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.parallel = check_batch_size(parallel)
-        self.headers = {}
-        if api_key_env is not None:
-            token = os.environ.get(api_key_env)
-            if not token:
-                raise ValueError(f"vlm reward api_key_env = {api_key_env!r}: that environment variable is not set.")
-            self.headers["Authorization"] = f"Bearer {token}"
+        self.headers = bearer_headers(api_key_env, "vlm")
         self.name = "vlm"
 
     def load(self) -> VlmReward:

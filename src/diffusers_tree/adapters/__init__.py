@@ -107,6 +107,21 @@ class PipelineAdapter(Protocol):
     #   postprocess(videos, output_type) -> what the stock pipeline returns for "pil" / "np"
 
 
+class DenoiserAdapter:
+    """What every adapter shares: the pipeline, its denoiser component (`denoiser_name`), and `model`, what every
+    forward calls (the denoiser itself unless a trainer puts its DDP/FSDP-wrapped module there)."""
+
+    denoiser_name = "transformer"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.model = getattr(pipe, self.denoiser_name)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+
 def register_adapter(*pipeline_class_names: str):
     """Class decorator: use this adapter for pipelines of these class names (and their subclasses)."""
 
@@ -172,5 +187,5 @@ def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:
 
 from . import flux, flux2, qwenimage, sana, sd, sd3, sdxl, wan, zimage  # noqa: E402,F401  (registers the families)
 
-__all__ = ["Conditioning", "PipelineAdapter", "adapter_for", "guided_model_output", "register_adapter",
-           "stock_call_kwargs"]
+__all__ = ["Conditioning", "DenoiserAdapter", "PipelineAdapter", "adapter_for", "guided_model_output",
+           "register_adapter", "stock_call_kwargs"]

@@ -6,21 +6,13 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
 
 
 @register_adapter("FluxPipeline")
-class FluxAdapter:
+class FluxAdapter(DenoiserAdapter):
     default_guidance_scale = 3.5
     prediction_type = "flow"
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         pipe = self.pipe

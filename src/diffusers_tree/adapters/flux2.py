@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
 
 
 @register_adapter("Flux2Pipeline")
-class Flux2Adapter:
+class Flux2Adapter(DenoiserAdapter):
     default_guidance_scale = 4.0
     prediction_type = "flow"
     guidance_embedding = True  # [dev]: guidance_scale is a transformer input, not CFG
@@ -32,14 +32,6 @@ class Flux2Adapter:
     # output projection `attn.to_out` shares its name with the double-stream blocks' `to_out` ModuleList)
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out", "to_qkv_mlp_proj"]
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     @property
     def pixels_per_patch(self) -> int:

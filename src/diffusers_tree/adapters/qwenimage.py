@@ -25,26 +25,18 @@ import numpy as np
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
 
 EMPTY_NEGATIVE_PROMPT = " "
 
 
 @register_adapter("QwenImagePipeline")
-class QwenImageAdapter:
+class QwenImageAdapter(DenoiserAdapter):
     default_guidance_scale = 1.0  # the stock default call: true_cfg_scale 4 but no negative prompt, so no CFG
     prediction_type = "flow"
     # both streams' attention projections of every block, as the other MMDiT families
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out"]
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     @property
     def pixels_per_patch(self) -> int:

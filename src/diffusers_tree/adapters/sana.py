@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
 
 
 def _pipeline_default(pipe, name: str):
@@ -33,20 +33,15 @@ def _pipeline_default(pipe, name: str):
 
 
 @register_adapter("SanaPipeline")
-class SanaAdapter:
+class SanaAdapter(DenoiserAdapter):
     default_guidance_scale = 4.5
     prediction_type = "flow"
     # the linear self-attention (attn1) and the cross-attention (attn2) projections of every block
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
 
     def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
+        super().__init__(pipe)
         self.complex_human_instruction = _pipeline_default(pipe, "complex_human_instruction")
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     @property
     def pixels_per_patch(self) -> int:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
-from . import Conditioning, postprocess_decoded, register_adapter, unet_latents
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter, unet_latents
 
 
 @register_adapter("StableDiffusionPipeline")
-class StableDiffusionAdapter:
+class StableDiffusionAdapter(DenoiserAdapter):
+    denoiser_name = "unet"
     default_guidance_scale = 7.5
     def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.unet  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
+        super().__init__(pipe)
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         do_cfg = guidance_scale > 1

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
 
 
 @register_adapter("StableDiffusion3Pipeline")
-class StableDiffusion3Adapter:
+class StableDiffusion3Adapter(DenoiserAdapter):
     default_guidance_scale = 7.0
     prediction_type = "flow"
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         pipe, do_cfg = self.pipe, guidance_scale > 1

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from . import Conditioning, postprocess_decoded, register_adapter, unet_latents
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter, unet_latents
 
 
 @register_adapter("StableDiffusionXLPipeline")
-class StableDiffusionXLAdapter:
+class StableDiffusionXLAdapter(DenoiserAdapter):
+    denoiser_name = "unet"
     default_guidance_scale = 5.0
     def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.unet  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
+        super().__init__(pipe)
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         pipe, do_cfg = self.pipe, guidance_scale > 1

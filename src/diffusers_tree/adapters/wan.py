@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import Conditioning, register_adapter
+from . import Conditioning, DenoiserAdapter, register_adapter
 
 
 @register_adapter("WanPipeline")
-class WanAdapter:
+class WanAdapter(DenoiserAdapter):
     default_guidance_scale = 5.0
     default_num_frames = 81  # marks a video family; the stock pipeline's default
     default_size = (480, 832)  # the stock pipeline's default height/width (the transformer has no sample_size)
@@ -38,12 +38,7 @@ class WanAdapter:
         if pipe.config.get("expand_timesteps", False):
             raise ValueError("Tree rollouts do not support Wan 2.2 TI2V (`expand_timesteps=True`, per-token "
                              "timesteps); use a Wan 2.1 text-to-video pipeline.")
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
+        super().__init__(pipe)
 
     @property
     def pixels_per_patch(self) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
-from . import Conditioning, postprocess_decoded, register_adapter
+from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
 
 
 def _padded(features: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -34,19 +34,11 @@ def _padded(features: list[torch.Tensor], length: int) -> dict[str, torch.Tensor
 
 
 @register_adapter("ZImagePipeline")
-class ZImageAdapter:
+class ZImageAdapter(DenoiserAdapter):
     default_guidance_scale = 5.0  # the pipeline's default (Z-Image-Turbo is sampled with 0: no CFG)
     prediction_type = "flow"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]  # every block's attention (refiners included)
     cfg_normalization = 0.0  # the pipeline's `cfg_normalization`: 0 = off, its default
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.model = pipe.transformer  # what forwards call; a trainer may put its DDP/FSDP-wrapped module here
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
 
     @property
     def default_size(self) -> tuple[int, int]:
