@@ -108,12 +108,29 @@ def _preflight(loaded) -> None:
         _fail(str(err))
 
 
+def _reward_server_rows(loaded) -> list[tuple[str, str]]:
+    """Whether each http / vlm reward's server accepts connections now (a note, not a failure: it may start later)."""
+    from treegrpo.rewards.remote import connection_problem
+
+    rows = []
+    for spec in loaded.reward:
+        url = (spec.model_extra or {}).get("url") or (spec.model_extra or {}).get("base_url")
+        if spec.kind in ("http", "vlm") and isinstance(url, str):
+            problem = connection_problem(url)
+            rows.append((f"{spec.name or spec.kind} server", f"{url}: " + (
+                "accepts connections" if problem is None else f"NOT reachable now ({problem}); start it before "
+                "`treegrpo run`")))
+    return rows
+
+
 def _cfg_note(loaded) -> str:
     """Rows are per CFG half: say whether this recipe doubles them."""
     guidance = loaded.sampling.guidance_scale
     if guidance is None:
-        return "(x2 if the model's default guidance uses CFG; FLUX never does)"
-    return "(x2: CFG at guidance > 1, except FLUX)" if guidance > 1 else "(no CFG at guidance <= 1)"
+        return "(x2 if the model's default guidance uses CFG; guidance-distilled FLUX.1 / FLUX.2 dev never do)"
+    if guidance > 1:
+        return "(x2: CFG, except guidance-distilled FLUX.1 / FLUX.2 dev)"
+    return "(no CFG at guidance <= 1, except Z-Image at any guidance > 0)"
 
 
 @app.command()
@@ -148,6 +165,7 @@ def check(
          f"{plan.independent_rows}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
         ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
         ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
+        *_reward_server_rows(loaded),
         ("output", loaded.output.dir),
     ]
     for name, value in rows:

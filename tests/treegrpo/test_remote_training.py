@@ -83,3 +83,24 @@ def test_text_files_keep_working_with_empty_metadata(tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"prompt": "a dog", "objects": ["dog"], "count": 1}\n\n')
     assert prompt_records(str(jsonl)) == (["a dog"], [{"objects": ["dog"], "count": 1}])
+
+
+def test_check_says_whether_each_reward_server_accepts_connections(workdir, tiny_sd3_dir):
+    from typer.testing import CliRunner
+
+    from treegrpo.app import app
+
+    server = make_server(TargetBrightness(), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = f"http://127.0.0.1:{server.server_address[1]}/score"
+        path = write_recipe(workdir, tiny_sd3_dir)
+        path.write_text(path.read_text().replace('kind = "python"\nfunction = "test_rewards:brightness"',
+                                                 f'kind = "http"\nurl = "{up}"'))
+        result = CliRunner().invoke(app, ["check", str(path)], env={"COLUMNS": "250"})
+        assert result.exit_code == 0 and f"{up}: accepts connections" in result.output, result.output
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = CliRunner().invoke(app, ["check", str(path)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and f"{up}: NOT reachable now" in result.output, result.output

@@ -143,3 +143,17 @@ def post(url: str, data: bytes, content_type: str, *, timeout: float, retries: i
             failure = f"connection failed ({type(err).__name__}: {err})"
     tries = f" after {retries + 1} attempts" if retries else ""
     raise RemoteRewardError(f"reward server {url}: {failure}{tries}")
+
+
+def connection_problem(url: str, timeout: float = 2.0) -> str | None:
+    """None if `url`'s host accepts a TCP connection on its port now, else why not (for `treegrpo check`)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as err:
+        return str(err.strerror or err) if not isinstance(err, TimeoutError) else f"no answer within {timeout:g} s"
