@@ -162,12 +162,19 @@ class RewardRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _known_kind_and_options(self) -> RewardRecipe:
-        from treegrpo.reward_kinds import reward_option_names
+        from treegrpo.reward_kinds import REQUIRED_OPTIONS, reward_option_names
 
         allowed = reward_option_names(self.kind)  # raises ValueError listing the known kinds
         unknown = sorted(set(self.options()) - set(allowed))
         if unknown:
             raise ValueError(f"reward kind {self.kind!r} does not take {unknown}; it takes {sorted(allowed)}.")
+        missing = [name for name in REQUIRED_OPTIONS.get(self.kind, ()) if name not in self.options()]
+        if missing:
+            raise ValueError(f"reward kind {self.kind!r} needs {', '.join(missing)} (e.g. "
+                             + {"python": 'function = "my_rewards:score"', "http":
+                                'url = "http://127.0.0.1:8000/score"', "vlm":
+                                'base_url = "http://127.0.0.1:8000/v1", model = "Qwen/Qwen2.5-VL-7B-Instruct"'}
+                             [self.kind] + ").")
         if self.frame_reduction == "whole" and self.kind != "python":
             raise ValueError(f"frame_reduction = 'whole' (videos as lists of frames) needs a python reward; the "
                              f"{self.kind!r} reward scores images: use 'mean', 'min' or 'max'.")

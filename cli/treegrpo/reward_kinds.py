@@ -22,6 +22,11 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
 }
 
 
+# options a kind cannot do without (the factories' keyword-only arguments without a default)
+REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {"python": ("function",), "http": ("url",),
+                                                "vlm": ("base_url", "model")}
+
+
 def reward_option_names(kind: str) -> frozenset[str]:
     """The options `kind` takes; ValueError naming the known kinds for an unknown one."""
     if kind not in REWARD_OPTION_NAMES:

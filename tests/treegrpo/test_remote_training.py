@@ -104,3 +104,14 @@ def test_check_says_whether_each_reward_server_accepts_connections(workdir, tiny
         server.server_close()
     result = CliRunner().invoke(app, ["check", str(path)], env={"COLUMNS": "250"})
     assert result.exit_code == 0 and f"{up}: NOT reachable now" in result.output, result.output
+
+
+def test_recipe_names_the_missing_server_options():
+    from pydantic import ValidationError
+
+    from treegrpo.recipe import RewardRecipe
+
+    with pytest.raises(ValidationError, match=r"reward kind 'http' needs url \(e\.g\. url = "):
+        RewardRecipe(kind="http")
+    with pytest.raises(ValidationError, match="reward kind 'vlm' needs base_url, model"):
+        RewardRecipe(kind="vlm", template="quality")

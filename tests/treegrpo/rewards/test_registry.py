@@ -211,8 +211,12 @@ def test_python_reward_checks_what_the_function_returns(user_module, function, m
 def test_the_validators_option_table_matches_the_factories():
     """`treegrpo.reward_kinds` (read by the recipe validator without importing reward code) must list exactly the
     options each factory takes."""
-    from treegrpo.reward_kinds import REWARD_OPTION_NAMES
+    import inspect
+
+    from treegrpo.reward_kinds import REQUIRED_OPTIONS, REWARD_OPTION_NAMES
 
     assert set(REWARD_OPTION_NAMES) == set(REWARD_KINDS)
     for kind in REWARD_KINDS:
         assert REWARD_OPTION_NAMES[kind] == set(reward_options(kind)), kind
+        required = {name for name, default in reward_options(kind).items() if default is inspect.Parameter.empty}
+        assert required == set(REQUIRED_OPTIONS.get(kind, ())), kind
