@@ -389,7 +389,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"The batch has {batch} rows, which is not whole trees of {leaves} leaves "
                 f"(branch_factor={self.config.branch_factor}, window_width={self.config.window_width}); call the "
-                f"pipeline with num_images_per_prompt={leaves} (or a multiple)."
+                f"pipeline with num_images_per_prompt={leaves} (video pipelines: num_videos_per_prompt) or a "
+                "multiple."
             )
         num_trees, rows = batch // leaves, torch.arange(batch, device=sample.device)
         tree, leaf = rows // leaves, rows % leaves

@@ -113,7 +113,11 @@ def best_of_n(pipe, prompts, scorer, *, n: int, num_inference_steps: int = 10, g
     from .adapters import adapter_for
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    with count_rows(adapter_for(pipe).denoiser) as counter:
+    adapter = adapter_for(pipe)
+    if getattr(adapter, "default_num_frames", None) is not None:
+        raise ValueError(f"best_of_n samples and scores images; {type(pipe).__name__} makes videos. Use "
+                         "TreeRolloutPipeline.best_of_tree, whose scorer receives the videos.")
+    with count_rows(adapter.denoiser) as counter:
         # by keyword (FLUX.2 takes `image` first), a copy (Z-Image writes its templated prompts into the list)
         images = pipe(prompt=list(prompts), num_images_per_prompt=n, num_inference_steps=num_inference_steps,
                       generator=generator, output_type="pil", **call_kwargs).images

@@ -137,3 +137,20 @@ def test_save_pretrained_round_trips(pipe, tmp_path):
     # same weights bit for bit; the outputs agree to fp32 rounding (the loaded tensors sit at other memory
     # alignments, so CPU matmul kernels may sum in another order)
     torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
+
+
+def test_best_of_tree_scores_whole_videos_and_best_of_n_refuses_them(pipe):
+    from diffusers_tree.search import best_of_n
+
+    tree = TreeRolloutPipeline.from_pipe(pipe, branch_factor=2, window_width=1, window_start=1)
+    seen = []
+
+    def scorer(videos, prompts):  # the second leaf wins: every video is a list of its 5 frames
+        seen.extend(len(video) for video in videos)
+        return [float(i) for i in range(len(videos))]
+
+    out = tree.best_of_tree(["a red cat"], scorer, num_inference_steps=3, height=32, width=32, num_frames=5,
+                            max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+    assert seen == [5, 5] and out.scores.tolist() == [1.0] and len(out.images[0]) == 5
+    with pytest.raises(ValueError, match="best_of_n samples and scores images; WanPipeline makes videos"):
+        best_of_n(pipe, ["a red cat"], scorer, n=2, num_inference_steps=2, height=32, width=32)
