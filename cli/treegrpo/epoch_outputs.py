@@ -4,6 +4,7 @@ and sample grids. Split from `trainer.py`, which drives the run."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,25 +19,23 @@ if TYPE_CHECKING:
     from .run_setup import Run
 
 
-FRAME_REDUCTIONS = ("mean", "min", "max", "whole")  # how a video's frame scores become one score (see below)
-
-
 def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and
     per-reward extras to log: the leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`, as
     `<name>/accuracy`) and the mean of each sub-score a remote reward returned (`last_subscores`, as
     `<name>/<sub-score>`). Leaves are images `[N, 3, H, W]` or videos `[N, F, 3, H, W]` (see `score_reward`);
-    `metadata` is each leaf's prompt metadata."""
+    `metadata` is each leaf's prompt metadata. The leaves become PIL images once, for all rewards."""
+    frames = leaf_frames(images)
     rows, extras = [], {}
     for reward in run.rewards:
         try:
-            values, accuracy = score_reward(reward, images, prompts, metadata)
+            values, accuracy = score_reward(reward, frames, prompts, metadata)
         except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
             raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
-        if values.numel() != images.shape[0]:
-            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {images.shape[0]} "
-                                f"{'videos' if images.ndim == 5 else 'images'}.")
+        if values.numel() != frames.count:
+            raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {frames.count} "
+                                f"{'videos' if frames.num_frames else 'images'}.")
         if not torch.isfinite(values).all():
             raise TrainingError(f"reward {reward.name!r} returned NaN/Inf for {int((~torch.isfinite(values)).sum())} "
                                 "images; stopping.")
@@ -48,31 +47,50 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: l
     return torch.stack(rows), extras
 
 
-def score_reward(reward, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+@dataclass
+class LeafFrames:
+    """Leaves as 8-bit PIL images: `images` (one per image leaf, or every frame of every video, video-major),
+    `count` leaves, and `num_frames` per video (None for image leaves)."""
+
+    images: list
+    count: int
+    num_frames: int | None = None
+
+    def videos(self) -> list[list]:
+        return [self.images[i * self.num_frames:(i + 1) * self.num_frames] for i in range(self.count)]
+
+
+def leaf_frames(images: torch.Tensor) -> LeafFrames:
+    """Float leaves in [0, 1], images `[N, 3, H, W]` or videos `[N, F, 3, H, W]`, as `LeafFrames`."""
+    from treegrpo.rewards import to_pil
+
+    if images.ndim == 5:
+        return LeafFrames(to_pil(images.flatten(0, 1)), images.shape[0], images.shape[1])
+    return LeafFrames(to_pil(images), images.shape[0])
+
+
+def score_reward(reward, frames: LeafFrames, prompts: list[str], metadata: list[dict] | None = None
                  ) -> tuple[torch.Tensor, float | None]:
     """One reward's scores `[N]`. The video contract: a reward's `frame_reduction` (`[[reward]] frame_reduction`)
     says how it sees a video. "mean" (default), "min" or "max": every frame is scored as an image with the video's
     prompt, and the frame scores are reduced per video, so every image reward works on video unchanged. "whole": the
     reward is called with the videos themselves, each a list of its frames as PIL images (python rewards that judge
     motion or consistency)."""
-    from treegrpo.rewards import to_pil
     from treegrpo.rewards.base import score_with_accuracy
 
-    if images.ndim != 5:
-        return score_with_accuracy(reward, to_pil(images), prompts, metadata)
-    num_videos, num_frames = images.shape[:2]
+    if frames.num_frames is None:
+        return score_with_accuracy(reward, frames.images, prompts, metadata)
     reduction = getattr(reward, "frame_reduction", "mean")
     if reduction == "whole":
-        frames = to_pil(images.flatten(0, 1))
-        videos = [frames[i * num_frames:(i + 1) * num_frames] for i in range(num_videos)]
-        return score_with_accuracy(reward, videos, prompts, metadata)
-    frame_prompts = [prompt for prompt in prompts for _ in range(num_frames)]
-    frame_metadata = None if metadata is None else [meta for meta in metadata for _ in range(num_frames)]
-    values, accuracy = score_with_accuracy(reward, to_pil(images.flatten(0, 1)), frame_prompts, frame_metadata)
-    if values.numel() != num_videos * num_frames:
-        raise ValueError(f"returned {values.numel()} scores for {num_videos * num_frames} frames "
-                         f"({num_videos} videos × {num_frames})")
-    per_frame = values.reshape(num_videos, num_frames)
+        return score_with_accuracy(reward, frames.videos(), prompts, metadata)
+    per_video = frames.num_frames
+    frame_prompts = [prompt for prompt in prompts for _ in range(per_video)]
+    frame_metadata = None if metadata is None else [meta for meta in metadata for _ in range(per_video)]
+    values, accuracy = score_with_accuracy(reward, frames.images, frame_prompts, frame_metadata)
+    if values.numel() != frames.count * per_video:
+        raise ValueError(f"returned {values.numel()} scores for {frames.count * per_video} frames "
+                         f"({frames.count} videos × {per_video})")
+    per_frame = values.reshape(frames.count, per_video)
     reduced = {"mean": per_frame.mean(1), "min": per_frame.amin(1), "max": per_frame.amax(1)}[reduction]
     return reduced, accuracy
 

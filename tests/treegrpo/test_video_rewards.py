@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from treegrpo.epoch_outputs import score_reward
+from treegrpo.epoch_outputs import leaf_frames, score_reward
 from treegrpo.recipe import RewardRecipe
 
 
@@ -36,7 +36,7 @@ def videos():
 def test_image_rewards_score_every_frame_with_the_videos_prompt_and_reduce(reduction, expected):
     frames, levels = videos()
     reward = FrameBrightness(reduction)
-    scores, accuracy = score_reward(reward, frames, ["a cat", "a dog"])
+    scores, accuracy = score_reward(reward, leaf_frames(frames), ["a cat", "a dog"])
     torch.testing.assert_close(scores, expected(levels))
     images, prompts = reward.calls[0]
     assert len(images) == 6 and images[0].size == (4, 4)  # one PIL image per frame
@@ -46,7 +46,7 @@ def test_image_rewards_score_every_frame_with_the_videos_prompt_and_reduce(reduc
 def test_whole_videos_reach_python_rewards_as_lists_of_frames():
     frames, levels = videos()
     reward = FrameBrightness("whole")
-    scores, _ = score_reward(reward, frames, ["a cat", "a dog"])
+    scores, _ = score_reward(reward, leaf_frames(frames), ["a cat", "a dog"])
     videos_seen, prompts = reward.calls[0]
     assert [len(video) for video in videos_seen] == [3, 3] and prompts == ["a cat", "a dog"]
     torch.testing.assert_close(scores, levels.mean(1))
@@ -55,7 +55,7 @@ def test_whole_videos_reach_python_rewards_as_lists_of_frames():
 def test_images_are_scored_as_before():
     images = torch.full((2, 3, 4, 4), 0.5)
     reward = FrameBrightness()
-    scores, _ = score_reward(reward, images, ["a", "b"])
+    scores, _ = score_reward(reward, leaf_frames(images), ["a", "b"])
     torch.testing.assert_close(scores, torch.full((2,), 128.0))
     assert len(reward.calls[0][0]) == 2
 
@@ -68,7 +68,7 @@ def test_wrong_count_on_frames_names_frames_and_videos():
 
     short.name, short.frame_reduction = "short", "mean"
     with pytest.raises(ValueError, match=r"returned 4 scores for 6 frames \(2 videos × 3\)"):
-        score_reward(short, frames, ["a", "b"])
+        score_reward(short, leaf_frames(frames), ["a", "b"])
 
 
 def test_whole_videos_need_a_python_reward():
@@ -77,3 +77,20 @@ def test_whole_videos_need_a_python_reward():
         RewardRecipe(kind="jpeg", frame_reduction="whole")
     with pytest.raises(ValidationError, match="frame_reduction"):
         RewardRecipe(kind="jpeg", frame_reduction="median")
+
+
+def test_leaves_become_pil_images_once_for_all_rewards(monkeypatch):
+    """Two rewards on a video batch: one conversion of every frame, both rewards scored from it."""
+    from types import SimpleNamespace
+
+    import treegrpo.rewards
+    from treegrpo.epoch_outputs import score_leaves
+
+    calls, original = [], treegrpo.rewards.to_pil
+    monkeypatch.setattr(treegrpo.rewards, "to_pil", lambda x: calls.append(x.shape[0]) or original(x))
+    frames, levels = videos()
+    first, second = FrameBrightness("mean"), FrameBrightness("max")
+    second.name = "brightest"
+    scores, extras = score_leaves(SimpleNamespace(rewards=[first, second]), frames, ["a cat", "a dog"])
+    assert calls == [6] and extras == {}
+    torch.testing.assert_close(scores, torch.stack([levels.mean(1), levels.amax(1)]))
