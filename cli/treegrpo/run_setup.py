@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
+from diffusers_tree.adapters import makes_videos
 
 from .ema import EMA
 from .grpo import derive_seed
@@ -70,37 +71,30 @@ class Run:
         """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
         memory after it (anything that encodes prompts, the stock pipeline's sample grids included, runs inside)."""
         encoders = text_encoders(self.pipe) if self.recipe.model.offload_text_encoders else []
-        return on_accelerator_inside(encoders, self.accelerator.device)
+        return on_accelerator_inside(lambda: encoders, self.accelerator.device)
 
-    @contextmanager
     def rewards_ready(self):
         """With `model.offload_rewards`, the reward models on the accelerator inside this block (scoring) and back in
         CPU memory after it. A reward that loads lazily loads inside the block, on its own device (the accelerator),
         and leaves it on the way out like the others."""
         rewards = self.rewards if self.recipe.model.offload_rewards else []
-        for reward in rewards:
-            for module in reward_modules(reward):
-                module.to(self.accelerator.device)
-        try:
-            yield
-        finally:  # read again: a lazy reward's first call made its modules inside the block
-            for reward in rewards:
-                for module in reward_modules(reward):
-                    module.to("cpu")
+        return on_accelerator_inside(lambda: [m for reward in rewards for m in reward_modules(reward)],
+                                     self.accelerator.device)
 
 
 @contextmanager
-def on_accelerator_inside(modules: list[torch.nn.Module], device):
-    """`modules` on `device` inside the block and in CPU memory after it. A plain `.to()`, not accelerate's
+def on_accelerator_inside(modules, device):
+    """`modules()` on `device` inside the block and in CPU memory after it; `modules` is called again on the way out,
+    so modules made inside the block (a lazy reward's first load) leave too. A plain `.to()`, not accelerate's
     `cpu_offload_with_hook`: that hook moves a module when its `forward` runs, and rewards call other methods
     (`get_image_features`), and text encoders are called through the pipeline's own code, which reads their device
     first; one move per block is also what costs least (no move per forward)."""
-    for module in modules:
+    for module in modules():
         module.to(device)
     try:
         yield
     finally:
-        for module in modules:
+        for module in modules():
             module.to("cpu")
 
 
@@ -187,7 +181,7 @@ def setup(recipe: Recipe, reporter: Reporter) -> Run:
         raise SetupError(f"train.kl_scale = 'flow_grpo' needs a flow-matching model; {recipe.model.pretrained} "
                          f"samples with a {scheduler.family} schedule. Use train.kl_scale = 'exact'.")
     rollout = TreeRolloutPipeline(pipe, scheduler)
-    if s.num_frames is not None and getattr(rollout.adapter, "default_num_frames", None) is None:
+    if s.num_frames is not None and not makes_videos(rollout.adapter):
         raise SetupError(f"sampling.num_frames = {s.num_frames}: {type(pipe).__name__} makes images, not videos; "
                          "remove sampling.num_frames.")
     rollout.set_progress_bar_config(disable=True)
