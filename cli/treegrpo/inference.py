@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
-from diffusers_tree.adapters import adapter_for, stock_call_kwargs
+from diffusers_tree.adapters import adapter_for, makes_videos, stock_call_kwargs
 
 from .grpo import derive_seed
 from .metrics import image_grid
@@ -81,7 +81,7 @@ def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", dev
 
         lora_source(lora)  # checked before the (slow) model load
     loaded = load_pipeline(model, dtype=dtype, device=device)
-    if getattr(adapter_for(loaded.pipe), "default_num_frames", None) is not None:
+    if makes_videos(adapter_for(loaded.pipe)):
         raise ModelLoadError(f"{model} is a video model ({type(loaded.pipe).__name__}); treegrpo sample and eval "
                              "make and score images. Sample it with diffusers (the snippet on a pushed LoRA's card), "
                              "or train it: `treegrpo run` scores videos frame by frame.")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers.utils import BaseOutput
 
-from .adapters import Conditioning, PipelineAdapter, adapter_for, guided_model_output
+from .adapters import Conditioning, PipelineAdapter, adapter_for, guided_model_output, makes_videos
 from .plan import BranchPlan
 from .record import RecordBuilder, RolloutRecord
 from .scheduling_tree_sde import TreeSDEScheduler, draw_branch_noise
@@ -312,11 +312,12 @@ class TreeRolloutPipeline:
 
     def _num_frames(self, num_frames):
         """`num_frames` or the video family's default; `None` for image families (which refuse a frame count)."""
-        default = getattr(self.adapter, "default_num_frames", None)
-        if default is None and num_frames is not None:
-            raise ValueError(f"num_frames={num_frames} was given, but {type(self.pipe).__name__} makes images; "
-                             "num_frames is for video pipelines (Wan).")
-        return default if num_frames is None else num_frames
+        if not makes_videos(self.adapter):
+            if num_frames is not None:
+                raise ValueError(f"num_frames={num_frames} was given, but {type(self.pipe).__name__} makes images; "
+                                 "num_frames is for video pipelines (Wan).")
+            return None
+        return self.adapter.default_num_frames if num_frames is None else num_frames
 
     def _size(self, height, width):
         pipe = self.pipe

@@ -110,17 +110,17 @@ def best_of_n(pipe, prompts, scorer, *, n: int, num_inference_steps: int = 10, g
               ) -> SearchOutput:
     """Best-of-N with the stock pipeline's own ODE sampler: `n` independent samples per prompt, best by `scorer`.
     Rows are counted at the denoiser (`n · num_inference_steps` per prompt, × 2 with CFG)."""
-    from .adapters import adapter_for
+    from .adapters import adapter_for, makes_videos, stock_call_kwargs
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     adapter = adapter_for(pipe)
-    if getattr(adapter, "default_num_frames", None) is not None:
+    if makes_videos(adapter):
         raise ValueError(f"best_of_n samples and scores images; {type(pipe).__name__} makes videos. Use "
                          "TreeRolloutPipeline.best_of_tree, whose scorer receives the videos.")
     with count_rows(adapter.denoiser) as counter:
         # by keyword (FLUX.2 takes `image` first), a copy (Z-Image writes its templated prompts into the list)
         images = pipe(prompt=list(prompts), num_images_per_prompt=n, num_inference_steps=num_inference_steps,
-                      generator=generator, output_type="pil", **call_kwargs).images
+                      generator=generator, output_type="pil", **stock_call_kwargs(pipe, call_kwargs)).images
     leaf_prompt = torch.arange(len(images)) // n
     scores = _score(scorer, images, [prompts[int(p)] for p in leaf_prompt])
     return _pick_best(images, leaf_prompt, scores, len(prompts), counter.rows)

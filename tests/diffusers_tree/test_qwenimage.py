@@ -183,3 +183,14 @@ def test_stock_call_kwargs_guide_the_stock_pipeline_as_the_tree_does():
     given = adapter.stock_call_kwargs({"guidance_scale": 4.0, "negative_prompt": "blurry"})
     assert given["negative_prompt"] == "blurry"
     assert adapter.stock_call_kwargs({"guidance_scale": 1.0}) == {"true_cfg_scale": 1.0}
+
+
+def test_best_of_n_samples_with_the_cfg_it_is_given(tree):
+    """best_of_n calls the stock pipeline through the adapter's stock_call_kwargs: guidance 4 is true CFG there too
+    (two rows per sample and step), not the guidance-distilled argument the Qwen pipeline ignores."""
+    from diffusers_tree.search import best_of_n
+
+    n, steps = 2, 2
+    out = best_of_n(tree.pipe, ["a red cat"], lambda images, prompts: [0.0] * len(images), n=n,
+                    num_inference_steps=steps, guidance_scale=4.0, max_sequence_length=LENGTH, **SIZE)
+    assert out.rows == 2 * n * steps

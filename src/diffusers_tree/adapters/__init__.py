@@ -144,6 +144,11 @@ def adapter_for(pipe) -> PipelineAdapter:
     )
 
 
+def makes_videos(adapter: PipelineAdapter) -> bool:
+    """Video families (Wan) say so by declaring `default_num_frames`."""
+    return getattr(adapter, "default_num_frames", None) is not None
+
+
 def stock_call_kwargs(pipe, kwargs: dict) -> dict:
     """`kwargs` for a call of the stock pipeline that samples as the tree does, through the adapter's optional
     `stock_call_kwargs` (Qwen-Image: its CFG scale is `true_cfg_scale`; SANA: no resolution binning)."""
@@ -188,4 +193,4 @@ def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:
 from . import flux, flux2, qwenimage, sana, sd, sd3, sdxl, wan, zimage  # noqa: E402,F401  (registers the families)
 
 __all__ = ["Conditioning", "DenoiserAdapter", "PipelineAdapter", "adapter_for", "guided_model_output",
-           "register_adapter", "stock_call_kwargs"]
+           "makes_videos", "register_adapter", "stock_call_kwargs"]
