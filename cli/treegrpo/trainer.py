@@ -110,7 +110,6 @@ def run_epoch(run: Run, epoch: int) -> dict:
     t3 = time.perf_counter()
     metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
     metrics.update(mean_over_processes(acc, extras))
-
     return metrics
 
 

@@ -79,12 +79,14 @@ class QwenImageAdapter(DenoiserAdapter):
 
     def model_forward(self, latents, timestep, inputs, conditioning):
         embeds, mask = inputs["encoder_hidden_states"], inputs["encoder_hidden_states_mask"]
-        length = int(mask.sum(dim=1).max())  # masks are leading ones: trim the padding no row of this batch needs
-        embeds, mask = embeds[:, :length], mask[:, :length]
+        lengths = mask.sum(dim=1)  # masks are leading ones: trim the padding no row of this batch needs
+        longest, shortest = torch.stack([lengths.max(), lengths.min()]).tolist()  # one device sync per forward
+        embeds, mask = embeds[:, :longest], mask[:, :longest]
+        mask = None if shortest == longest else mask  # no row padded: no mask, as the pipeline
         factor = self.pipe.vae_scale_factor * 2
         shape = (1, conditioning.height // factor, conditioning.width // factor)  # (frames, h/2, w/2) for RoPE
         return self.model(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000,
-                          encoder_hidden_states=embeds, encoder_hidden_states_mask=None if mask.all() else mask,
+                          encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
                           img_shapes=[[shape]] * latents.shape[0], return_dict=False)[0]
 
     def stock_call_kwargs(self, kwargs: dict) -> dict:
