@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, backup_advantages, unique_rows  # noqa: E402
 from diffusers_tree.adapters import adapter_for, stock_call_kwargs  # noqa: E402
 from diffusers_tree.search import best_of_n, count_rows  # noqa: E402
-from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
+from diffusers_tree.testing import TINY_PIPELINES, rescoring_ratio_error  # noqa: E402
 
 FAMILIES = TINY_PIPELINES
 PROMPTS = ["a red cat", "a blue dog"]
@@ -89,23 +89,18 @@ def test_leaves_equal_stock_pipeline_with_tree_scheduler(family):
     assert (leaves - stock).abs().max() < 1e-3 * stock.abs().max()
 
 
-@pytest.mark.parametrize("family", ["sd3", "sd"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_record_rescoring_gives_stored_log_probs(family):
     """The training recompute: one forward per parent (CFG as sampled) re-scores every child to ratio 1."""
     tree, kwargs = rollout_pipe(family, window_start=1)
-    cond = tree.encode(PROMPTS, guidance_scale=4.0, **SIZE, **kwargs)
+    frames = {"num_frames": kwargs["num_frames"]} if "num_frames" in kwargs else {}
+    cond = tree.encode(PROMPTS, guidance_scale=4.0, max_sequence_length=kwargs.get("max_sequence_length"), **SIZE,
+                       **frames)
     out = tree(PROMPTS, num_inference_steps=6, conditioning=cond, generator=torch.Generator().manual_seed(0),
-               output_type="latent", **SIZE, **kwargs)
+               output_type="latent")
     record = out.record
     assert record.parent_latents.shape[0] == len(PROMPTS) * 13 and record.child_latents.shape[0] == 2 * 39
-    with torch.no_grad():
-        model_output = tree.model_output(record.parent_latents, record.parent_timestep,
-                                         record.parent_prompt_index, cond, max_batch_size=64)
-    e = record.edge_parent
-    rescored = tree.scheduler.transition(model_output[e], record.parent_latents[e], record.edge_step,
-                                         stochastic=True, prev_sample=record.child_latents)
-    ratio = torch.exp(rescored.log_prob - record.edge_log_prob)
-    assert (ratio - 1).abs().max() < 1e-4
+    assert rescoring_ratio_error(tree, record, cond) < 1e-4
 
 
 def test_record_structure_and_backup():

@@ -84,21 +84,6 @@ def test_negative_prompt_and_cfg_normalization_match_stock():
     assert (clipped.images - plain.images).abs().max() > 1e-2
 
 
-def test_record_rescoring_gives_stored_log_probs():
-    """The training recompute (one forward per parent, CFG as sampled) re-scores every child to ratio 1."""
-    tree = TreeRolloutPipeline.from_pipe(tiny_zimage_pipeline(), window_start=1)
-    cond = tree.encode(PROMPTS, guidance_scale=3.0, **SIZE, **LENGTH)
-    record = tree(PROMPTS, num_inference_steps=5, conditioning=cond, generator=torch.Generator().manual_seed(0),
-                  output_type="latent").record
-    with torch.no_grad():
-        model_output = tree.model_output(record.parent_latents, record.parent_timestep,
-                                         record.parent_prompt_index, cond, max_batch_size=16)
-    e = record.edge_parent
-    rescored = tree.scheduler.transition(model_output[e], record.parent_latents[e], record.edge_step,
-                                         stochastic=True, prev_sample=record.child_latents)
-    assert (torch.exp(rescored.log_prob - record.edge_log_prob) - 1).abs().max() < 1e-4
-
-
 def test_captions_padded_per_prompt_concatenate():
     """Caption features are padded to `max_sequence_length` with their lengths, so prompts encoded one at a time
     (the trainer's prompt cache) concatenate into the conditioning of a joint encode."""

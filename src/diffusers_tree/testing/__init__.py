@@ -15,6 +15,8 @@ All four families produce 32x32 images (the VAEs downsample by 2, so latents are
   default height/width is 256, so always pass 32).
 
 Pass a short ``max_sequence_length`` (e.g. 16) to SD3/FLUX: the pipelines' defaults (256/512) only slow the T5 slot.
+The families added later (FLUX.2, Qwen-Image, SANA, Wan, Z-Image) have their builders in their own modules here,
+each saying how to call it; `TINY_PIPELINES` holds every family's builder and the call kwargs it needs.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ from transformers import (
     T5EncoderModel,
 )
 
-__all__ = ["TINY_PIPELINES", "tiny_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline",
-           "tiny_flux_pipeline"]
+__all__ = ["TINY_PIPELINES", "rescoring_ratio_error", "tiny_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline",
+           "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_flux2_klein_pipeline",
+           "tiny_qwenimage_pipeline", "tiny_sana_pipeline", "tiny_wan_pipeline", "tiny_zimage_pipeline"]
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, matching the CLIP configs below
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -262,31 +265,35 @@ def tiny_flux_pipeline(*, seed: int = 0) -> FluxPipeline:
     return _finish(pipe)
 
 
-# family → (builder, the call kwargs its tiny pipeline needs: T5's token length for SD3 and FLUX)
+from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline  # noqa: E402  (after the helpers they import)
+from .qwenimage import tiny_qwenimage_pipeline  # noqa: E402
+from .sana import tiny_sana_pipeline  # noqa: E402
+from .wan import tiny_wan_pipeline  # noqa: E402
+from .zimage import tiny_zimage_pipeline  # noqa: E402
+
+# family → (builder, the call kwargs its tiny pipeline needs: the LLM/T5 token length, Wan's frame count)
 TINY_PIPELINES = {
     "sd": (tiny_sd_pipeline, {}),
     "sdxl": (tiny_sdxl_pipeline, {}),
     "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 16}),
     "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
+    "zimage": (tiny_zimage_pipeline, {"max_sequence_length": 32}),
+    "sana": (tiny_sana_pipeline, {"max_sequence_length": 16}),
+    "wan": (tiny_wan_pipeline, {"max_sequence_length": 16, "num_frames": 5}),  # 2 latent frames
+    "qwenimage": (tiny_qwenimage_pipeline, {"max_sequence_length": 16}),
+    "flux2": (tiny_flux2_pipeline, {"max_sequence_length": 48}),  # the chat template's ~30 tokens + the prompt
+    "flux2_klein": (tiny_flux2_klein_pipeline, {"max_sequence_length": 32}),
 }
 
-from .zimage import tiny_zimage_pipeline  # noqa: E402  (after the helpers it imports)
 
-TINY_PIPELINES["zimage"] = (tiny_zimage_pipeline, {"max_sequence_length": 32})
-
-from .sana import tiny_sana_pipeline  # noqa: E402  (after the helpers it imports)
-
-TINY_PIPELINES["sana"] = (tiny_sana_pipeline, {"max_sequence_length": 16})
-
-from .wan import tiny_wan_pipeline  # noqa: E402  (after the helpers it imports)
-
-TINY_PIPELINES["wan"] = (tiny_wan_pipeline, {"max_sequence_length": 16, "num_frames": 5})  # 2 latent frames
-
-from .qwenimage import tiny_qwenimage_pipeline  # noqa: E402  (after the helpers it imports)
-
-TINY_PIPELINES["qwenimage"] = (tiny_qwenimage_pipeline, {"max_sequence_length": 16})
-
-from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline  # noqa: E402  (after the helpers it imports)
-
-TINY_PIPELINES["flux2"] = (tiny_flux2_pipeline, {"max_sequence_length": 48})
-TINY_PIPELINES["flux2_klein"] = (tiny_flux2_klein_pipeline, {"max_sequence_length": 32})
+def rescoring_ratio_error(tree, record, conditioning, max_batch_size: int = 64) -> float:
+    """max |ratio − 1| over a record's edges when every parent is re-scored as training does: one guided forward
+    per parent (`tree.model_output`), then the log-prob of the stored child under the scheduler's transition. Zero
+    up to float rounding before any update, in every family (sampling and training share the code path)."""
+    with torch.no_grad():
+        model_output = tree.model_output(record.parent_latents, record.parent_timestep, record.parent_prompt_index,
+                                         conditioning, max_batch_size=max_batch_size)
+    edge = record.edge_parent
+    rescored = tree.scheduler.transition(model_output[edge], record.parent_latents[edge], record.edge_step,
+                                         stochastic=True, prev_sample=record.child_latents)
+    return float((torch.exp(rescored.log_prob - record.edge_log_prob) - 1).abs().max())
