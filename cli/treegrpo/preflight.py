@@ -134,11 +134,16 @@ def latent_patch_pixels(pipeline_class: str, vae_scale_factor: int, patch_size: 
 def image_size_problem(pipeline_class: str, vae_scale_factor: int, patch_size: int | None, height: int,
                        width: int) -> str | None:
     factor = latent_patch_pixels(pipeline_class, vae_scale_factor, patch_size)
-    bad = [f"sampling.{key}={value}" for key, value in (("height", height), ("width", width)) if value % factor]
+    return size_problem(pipeline_class, factor, height, width,
+                        f" (VAE factor {vae_scale_factor} × patch {factor // vae_scale_factor})")
+
+
+def size_problem(pipeline_class: str, multiple: int, height: int, width: int, why: str = "") -> str | None:
+    """The message for a height or width that is not a multiple of `multiple` pixels; None when both are."""
+    bad = [f"sampling.{key}={value}" for key, value in (("height", height), ("width", width)) if value % multiple]
     if not bad:
         return None
-    return (f"{', '.join(bad)}: this {pipeline_class} needs multiples of {factor} pixels (VAE factor "
-            f"{vae_scale_factor} × patch {factor // vae_scale_factor}).")
+    return f"{', '.join(bad)}: this {pipeline_class} needs multiples of {multiple} pixels{why}."
 
 
 def _check_size_from_config(folder: Path, height: int, width: int) -> None:

@@ -246,16 +246,14 @@ def check_image_size(pipe, denoiser, height: int, width: int) -> None:
     """Height and width must be whole latent patches (the rule of `preflight.image_size_problem`)."""
     from diffusers_tree.adapters import adapter_for
 
-    from .preflight import image_size_problem
+    from .preflight import image_size_problem, size_problem
 
     multiple = getattr(adapter_for(pipe), "pixels_per_patch", None)  # families that know their own rule
     if multiple:
-        bad = [f"sampling.{key}={value}" for key, value in (("height", height), ("width", width)) if value % multiple]
-        if bad:
-            raise SetupError(f"{', '.join(bad)}: this {type(pipe).__name__} needs multiples of {multiple} pixels.")
-        return
-    problem = image_size_problem(type(pipe).__name__, getattr(pipe, "vae_scale_factor", 8),
-                                 getattr(denoiser.config, "patch_size", None), height, width)
+        problem = size_problem(type(pipe).__name__, multiple, height, width)
+    else:
+        problem = image_size_problem(type(pipe).__name__, getattr(pipe, "vae_scale_factor", 8),
+                                     getattr(denoiser.config, "patch_size", None), height, width)
     if problem:
         raise SetupError(problem)
 

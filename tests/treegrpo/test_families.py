@@ -167,3 +167,19 @@ def test_card_names_the_family_and_video_task(trained):
             assert "pipeline_tag: text-to-video" in card and "export_to_video" in card
         else:
             assert "pipeline_tag: text-to-image" in card and ".images[0]" in card
+
+
+def test_image_size_rule_comes_from_the_family(trained):
+    """SANA's pipeline wants multiples of 32 pixels whatever its VAE (its adapter's pixels_per_patch): 48 fails at
+    setup with one line, before any rollout."""
+    from treegrpo.reporting import Reporter
+    from treegrpo.trainer import SetupError, setup
+
+    root = trained["root"]
+    recipe = load_recipe(root / "sana.toml", ["sampling.height=48", f"output.dir={json.dumps(str(root / 'bad'))}",
+                                              *recipe_overrides("sana")])
+    message = r"^sampling\.height=48: this SanaPipeline needs multiples of 32 pixels\.$"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        with pytest.raises(SetupError, match=message):
+            setup(recipe, Reporter(enabled=False))
