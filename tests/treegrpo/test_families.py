@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from diffusers_tree import unique_rows  # noqa: E402
 from diffusers_tree.adapters import stock_call_kwargs  # noqa: E402
 from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
 from treegrpo.recipe import load_recipe  # noqa: E402
@@ -137,8 +138,12 @@ def test_two_epoch_run_trains_every_family(trained):
         folder = trained["root"] / family
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert [m["epoch"] for m in metrics] == [0, 1], family
-        # the tree's rows at the model are the unique-node count of its plan, as every family reports
-        assert all(m["model/rollout_rows"] > 0 and abs(m["policy/first_ratio_error"]) < 1e-4 for m in metrics), family
+        # rows: the unique-node count of the epoch's plan (2 prompts, T = 5, k = w = 2; × 2 where guidance 3 is CFG)
+        run = trained["runs"][family]
+        cfg = 2 if run.encode(["a red cat"]).do_cfg else 1
+        for m in metrics:
+            assert m["model/rollout_rows"] == 2 * cfg * unique_rows(5, 2, 2, m["tree/window_start"]), family
+            assert abs(m["policy/first_ratio_error"]) < 1e-4, family  # ratio 1 before the first update
         assert (folder / "final" / "pytorch_lora_weights.safetensors").is_file(), family
         assert (folder / "samples" / "final.png").is_file(), family
 
