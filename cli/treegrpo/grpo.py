@@ -93,13 +93,18 @@ def flat_trained_steps(num_steps: int, timestep_fraction: float) -> tuple[int, i
 
 
 def flow_grpo_kl_factor(scheduler, steps: torch.Tensor) -> torch.Tensor:
-    """Per edge, |σ' − σ| of its step: the exact KL `mean_d (μθ − μref)² / (2 s²|dt|)` times this is Flow-GRPO's
-    `mean_d (μθ − μref)² / (2 s²)` (its `std_dev_t` is s, without the √|dt| of the transition's std), so a β tuned
-    for Flow-GRPO means the same here. Flow-matching schedules only (a DDPM step has no |dt| in its noise)."""
+    """Per edge, the factor that turns the exact KL `mean_d (μθ − μref)² / (2·std²)` into Flow-GRPO's, so a β tuned
+    for Flow-GRPO means the same here. Flow-GRPO divides by its `std_dev_t`²:
+    - `flow_sde` / `dance_sde`: `std_dev_t` is the diffusion coefficient s, without the √|dt| of the transition's
+      std = s·√|dt|, so the factor is |σ' − σ|;
+    - `cps`: `std_dev_t` = σ'·sin(ηπ/2) is the transition's real std, so its KL is the exact one: factor 1.
+    Flow-matching schedules only (a DDPM step has no |dt| in its noise)."""
     if scheduler.family != "flow":
         raise ValueError("train.kl_scale = 'flow_grpo' needs a flow-matching model (SD3, FLUX, ...); this model's "
                          f"scheduler is {scheduler.family!r}. Use kl_scale = 'exact'.")
-    sigmas = scheduler.sigmas.float().cpu()
+    if scheduler.config.sde_type == "cps":
+        return torch.ones(steps.shape, dtype=torch.float32)
+    sigmas = scheduler.sigma_table
     return (sigmas[steps + 1] - sigmas[steps]).abs()
 
 

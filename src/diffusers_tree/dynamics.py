@@ -100,20 +100,25 @@ def _sample_or_score(
 def flow_sde_scale(sigma: torch.Tensor, *, sde_type: str, eta: float, sigma_max: float | None) -> torch.Tensor:
     """The diffusion coefficient s of the flow SDE (SPEC §2.5).
 
-    `flow_sde` (Flow-GRPO): s = η·sqrt(σ / (1 - σ)), with `sigma_max` replacing σ in the denominator at σ = 1.
+    `flow_sde` (Flow-GRPO): s = η·sqrt(σ / (1 - min(σ, σ_max))), σ_max = `sigma_max`, the schedule's second sigma.
+    Flow-GRPO replaces σ by σ_max in the denominator only where σ = 1 exactly; its intent is that s stays bounded
+    as σ → 1. Schedules that start just below 1 (SANA's DPM-Solver flow sigmas at 0.99967, Wan's UniPC at
+    0.999999) would otherwise get s ≈ 38 / 695 at their first step and leaves of pure noise. Capping the
+    denominator's σ at σ_max equals Flow-GRPO wherever its schedule is used (σ = 1, or σ ≤ σ_max after the first
+    step) and keeps s ≤ η·sqrt(1 / (1 - σ_max)) everywhere.
     `dance_sde` (DanceGRPO): s = η.
     """
     if sde_type == "dance_sde":
         return torch.full_like(sigma, float(eta))
-    at_one = sigma >= 1.0
-    if bool(at_one.any()):
-        if sigma_max is None:
+    if sigma_max is None:
+        if bool((sigma >= 1.0).any()):
             raise ValueError(
                 "flow_sde at sigma = 1 needs `sigma_max` (Flow-GRPO uses sigmas[1]) for the 1 - sigma denominator."
             )
-    denominator_sigma = torch.where(at_one, torch.as_tensor(sigma_max or 0.0, dtype=sigma.dtype, device=sigma.device),
-                                    sigma)
-    return eta * torch.sqrt(sigma / (1.0 - denominator_sigma))
+        return eta * torch.sqrt(sigma / (1.0 - sigma))
+    if not 0.0 <= sigma_max < 1.0:
+        raise ValueError(f"sigma_max must be in [0, 1) (the schedule's second sigma), got {sigma_max}.")
+    return eta * torch.sqrt(sigma / (1.0 - sigma.clamp(max=sigma_max)))
 
 
 def flow_step(
@@ -140,7 +145,8 @@ def flow_step(
         eta (`float`): noise level η (ignored for `"ode"`).
         noise (`torch.Tensor`, *optional*): the standard-normal z to use; drawn from `generator` if omitted.
         prev_sample (`torch.Tensor`, *optional*): score this given x' instead of sampling (training recompute).
-        sigma_max (`float`, *optional*): replaces σ in `1 - σ` where σ = 1 (`flow_sde` only; Flow-GRPO: sigmas[1]).
+        sigma_max (`float`, *optional*): caps σ in `1 - σ` (`flow_sde` only; pass the schedule's `sigmas[1]`, as
+            Flow-GRPO does): bounds the first step's noise on schedules that start at or just below σ = 1.
         generator (`torch.Generator`, *optional*): used to draw z when `noise` is omitted.
 
     Returns:

@@ -166,6 +166,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
+        self.timestep_table: torch.Tensor | None = None  # CPU float32 copy of `timesteps`
+        self.sigma_table: torch.Tensor | None = None  # CPU float32 copy of `sigmas` (flow family)
         self.num_inference_steps: int | None = None
         self.plan: BranchPlan | None = None
         self.noise_generator: torch.Generator | None = None
@@ -205,8 +207,12 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         self.base.set_timesteps(num_inference_steps, device=device, **extra)
         self.timesteps = self.base.timesteps
         self.num_inference_steps = len(self.timesteps)
+        # CPU float32 copies of the schedule, read by every transition: FlowMatchEuler keeps `sigmas` (and the
+        # pipelines' `timesteps`) on the accelerator, where each lookup would be a device sync.
+        self.timestep_table = self.timesteps.detach().float().cpu()
         if self.family == "flow":
             self.sigmas = self.base.sigmas
+            self.sigma_table = self.sigmas.detach().float().cpu()
         start = self.config.window_start
         if start is None:
             start = sample_window_start(self.num_inference_steps, self.config.window_width, self.config.window_ratio,
@@ -233,7 +239,7 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if self.family == "flow":
             if self.config.sde_type != "cps":
                 return ()
-            zero = self.sigmas.float().cpu()[steps + 1] <= 0
+            zero = self.sigma_table[steps + 1] <= 0
         else:
             zero = self.alpha_pair(steps)[1] >= 1
         return tuple(int(i) for i in zero.nonzero().flatten())
@@ -274,7 +280,7 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if self.timesteps is None:
             raise RuntimeError("Call `set_timesteps` before stepping.")
         t = float(torch.as_tensor(timestep).flatten()[0])
-        distance = (self.timesteps.float().cpu() - t).abs()
+        distance = (self.timestep_table - t).abs()
         index = int(distance.argmin())
         if float(distance[index]) > 1e-3 * max(1.0, abs(t)):
             raise ValueError(f"timestep {t} is not in the current schedule {self.timesteps.tolist()}.")
@@ -296,8 +302,8 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         log-prob if `stochastic` (default: what the plan says for an int index), else the ODE step. Pass
         `prev_sample` to re-score a stored child; the same code computes sampling and training log-probs.
 
-        Devices: the schedule tables (`sigmas`, `alphas_cumprod`) stay on the CPU, as diffusers keeps them, and are
-        indexed there; a step-index tensor on another device is read back first (a device sync), so pass CPU
+        Devices: the schedule tables (`sigma_table`, `timestep_table`, `alphas_cumprod`) are CPU copies made at
+        `set_timesteps` and are indexed there, with no device sync; a step-index tensor on another device is read back first (a device sync), so pass CPU
         indices (the [`RolloutRecord`]'s index arrays are CPU tensors). The looked-up values follow `sample`."""
         if self.timesteps is None:
             raise RuntimeError("Call `set_timesteps` before stepping.")
@@ -307,7 +313,7 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
             stochastic = self.plan.sde_steps[step_index]
         index = torch.as_tensor(step_index, dtype=torch.long).cpu()
         if self.family == "flow":
-            sigmas = self.sigmas.float().cpu()
+            sigmas = self.sigma_table
             sigma, sigma_next = sigmas[index].to(sample.device), sigmas[index + 1].to(sample.device)
             sde_type = self.config.sde_type if stochastic else "ode"
             return flow_step(model_output, sample, sigma, sigma_next, sde_type=sde_type, eta=self.config.eta,
@@ -342,7 +348,7 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if self.family == "flow":
             solver = DPMSolverMultistepScheduler(num_train_timesteps=self.base.config.num_train_timesteps,
                                                  use_flow_sigmas=True, prediction_type="flow_prediction", **common)
-            sigmas = self.sigmas.float().cpu()[index]
+            sigmas = self.sigma_table[index]
         else:
             # DPM-Solver's sigma of a variance-preserving schedule: sqrt((1 - ᾱ) / ᾱ), at DDIM's grid and after it
             solver = DPMSolverMultistepScheduler.from_config(
@@ -365,7 +371,7 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         "linspace" it keeps the step on the grid the sampler really visits), and `final_alpha_cumprod` after the
         last step."""
         index = torch.as_tensor(step_index, dtype=torch.long).cpu()
-        grid = torch.cat([self.timesteps.cpu().long(), torch.tensor([-1])])
+        grid = torch.cat([self.timestep_table.long(), torch.tensor([-1])])
         t, prev_t = grid[index], grid[index + 1]
         alphas = self.base.alphas_cumprod.float().cpu()
         final = torch.as_tensor(self.base.final_alpha_cumprod, dtype=torch.float32).cpu()

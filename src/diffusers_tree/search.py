@@ -151,7 +151,7 @@ class count_rows:  # noqa: N801 (a context manager used like a function)
 
 def _clean_prediction(rollout, scheduler, model_output, x, step: int) -> torch.Tensor:
     if scheduler.family == "flow":
-        return predicted_clean_sample(model_output, x, sigma=float(scheduler.sigmas[step]))
+        return predicted_clean_sample(model_output, x, sigma=float(scheduler.sigma_table[step]))
     alpha, _ = scheduler.alpha_pair(torch.tensor(step))
     return predicted_clean_sample(model_output, x, alpha_prod=float(alpha),
                                   prediction_type=scheduler.config.prediction_type)

@@ -56,6 +56,17 @@ def test_flow_sde_matches_flow_grpo(xv, sigma, sigma_next):
     torch.testing.assert_close(out.log_prob.double(), log_prob, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sigma", [1.0, 0.999999, 0.99967, 0.97])
+def test_flow_sde_noise_stays_bounded_as_sigma_tends_to_one(xv, sigma):
+    """Schedules that start just below σ = 1 (Wan 0.999999, SANA 0.99967) take the σ = 1 value of Flow-GRPO's
+    coefficient: s = η·sqrt(σ / (1 − σ_max)) with σ_max = 0.96, not η·sqrt(σ / (1 − σ)) (s = 490 and 32 there)."""
+    x, v, z = xv
+    out = flow_step(v, x, sigma, 0.9, sde_type="flow_sde", eta=0.7, noise=z, sigma_max=0.96)
+    expected_std = 0.7 * math.sqrt(sigma / (1 - 0.96)) * math.sqrt(sigma - 0.9)
+    assert out.std.flatten()[0].item() == pytest.approx(expected_std, rel=1e-6)
+    assert expected_std < 1.2
+
+
 def test_flow_sde_closed_form_of_mean(xv):
     # closed form: mean = x + dt·[v + s²/(2σ)·(x + (1-σ)·v)] equals the expanded Flow-GRPO form above
     x, v, _ = xv
@@ -184,6 +195,8 @@ def test_errors_are_clear(xv):
         flow_step(v, x, 0.5, 0.4, sde_type="sde", eta=0.7)
     with pytest.raises(ValueError, match="sigma_max"):
         flow_step(v, x, 1.0, 0.9, sde_type="flow_sde", eta=0.7)
+    with pytest.raises(ValueError, match=r"sigma_max must be in \[0, 1\)"):
+        flow_step(v, x, 1.0, 0.9, sde_type="flow_sde", eta=0.7, sigma_max=1.0)
     with pytest.raises(ValueError, match="not both"):
         flow_step(v, x, 0.5, 0.4, sde_type="flow_sde", eta=0.7, noise=z, prev_sample=x)
     with pytest.raises(ValueError, match="zero noise"):

@@ -168,3 +168,30 @@ def test_flow_grpo_kl_scale_equals_flow_grpo_formula():
     ddim.set_timesteps(10)
     with pytest.raises(ValueError, match="flow-matching"):
         flow_grpo_kl_factor(ddim, steps)
+
+
+def test_flow_grpo_kl_scale_with_cps_is_the_exact_kl():
+    """Flow-GRPO's cps KL divides by its std_dev_t² with std_dev_t = σ'·sin(ηπ/2), the transition's real std:
+    mean (Δμ)² / (2 (σ' sin(ηπ/2))²), written out here independently of flow_step's std."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_tree import TreeSDEScheduler
+    from diffusers_tree.dynamics import flow_step
+    from treegrpo.grpo import flow_grpo_kl_factor
+    from treegrpo.loss import gaussian_mean_kl
+
+    scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type="cps", eta=0.8)
+    scheduler.set_timesteps(10)
+    steps = torch.tensor([0, 3, 7])
+    sigmas = scheduler.sigma_table
+    g = torch.Generator().manual_seed(1)
+    x, v, v_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    sigma, sigma_next = sigmas[steps], sigmas[steps + 1]
+    out = flow_step(v, x, sigma, sigma_next, sde_type="cps", eta=0.8, noise=torch.zeros_like(x))
+    ref = flow_step(v_ref, x, sigma, sigma_next, sde_type="cps", eta=0.8, noise=torch.zeros_like(x))
+    ours = gaussian_mean_kl(out.mean, ref.mean, out.std) * flow_grpo_kl_factor(scheduler, steps)
+    std_dev_t = sigma_next * math.sin(0.8 * math.pi / 2)
+    theirs = ((out.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
