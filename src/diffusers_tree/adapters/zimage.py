@@ -13,6 +13,7 @@ Quirks, all as in the installed `pipeline_z_image.py`:
   off at late timesteps; `combine_guidance` does not see the timestep, so only the default is supported.
 - Timesteps: sigmas `linspace(1, 1/T, T)` and `mu` from the image token count, passed on every call (a
   static-shift scheduler, as Z-Image-Turbo's, ignores `mu`).
+- Latents are fp32 whatever the model dtype (drawn, kept and stepped so by the pipeline; cast for the forward).
 - No `default_sample_size` on the pipeline nor `sample_size` in the DiT's config: `default_size` is 1024x1024.
 """
 
@@ -63,10 +64,10 @@ class ZImageAdapter(DenoiserAdapter):
 
     def prepare_latents(self, num, height, width, generator, dtype):
         pipe = self.pipe
-        # the pipeline always draws fp32 noise (and keeps fp32 latents); cast after drawing so the values match
-        latents = pipe.prepare_latents(num, pipe.transformer.config.in_channels, height, width, torch.float32,
-                                       pipe._execution_device, generator)
-        return latents.to(dtype)  # [num, C, H/f, W/f] (f: the VAE factor): the transformer patchifies
+        # fp32 whatever `dtype` is: the stock pipeline draws, keeps and steps its latents in fp32 (it asserts so);
+        # `model_forward` casts to the transformer's dtype
+        return pipe.prepare_latents(num, pipe.transformer.config.in_channels, height, width, torch.float32,
+                                    pipe._execution_device, generator)  # [num, C, H/f, W/f]: the DiT patchifies
 
     def set_timesteps(self, scheduler, num_inference_steps, latents):
         config = scheduler.config
