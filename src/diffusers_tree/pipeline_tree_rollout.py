@@ -81,7 +81,8 @@ class TreeRolloutPipeline:
 
     @classmethod
     def from_pipe(cls, pipe, scheduler: TreeSDEScheduler | None = None, **tree_kwargs) -> TreeRolloutPipeline:
-        """Build from a loaded stock pipeline; `scheduler` defaults to wrapping `pipe.scheduler` with `tree_kwargs`."""
+        """Build from a loaded stock pipeline; `scheduler` defaults to wrapping `pipe.scheduler` with `tree_kwargs`.
+        A pipe whose scheduler already is a `TreeSDEScheduler` keeps its tree, with `tree_kwargs` changing it."""
         if scheduler is None:
             scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, **tree_kwargs)
         elif tree_kwargs:

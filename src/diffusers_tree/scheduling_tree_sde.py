@@ -33,6 +33,9 @@ from .plan import BranchFactor, BranchPlan, window_factors
 
 ALGORITHMS: tuple[str, ...] = ("tree", "flat", "mix")
 DDPM_SDE_TYPES: tuple[str, ...] = ("ddim",)
+# the keywords of a tree's shape and noise (everything but the base scheduler)
+TREE_SETTINGS: tuple[str, ...] = ("sde_type", "eta", "branch_factor", "window_width", "window_start", "window_ratio",
+                                  "algorithm", "tail_steps", "tail_solver_order")
 DEFAULT_ETA = {"flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8, "ddim": 1.0, "ode": 0.0}
 
 
@@ -185,8 +188,16 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_scheduler(cls, base_scheduler: SchedulerMixin, **tree_kwargs) -> TreeSDEScheduler:
-        """Wrap a stock scheduler (or re-wrap a `TreeSDEScheduler`) with tree settings given as keywords."""
+        """Wrap a stock scheduler with tree settings given as keywords. Re-wrapping a `TreeSDEScheduler` keeps its
+        tree settings (the tree the user configured) except those given: a new `sde_type` takes its own default
+        `eta` unless `eta` is given too, and a `branch_factor` list its own `window_width`."""
         if isinstance(base_scheduler, TreeSDEScheduler):
+            kept = {key: base_scheduler.config[key] for key in TREE_SETTINGS}
+            if "sde_type" in tree_kwargs:
+                kept.pop("eta")
+            if not isinstance(tree_kwargs.get("branch_factor", 0), int):
+                kept.pop("window_width")
+            tree_kwargs = {**kept, **tree_kwargs}
             base_scheduler = base_scheduler.base
         base_config = {k: v for k, v in base_scheduler.config.items() if not k.startswith("_")}
         return cls(base_scheduler_class=type(base_scheduler).__name__, base_config=base_config, **tree_kwargs)

@@ -240,3 +240,25 @@ def test_flow_sigma_multistep_schedulers_are_wrapped_as_flow(base_cls):
     torch.testing.assert_close(ode.prev_sample, x + (sigma_next - sigma) * v)  # the flow ODE step on their sigmas
     sde = tree.transition(v, x, 1, noise=torch.zeros_like(x))
     assert sde.log_prob is not None and torch.isfinite(sde.log_prob).all()
+
+
+def test_rewrapping_keeps_the_configured_tree():
+    """A pipe whose scheduler already is a tree keeps that tree in from_pipe (it sampled 27 default leaves before)."""
+    from diffusers_tree import TreeRolloutPipeline
+    from diffusers_tree.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    pipe.scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=2, window_width=2,
+                                                     window_start=1, sde_type="dance_sde", eta=0.5, tail_steps=2)
+    tree = TreeRolloutPipeline.from_pipe(pipe)
+    config = tree.scheduler.config
+    assert (config.branch_factor, config.window_width, config.window_start, config.sde_type, config.eta,
+            config.tail_steps) == (2, 2, 1, "dance_sde", 0.5, 2)
+    assert type(tree.scheduler.base).__name__ == "FlowMatchEulerDiscreteScheduler"
+    tree.scheduler.set_timesteps(6)
+    assert tree.scheduler.plan.num_leaves == 4
+    # given keywords change only themselves; a new sde_type takes its own default eta, a list its own width
+    changed = TreeSDEScheduler.from_scheduler(pipe.scheduler, window_start=0, sde_type="flow_sde")
+    assert (changed.config.branch_factor, changed.config.window_start, changed.config.eta) == (2, 0, 0.7)
+    per_step = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=[3, 2, 1])
+    assert (per_step.config.window_width, per_step.config.window_start) == (3, 1)
