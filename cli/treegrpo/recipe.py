@@ -223,7 +223,8 @@ class TrainRecipe(_Table):
     micro_batch_size: int = Field(8, gt=0, description="Parent nodes per training forward/backward.")
     updates_per_epoch: int = Field(1, gt=0, description="Optimizer steps per epoch; the epoch's parents are split "
                                    "evenly and each share accumulates over its micro-batches.")
-    kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the adapter-disabled reference (0 = off).")
+    kl_beta: float = Field(0.0, ge=0, description="Weight of the KL to the LoRA-disabled reference (0 = off; needs "
+                         "[model.lora]).")
     kl_scale: Literal["exact", "flow_grpo"] = Field(
         "exact", description="exact: the Gaussian KL of each transition, mean over elements of (μθ−μref)²/(2·std²) "
         "with std the step's noise std s·√|dt|. flow_grpo: Flow-GRPO's (μθ−μref)²/(2·s²), i.e. exact × |dt|, ~10× "
@@ -290,6 +291,11 @@ class Recipe(_Table):
         if t.leaves_per_tree * t.num_trees < 2:
             raise ValueError("Each prompt needs at least 2 leaves for a group-relative advantage; raise "
                              "tree.branch_factor, tree.window_width or tree.num_trees.")
+        if self.train.kl_beta > 0 and self.model.lora is None:
+            raise ValueError(
+                f"train.kl_beta={self.train.kl_beta} needs a reference policy: the KL is taken to the model with its "
+                "LoRA disabled, and full fine-tuning (no [model.lora] table) has no LoRA to disable. Add a "
+                "[model.lora] table, or set train.kl_beta = 0.")
         names = [r.name or r.kind for r in self.reward]
         if len(set(names)) != len(names):
             raise ValueError(f"Reward names must be unique, got {names}; set `name` on repeated kinds.")

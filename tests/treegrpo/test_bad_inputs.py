@@ -77,6 +77,18 @@ def test_bad_values_and_files_are_one_line_before_loading(workdir, recipe, comma
     assert not (workdir / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_kl_with_full_fine_tuning_is_refused_before_loading(workdir, recipe, command):
+    """The KL's reference is the model with its LoRA disabled; without [model.lora] the run crashed after the first
+    rollout ('No adapter loaded')."""
+    text = recipe.read_text().replace("[model.lora]\nrank = 4\nalpha = 8\n", "")
+    assert "[model.lora]" not in text
+    recipe.write_text(text)
+    result = runner.invoke(app, [command, str(recipe), "--set", "train.kl_beta=0.01"])
+    _one_error_line(result, 2, r"train\.kl_beta=0\.01 needs a reference policy.*\[model\.lora\]")
+    assert not (workdir / "run" / "checkpoints").exists()
+
+
 def test_recipe_that_is_binary_or_a_folder(workdir):
     (workdir / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
     _one_error_line(runner.invoke(app, ["check", str(workdir / "binary.toml")]), 2, "not a UTF-8 text file")
