@@ -140,13 +140,16 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
     if not run.recipe.output.samples or not (run.accelerator.is_main_process or is_sharded(run)):
         return None
     pipe, kwargs = run.pipe, dict(run.sample_kwargs)
-    kwargs = stock_call_kwargs(pipe, kwargs)  # Qwen-Image: true_cfg_scale; SANA: no resolution binning
-    accepted = inspect.signature(pipe.__call__).parameters
-    call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad(), run.text_encoders_ready():
-        # by keyword (FLUX.2 takes `image` first), a copy (Z-Image writes its templated prompts into the list)
-        result = pipe(prompt=list(prompts), num_inference_steps=run.recipe.sampling.num_inference_steps,
+        # Qwen-Image: true_cfg_scale; SANA: no resolution binning; FLUX.2 klein: the negative prompt's embeddings.
+        # The prompt by keyword (FLUX.2 takes `image` first), in a copy (Z-Image writes its templated prompts into
+        # the list); one image per prompt (Qwen-Image's and SANA's encode_prompt mis-tile mixed-length prompts
+        # that ask for several).
+        kwargs = stock_call_kwargs(pipe, {**kwargs, "prompt": list(prompts)})
+        accepted = inspect.signature(pipe.__call__).parameters
+        call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps,
                       generator=torch.Generator().manual_seed(seed), output_type="pil", **call)
     # video pipelines (Wan) return `frames`: one strip of evenly spaced frames per video
     images = result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]

@@ -96,7 +96,8 @@ def tree_search(rollout, prompts, scorer, *, beam: int, max_batch_size: int = 64
     state["conditioning"] = rollout.encode(prompts, guidance_scale=call_kwargs.get("guidance_scale"),
                                            negative_prompt=call_kwargs.pop("negative_prompt", None),
                                            height=call_kwargs.get("height"), width=call_kwargs.get("width"),
-                                           max_sequence_length=call_kwargs.get("max_sequence_length"))
+                                           max_sequence_length=call_kwargs.get("max_sequence_length"),
+                                           num_frames=call_kwargs.get("num_frames"))
     out = rollout(prompts, conditioning=state["conditioning"], output_type="pil", prune=prune,
                   max_batch_size=max_batch_size, **call_kwargs)
     # survivors are ordered by prompt (kept indices are sorted and frontier rows are prompt-major)
@@ -117,10 +118,15 @@ def best_of_n(pipe, prompts, scorer, *, n: int, num_inference_steps: int = 10, g
     if makes_videos(adapter):
         raise ValueError(f"best_of_n samples and scores images; {type(pipe).__name__} makes videos. Use "
                          "TreeRolloutPipeline.best_of_tree, whose scorer receives the videos.")
+    images = []
     with count_rows(adapter.denoiser) as counter:
-        # by keyword (FLUX.2 takes `image` first), a copy (Z-Image writes its templated prompts into the list)
-        images = pipe(prompt=list(prompts), num_images_per_prompt=n, num_inference_steps=num_inference_steps,
-                      generator=generator, output_type="pil", **stock_call_kwargs(pipe, call_kwargs)).images
+        # One prompt per call: Qwen-Image's and SANA's `encode_prompt` repeat embeddings but tile masks when prompts
+        # of different lengths ask for several images each. By keyword (FLUX.2 takes `image` first), in a fresh
+        # list (Z-Image writes its templated prompts into the list it is given).
+        for prompt in prompts:
+            call = stock_call_kwargs(pipe, {**call_kwargs, "prompt": [prompt]})
+            images += pipe(num_images_per_prompt=n, num_inference_steps=num_inference_steps, generator=generator,
+                           output_type="pil", **call).images
     leaf_prompt = torch.arange(len(images)) // n
     scores = _score(scorer, images, [prompts[int(p)] for p in leaf_prompt])
     return _pick_best(images, leaf_prompt, scores, len(prompts), counter.rows)

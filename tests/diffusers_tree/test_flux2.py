@@ -117,3 +117,28 @@ def test_tiny_pipeline_round_trips_on_disk(family, tmp_path):
     call = dict(prompt=PROMPTS[:1], num_inference_steps=2, output_type="pt", **SIZE, **kwargs)
     torch.testing.assert_close(loaded(generator=torch.Generator().manual_seed(0), **call).images,
                                pipe(generator=torch.Generator().manual_seed(0), **call).images, rtol=0, atol=0)
+
+
+def test_klein_stock_call_guides_against_the_given_negative_prompt():
+    """The stock klein pipeline takes no `negative_prompt`, so sample grids dropped it: stock_call_kwargs hands it
+    the negative prompt's embeddings, the same ones the tree guides with."""
+    from diffusers_tree.adapters import stock_call_kwargs
+
+    tree, kwargs = rollout_pipe("flux2_klein")
+    pipe = tree.pipe
+    pipe.set_progress_bar_config(disable=True)
+    given = tree.encode(PROMPTS, guidance_scale=4.0, negative_prompt="small", **SIZE, **kwargs)
+    call = stock_call_kwargs(pipe, {"prompt": list(PROMPTS), "guidance_scale": 4.0, "negative_prompt": "small",
+                                    **SIZE, **kwargs})
+    assert "negative_prompt" not in call
+    torch.testing.assert_close(call["negative_prompt_embeds"], given.uncond["encoder_hidden_states"], rtol=0, atol=0)
+    images = {}
+    for negative in (None, "small"):
+        generator = torch.Generator().manual_seed(0)
+        images[negative] = pipe(num_inference_steps=2, output_type="pt", generator=generator, **stock_call_kwargs(
+            pipe, {"prompt": list(PROMPTS), "guidance_scale": 4.0, "negative_prompt": negative, **SIZE, **kwargs}
+        )).images
+    assert (images[None] - images["small"]).abs().max() > 1e-3
+    # no CFG (guidance 1) or a step-distilled checkpoint: nothing to encode
+    assert "negative_prompt_embeds" not in stock_call_kwargs(pipe, {"prompt": PROMPTS, "guidance_scale": 1.0,
+                                                                    "negative_prompt": "small"})

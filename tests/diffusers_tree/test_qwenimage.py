@@ -187,3 +187,24 @@ def test_best_of_n_samples_with_the_cfg_it_is_given(tree):
     out = best_of_n(tree.pipe, ["a red cat"], lambda images, prompts: [0.0] * len(images), n=n,
                     num_inference_steps=steps, guidance_scale=4.0, max_sequence_length=LENGTH, **SIZE)
     assert out.rows == 2 * n * steps
+
+
+def test_best_of_n_with_prompts_of_different_lengths(tree):
+    """Two prompts of different lengths with n = 2 each crashed ('negative_prompt' encoded once for the batch) and
+    would hit diffusers' mis-tiled masks: best_of_n calls the stock pipeline one prompt at a time, and each prompt's
+    candidates equal that prompt sampled alone with the same generator state."""
+    from diffusers_tree.search import best_of_n
+
+    n, steps = 2, 2
+    kwargs = dict(num_inference_steps=steps, guidance_scale=4.0, max_sequence_length=LENGTH, **SIZE)
+    seen = []
+
+    def scorer(images, prompts):
+        seen.append((len(images), tuple(prompts)))
+        return [float(torch.tensor(list(image.getdata())).float().mean()) for image in images]
+
+    out = best_of_n(tree.pipe, PROMPTS, scorer, n=n, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert out.rows == len(PROMPTS) * 2 * n * steps and len(out.images) == 2
+    assert seen == [(4, (PROMPTS[0],) * 2 + (PROMPTS[1],) * 2)]
+    alone = best_of_n(tree.pipe, PROMPTS[:1], scorer, n=n, generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(out.candidate_scores[0], alone.candidate_scores[0])

@@ -154,3 +154,17 @@ def test_best_of_tree_scores_whole_videos_and_best_of_n_refuses_them(pipe):
     assert seen == [5, 5] and out.scores.tolist() == [1.0] and len(out.images[0]) == 5
     with pytest.raises(ValueError, match="best_of_n samples and scores images; WanPipeline makes videos"):
         best_of_n(pipe, ["a red cat"], scorer, n=2, num_inference_steps=2, height=32, width=32)
+
+
+def test_tree_search_samples_the_frames_asked_for(pipe):
+    """tree_search encoded without `num_frames`, so any length but Wan's default 81 failed."""
+    tree = TreeRolloutPipeline.from_pipe(pipe, branch_factor=2, window_width=2, window_start=1)
+    seen = []
+
+    def scorer(videos, prompts):
+        seen.extend(len(video) for video in videos)
+        return [float(i) for i in range(len(videos))]
+
+    out = tree.tree_search(["a red cat"], scorer, beam=1, num_inference_steps=4, height=32, width=32, num_frames=5,
+                           max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+    assert len(out.images[0]) == 5 and set(seen) == {5}

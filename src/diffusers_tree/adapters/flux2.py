@@ -120,6 +120,25 @@ class Flux2KleinAdapter(Flux2Adapter):
         return Conditioning(cond={"encoder_hidden_states": embeds}, uncond=uncond, guidance_scale=guidance_scale,
                             height=height, width=width, shared=self._shared(text_ids, height, width))
 
+    def stock_call_kwargs(self, kwargs: dict) -> dict:
+        """The stock pipeline takes no `negative_prompt` (its own is always ""), only `negative_prompt_embeds`: a
+        given negative prompt is encoded here, one per prompt of `kwargs["prompt"]`, so stock samples (grids,
+        `treegrpo sample`) guide against the same negative prompt as the tree."""
+        kwargs = dict(kwargs)
+        negative = kwargs.pop("negative_prompt", None)
+        scale = kwargs.get("guidance_scale")
+        if not negative or self.pipe.config.is_distilled or (scale is not None and scale <= 1):
+            return kwargs
+        prompts = kwargs.get("prompt")
+        if prompts is None:
+            raise ValueError("Pass `prompt` in the kwargs: FLUX.2 [klein] takes its negative prompt as embeddings, "
+                             "one per prompt.")
+        count = 1 if isinstance(prompts, str) else len(prompts)
+        negatives = [negative] * count if isinstance(negative, str) else list(negative)
+        with torch.no_grad():
+            kwargs["negative_prompt_embeds"] = self._encode(negatives, kwargs.get("max_sequence_length"))[0]
+        return kwargs
+
     def latent_output(self, latents, conditioning):
         """[klein]'s output_type="latent" is the VAE's latents [N, C, H, W] (it un-packs before that check)."""
         return self.vae_latents(latents, conditioning)

@@ -91,13 +91,19 @@ class QwenImageAdapter(DenoiserAdapter):
 
     def stock_call_kwargs(self, kwargs: dict) -> dict:
         """Call kwargs for the stock pipeline that sample as the tree does: its CFG scale is `true_cfg_scale`, and
-        it guides only when given a negative prompt (`guidance_scale` it takes for guidance-distilled variants)."""
+        it guides only when given a negative prompt (`guidance_scale` it takes for guidance-distilled variants).
+        Call the stock pipeline with one image per prompt, or one prompt at a time: diffusers' `encode_prompt`
+        tiles the masks but repeats the embeddings when prompts of different lengths ask for several images each."""
         kwargs = dict(kwargs)
         scale = kwargs.pop("guidance_scale", None)
         if scale is not None:
             kwargs["true_cfg_scale"] = scale
             if scale > 1 and kwargs.get("negative_prompt") is None:
                 kwargs["negative_prompt"] = EMPTY_NEGATIVE_PROMPT
+        prompts, negative = kwargs.get("prompt"), kwargs.get("negative_prompt")
+        if isinstance(negative, str) and isinstance(prompts, list):
+            # one negative prompt per prompt: a single string is encoded once, for a batch of one
+            kwargs["negative_prompt"] = [negative] * len(prompts)
         return kwargs
 
     def combine_guidance(self, uncond_out, cond_out, conditioning):
