@@ -8,19 +8,33 @@ shape, a prompt's trees are the same whichever process samples them, and a resum
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from diffusers_tree import RolloutRecord, aggregate_rewards, backup_advantages, effective_sample_size
 from diffusers_tree.adapters import Conditioning, guided_model_output
 
-from .loss import gaussian_mean_kl, grpo_edge_loss
+from .loss import LossOutput, gaussian_mean_kl, grpo_edge_loss
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (NaN/Inf in rewards, log-probs, loss or weights; a failing reward; a failed write).
     The trainer adds which checkpoint a `--resume` would start from."""
+
+
+def stop_together(accelerator, failure: TrainingError | None, what: str) -> None:
+    """Stop every process when `what` failed on any of them: one all-reduce of a failure flag, which every process
+    must reach. The failing process raises its own message, the others a line saying where to look; otherwise the
+    healthy processes die in their next collective (a gloo traceback that hides the cause) or wait for the NCCL
+    timeout."""
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if failure is not None:
+        raise failure
+    if float(flag) > 0:
+        raise TrainingError(f"{what} failed on another process (its message is in that process's log)")
 
 
 def derive_seed(*parts: int) -> int:
@@ -197,6 +211,7 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
             continue
         normalizer = max(int((torch.isin(record.edge_parent, torch.cat(batches)) & edge_mask).sum()), 1) \
             if batches else 1
+        failure = None
         for b in range(planned):
             padding = b >= len(batches)
             batch = padding_batch if padding else batches[b]
@@ -205,12 +220,13 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
                                         edge_advantage, train, adv_clip, normalizer, reference)
                 accelerator.backward(out.loss * 0.0 if padding else out.loss)
             rows += batch.numel() * cfg
-            if padding:
+            if padding or failure is not None:
                 continue
-            for value in (out.ratio_mean, out.approx_kl, float(out.loss.detach())):
-                if not torch.isfinite(torch.tensor(value)):
-                    raise TrainingError(f"Non-finite loss or ratio in training (loss={float(out.loss)}, "
-                                        f"ratio={out.ratio_mean}); stopping")
+            # noted, not raised: this process still runs the update's remaining forwards and backward, which are
+            # collectives under DDP/FSDP, and every process then learns of it at the same point
+            failure = _non_finite(out)
+            if failure is not None:
+                continue
             if first_error is None:
                 first_error = out.ratio_max_error
             totals["loss"] += float(out.loss.detach())  # micro-batch losses of an update sum to its mean
@@ -219,6 +235,7 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
             totals["akl"] += out.approx_kl
             totals["kl"] += out.kl
             micro_batches += 1
+        stop_together(accelerator, failure, "training (a non-finite log-prob, ratio or loss)")
         grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
         totals["grad"] += _to_float(grad_norm)
         optimizer.step()
@@ -232,6 +249,18 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
                       approx_kl=totals["akl"] / n, kl=totals["kl"] / n,
                       grad_norm=totals["grad"] / max(updates, 1), train_rows=rows,
                       trained_edges=int(edge_mask.sum()), trained_parents=int(parents.numel()))
+
+
+def _non_finite(out: LossOutput) -> TrainingError | None:
+    """The error to stop with when a micro-batch's re-scored log-probs, ratio or loss are NaN/Inf, else `None`."""
+    if not out.log_prob_finite:
+        return TrainingError("non-finite log-prob while re-scoring children (NaN/Inf in the model output: try a "
+                             "lower learning rate, or fp32/bf16 instead of fp16); stopping")
+    values = {"loss": float(out.loss.detach()), "ratio": out.ratio_mean, "approx_kl": out.approx_kl}
+    if all(torch.isfinite(torch.tensor(value)) for value in values.values()):
+        return None
+    described = ", ".join(f"{name}={value}" for name, value in values.items())
+    return TrainingError(f"non-finite loss or ratio in training ({described}); stopping")
 
 
 def _to_float(value) -> float:
@@ -264,8 +293,6 @@ def _micro_batch_loss(accelerator, adapter, scheduler, record: RolloutRecord, co
     result = scheduler.transition(model_output[local_parent], latents[local_parent], steps, stochastic=True,
                                   prev_sample=children)
     old = record.edge_log_prob[edges].to(device)
-    if not torch.isfinite(result.log_prob).all():
-        raise TrainingError("Non-finite log-prob while re-scoring children; stopping")
     kl = None
     if train.kl_beta > 0 and reference is not None:
         with torch.no_grad(), reference(), accelerator.autocast():
@@ -275,5 +302,6 @@ def _micro_batch_loss(accelerator, adapter, scheduler, record: RolloutRecord, co
         kl = gaussian_mean_kl(result.mean, ref.mean, result.std)
         if train.kl_scale == "flow_grpo":
             kl = kl * flow_grpo_kl_factor(scheduler, steps).to(kl.device)
-    return grpo_edge_loss(result.log_prob, old, edge_advantage[edges].to(device), clip_range=train.clip_range,
-                          adv_clip=adv_clip, normalizer=normalizer, kl=kl, kl_beta=train.kl_beta)
+    out = grpo_edge_loss(result.log_prob, old, edge_advantage[edges].to(device), clip_range=train.clip_range,
+                         adv_clip=adv_clip, normalizer=normalizer, kl=kl, kl_beta=train.kl_beta)
+    return replace(out, log_prob_finite=bool(torch.isfinite(result.log_prob).all()))

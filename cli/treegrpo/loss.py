@@ -17,6 +17,7 @@ class LossOutput:
     clip_frac: float
     approx_kl: float  # mean of ½ (logp_new - logp_old)², a cheap KL estimate between old and new policy
     kl: float  # the reference KL term (0 when off)
+    log_prob_finite: bool = True  # whether every re-scored log-prob was finite (set by the caller that re-scores)
 
 
 def ppo_clip_loss(

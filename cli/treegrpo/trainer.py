@@ -27,6 +27,7 @@ from .grpo import (
     epoch_prompt_indices,
     process_share,
     select_edges,
+    stop_together,
     train_on_record,
     tree_advantages,
     tree_generators,
@@ -92,7 +93,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
         failure = None
     except TrainingError as err:
         failure = err
-    _stop_together(run, failure)
+    stop_together(run.accelerator, failure, "scoring")
     t2 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("training")
@@ -143,18 +144,6 @@ def _reference_context(run: Run):
     return _Disabled
 
 
-def _stop_together(run: Run, failure: TrainingError | None) -> None:
-    """A reward that fails on one process stops every process cleanly: otherwise the others die inside their next
-    collective when it exits (a long traceback that hides the cause). One all-reduce of a failure flag; the failing
-    process raises its own message, the others say where to look."""
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=run.accelerator.device)
-    if failure is not None:
-        run.accelerator.reduce(flag, reduction="sum")
-        raise failure
-    if float(run.accelerator.reduce(flag, reduction="sum")) > 0:
-        raise TrainingError("scoring failed on another process (its message is in that process's log)")
-
-
 class _StopAtSafePoint(Exception):
     """Internal: a stop signal was seen at a safe point; `args` = (signum, completed epochs to checkpoint)."""
 
@@ -197,6 +186,17 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             signals.restore()
         if lock is not None:
             lock.release()
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the default process group before the interpreter exits: a gloo group left for the interpreter's
+    teardown aborted a 2-process run at exit about 1 time in 6 ("terminate called without an active exception",
+    exit -6) after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignals) -> Path:
@@ -238,8 +238,9 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
         raise Interrupted(signum, f"{signal_name(signum)}: checkpoint of {done} completed epochs written to "
                                   f"{path}; continue with --resume.") from None
     finally:
-        if tracking:
-            acc.end_training()
+        if tracking:  # accelerate's end_training would also destroy the process group, which finish() still uses
+            for tracker in acc.trackers:
+                tracker.finish()
     try:
         final = finish(run, metrics_log, eval_prompts)
     except StopNow as stop:

@@ -314,8 +314,9 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         `prev_sample` to re-score a stored child; the same code computes sampling and training log-probs.
 
         Devices: the schedule tables (`sigma_table`, `timestep_table`, `alphas_cumprod`) are CPU copies made at
-        `set_timesteps` and are indexed there, with no device sync; a step-index tensor on another device is read back first (a device sync), so pass CPU
-        indices (the [`RolloutRecord`]'s index arrays are CPU tensors). The looked-up values follow `sample`."""
+        `set_timesteps` and are indexed there, with no device sync; a step-index tensor on another device is read
+        back first (a device sync), so pass CPU indices (the [`RolloutRecord`]'s index arrays are CPU tensors). The
+        looked-up values follow `sample`."""
         if self.timesteps is None:
             raise RuntimeError("Call `set_timesteps` before stepping.")
         if stochastic is None:

@@ -50,3 +50,10 @@ def test_fsdp2_clips_the_true_norm_and_ema_moves(worker_results):
     assert sharded["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
     assert sharded["ema_moved"] > 0
     assert sharded["ema_moved"] == pytest.approx(reference["ema_moved"], rel=1e-3)
+
+
+def test_non_finite_on_one_process_stops_both_with_one_line_each(worker_results):
+    rank0, rank1 = (result["ddp"]["non_finite"]["message"] for result in worker_results)
+    assert rank1 is not None and rank1.startswith("non-finite log-prob while re-scoring children")
+    assert rank0 == "training (a non-finite log-prob, ratio or loss) failed on another process (its message is in " \
+                    "that process's log)"

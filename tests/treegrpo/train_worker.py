@@ -84,7 +84,29 @@ def ddp_checks(rank: int) -> dict:
         stats = train(accelerator, tree, record, conditioning, advantage, mask, optimizer, params, recipe)
         result[algorithm] = {"allreduce_calls": calls[0], "trained_parents": stats.trained_parents,
                              "train_rows": stats.train_rows, "grad_norm": stats.grad_norm}
+    result["non_finite"] = non_finite_on_rank_1(accelerator, pipe, model, optimizer, params, recipe, rank)
     return result
+
+
+def non_finite_on_rank_1(accelerator, pipe, model, optimizer, params, recipe, rank: int) -> dict:
+    """4. A NaN child latent on rank 1 only (its re-scored log-prob is NaN): both ranks must stop with a
+    TrainingError at the same point, rank 1 with the cause, rank 0 pointing to it; before, rank 1 raised alone and
+    rank 0 died in its next collective (or waited for the NCCL timeout)."""
+    from treegrpo.grpo import TrainingError
+
+    tree, record, conditioning, advantage = rollout(pipe, "tree", seed=rank)
+    tree.adapter.model = model
+    if rank == 1:
+        record.child_latents[0] = float("nan")
+    mask = torch.ones(record.edge_child.numel(), dtype=torch.bool)
+    try:
+        train(accelerator, tree, record, conditioning, advantage, mask, optimizer, params, recipe)
+    except TrainingError as err:
+        message = str(err)
+    else:
+        message = None
+    dist.barrier()  # both ranks are still in step after the failure
+    return {"message": message}
 
 
 class ShardingAccelerator:
@@ -131,6 +153,12 @@ class ShardingAccelerator:
         parts = [torch.empty_like(tensor) for _ in range(self.num_processes)]
         dist.all_gather(parts, tensor)
         return torch.cat(parts)
+
+    def reduce(self, tensor, reduction="sum"):
+        assert reduction == "sum"
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
 
     def register_for_checkpointing(self, obj):
         pass
