@@ -122,14 +122,19 @@ def make_accelerator(recipe: Recipe):
                        project_config=project)
 
 
-def setup(recipe: Recipe, reporter: Reporter) -> Run:
+def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = None) -> Run:
+    """Everything a run needs, loaded once. `recorded_threads`: the CPU thread count a resumed run started with."""
     from treegrpo.rewards import build_reward
 
     accelerator = make_accelerator(recipe)
     if accelerator.device.type == "cpu":
         from .threads import apply_cpu_threads
 
-        choice = apply_cpu_threads(recipe.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        choice = apply_cpu_threads(recipe.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                   recorded=recorded_threads)
+        if accelerator.num_processes > 1:  # each process measured the load itself: all take the smallest count
+            threads = torch.tensor([torch.get_num_threads()], device=accelerator.device)
+            torch.set_num_threads(int(accelerator.gather(threads).min()))
         reporter.info(f"CPU: {torch.get_num_threads()} intra-op thread(s) per process ({choice.reason})")
     if recipe.output.push_to_hub:
         from treegrpo.hub import HubError, check_can_push

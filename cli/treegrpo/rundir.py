@@ -19,7 +19,8 @@ from .recipe import Recipe
 
 LOCK_NAME = ".treegrpo.lock"
 # what a run writes into its folder (and --overwrite removes); nothing else there is touched
-RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "final", "samples", "logs", "recipe.resolved.toml", "reward_curve.png")
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "final", "samples", "logs", "recipe.resolved.toml", "reward_curve.png",
+               "cpu_threads.json")
 # fields that change neither results nor the trajectory (a resume may change them)
 FREE_FIELDS = {"train.epochs", "train.max_ratio_error", "train.cpu_threads", "data.cache_embeddings",
                "model.offload_text_encoders", "model.offload_rewards"}

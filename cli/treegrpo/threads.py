@@ -9,12 +9,21 @@ processes on this machine, at least 1 and never more than torch's default (physi
 
 An explicit choice always wins: `train.cpu_threads` in the recipe, else `OMP_NUM_THREADS` / `MKL_NUM_THREADS` in
 the environment (then torch's own setting is left alone). GPU runs are not touched.
+
+The count is part of a run's numerics (torch's CPU reductions split their work by thread: the same recipe and seed
+gave weights differing by up to 0.018 at 1 and 2 threads), so the count a run starts with is recorded in its folder
+(`cpu_threads.json`) and a `--resume` reuses it whatever the load then, unless an explicit choice overrides it
+(which the run's first line then says).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+THREADS_FILE = "cpu_threads.json"  # in output.dir: the thread count the run started with
 
 
 @dataclass(frozen=True)
@@ -24,22 +33,27 @@ class ThreadChoice:
 
 
 def choose_cpu_threads(*, recipe_threads: int | None, env: dict, usable_cores: int, load_average: float,
-                       default_threads: int, local_processes: int = 1) -> ThreadChoice:
+                       default_threads: int, local_processes: int = 1, recorded: int | None = None) -> ThreadChoice:
     """The thread count for a CPU run (pure: every input is an argument). `load_average` = cores busy with other
-    work."""
+    work; `recorded` = the count a resumed run started with."""
     if recipe_threads is not None:
         return ThreadChoice(recipe_threads, "train.cpu_threads")
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if env.get(name):
             return ThreadChoice(None, f"{name}={env[name]}")
+    if recorded is not None:
+        return ThreadChoice(recorded, f"as this run started, from {THREADS_FILE}, whatever the load now: the resumed "
+                                      "run computes as the uninterrupted one")
     free = usable_cores - round(load_average)
     threads = max(1, min(default_threads, free // max(local_processes, 1)))
     return ThreadChoice(threads, f"{usable_cores} cores, {load_average:.1f} busy elsewhere, {local_processes} "
                                  "process(es) here")
 
 
-def apply_cpu_threads(recipe_threads: int | None, local_processes: int = 1) -> ThreadChoice:
-    """Choose for this machine now and set torch's intra-op threads. Returns the choice (for the log line)."""
+def apply_cpu_threads(recipe_threads: int | None, local_processes: int = 1, recorded: int | None = None
+                      ) -> ThreadChoice:
+    """Choose for this machine now (or reuse `recorded`) and set torch's intra-op threads. Returns the choice, its
+    reason saying so when an explicit choice differs from `recorded` (for the log line)."""
     import torch
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -48,10 +62,27 @@ def apply_cpu_threads(recipe_threads: int | None, local_processes: int = 1) -> T
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     choice = choose_cpu_threads(recipe_threads=recipe_threads, env=dict(os.environ), usable_cores=usable,
                                 load_average=load, default_threads=torch.get_num_threads(),
-                                local_processes=local_processes)
+                                local_processes=local_processes, recorded=recorded)
     if choice.threads is not None:
         torch.set_num_threads(choice.threads)
+    if recorded is not None and torch.get_num_threads() != recorded:
+        return ThreadChoice(choice.threads, f"{choice.reason}; this run started with {recorded}, so its results "
+                                            "will not match an uninterrupted run bit for bit")
     return choice
+
+
+def recorded_cpu_threads(out_dir: Path) -> int | None:
+    """The thread count recorded when the run in `out_dir` started, or None (no record, or not a valid one)."""
+    try:
+        value = json.loads((Path(out_dir) / THREADS_FILE).read_text()).get("cpu_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def record_cpu_threads(out_dir: Path, threads: int) -> None:
+    """Record the thread count a run starts with (main process, fresh starts)."""
+    (Path(out_dir) / THREADS_FILE).write_text(json.dumps({"cpu_threads": threads}) + "\n")
 
 
 def busy_cores_now(window_s: float = 0.3) -> float | None:

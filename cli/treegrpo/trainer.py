@@ -33,6 +33,7 @@ from .grpo import (
     tree_generators,
 )
 from .metrics import MetricsLog, plot_curves
+from .threads import record_cpu_threads, recorded_cpu_threads
 from .models import save_lora
 from .recipe import Recipe, to_toml
 from .reporting import Reporter
@@ -200,13 +201,16 @@ def _leave_process_group() -> None:
 
 
 def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignals) -> Path:
-    run = setup(recipe, reporter)
+    recorded_threads = recorded_cpu_threads(Path(recipe.output.dir)) if resume else None
+    run = setup(recipe, reporter, recorded_threads)
     run.signals = signals
     acc, out_dir = run.accelerator, run.out_dir
     start = _resume(run) if resume else 0
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.resolved.toml").write_text(to_toml(recipe))
+        if acc.device.type == "cpu" and recorded_threads is None:
+            record_cpu_threads(out_dir, torch.get_num_threads())
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_after_epoch=start if resume else None,
                              enabled=acc.is_main_process, warn=reporter.warn)
     tracking = start_trackers(acc, recipe, reporter.warn)

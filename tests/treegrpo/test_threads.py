@@ -42,3 +42,47 @@ def test_the_trainer_sets_the_recipe_threads(workdir, tiny_sd3_dir):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_choice_reuses_the_recorded_count_unless_told_otherwise():
+    busy = dict(usable_cores=8, load_average=6.0, default_threads=8)
+    resumed = choose_cpu_threads(recipe_threads=None, env={}, recorded=4, **busy)
+    assert resumed.threads == 4 and "as this run started" in resumed.reason
+    assert choose_cpu_threads(recipe_threads=None, env={}, **busy).threads == 2  # the load alone would give 2
+    assert choose_cpu_threads(recipe_threads=3, env={}, recorded=4, **busy).threads == 3
+
+
+def test_a_resumed_run_keeps_the_thread_count_it_started_with(workdir, tiny_sd3_dir, monkeypatch):
+    """The count depends on the load at start, and results on the count (weights differed by 0.018 at 1 vs 2
+    threads): a run resumed on a busier machine must compute as the uninterrupted one."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import treegrpo.threads as threads
+    from treegrpo.app import app
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "busy_cores_now", lambda window_s=0.3: 0.0)  # an idle machine at start
+        recipe = write_recipe(workdir, tiny_sd3_dir, epochs=1)
+        first = CliRunner().invoke(app, ["run", str(recipe)])
+        assert first.exit_code == 0, first.output
+        started = json.loads((workdir / "run" / "cpu_threads.json").read_text())["cpu_threads"]
+        if started < 2:
+            pytest.skip("one usable core: every load gives 1 thread")
+        monkeypatch.setattr(threads, "busy_cores_now", lambda window_s=0.3: 64.0)  # fully loaded at resume
+        resumed = CliRunner().invoke(app, ["run", str(recipe), "--resume", "--set", "train.epochs=2"])
+        assert resumed.exit_code == 0, resumed.output
+        assert torch.get_num_threads() == started
+        line = next(x for x in resumed.output.splitlines() if x.startswith("CPU:"))
+        assert line.startswith(f"CPU: {started} intra-op thread(s)") and "as this run started" in line
+        overridden = CliRunner().invoke(app, ["run", str(recipe), "--resume", "--set", "train.epochs=3",
+                                              "--set", "train.cpu_threads=1"])
+        assert overridden.exit_code == 0, overridden.output
+        assert "will not match an uninterrupted run" in overridden.output
+    finally:
+        torch.set_num_threads(before)
