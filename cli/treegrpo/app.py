@@ -188,8 +188,9 @@ def run(
     """Train with TreeGRPO (or the flat/mix baselines). Under `accelerate launch -m treegrpo run ...` every
     process runs this. Ctrl-C, SIGTERM or SIGHUP: checkpoint at the next safe point and exit 130/143/129; a second
     signal stops at once."""
-    from treegrpo.signals import StopNow, StopSignals, exit_code, signal_name
+    from treegrpo.signals import StopNow, StopSignals, exit_code, guard_output_streams, signal_name
 
+    guard_output_streams()  # a piped output whose reader dies (Ctrl-C on `... | tee log`) must not end the run
     signals = StopSignals().install()  # before the slow imports: a signal now stops at once, with a message
     try:
         loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import

@@ -7,6 +7,7 @@ only the standard library, so `treegrpo run` installs the handlers before the sl
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -59,3 +60,52 @@ class StopSignals:
         self.received = signum
         self.notify(f"{signal_name(signum)} received: stopping after the current phase with a checkpoint "
                     "(send it again to stop at once).")
+
+
+class SurvivingStream:
+    """A text stream (`sys.stdout` / `sys.stderr`) whose writes never end the run when its reader is gone.
+
+    `treegrpo run ... 2>&1 | tee log` and Ctrl-C: the terminal sends SIGINT to `tee` too, which dies first, and the
+    next write to the pipe fails (EPIPE). rich answers that by raising SystemExit and `print` raises BrokenPipeError,
+    from wherever the write happened (the signal handler's own notice included), so the run ended before its safe
+    point with no checkpoint. Here the first failed write points the file descriptor at /dev/null (so C-level writes
+    and the interpreter's flush at exit succeed too) and the run goes on silently to its checkpoint."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # BrokenPipeError, EIO of a closed terminal, a closed file
+                self._to_devnull()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self._stream, name)
+
+
+def guard_output_streams() -> None:
+    """Make `sys.stdout` and `sys.stderr` survive their readers (see `SurvivingStream`); idempotent."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, SurvivingStream):
+            setattr(sys, name, SurvivingStream(stream))

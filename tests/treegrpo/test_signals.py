@@ -74,3 +74,33 @@ def test_sigterm_during_the_final_export_lets_it_finish(workdir, tiny_sd3_dir, m
     assert result.exit_code == 0, result.output
     assert "SIGTERM arrived during the final export; the export completed" in result.output
     assert (workdir / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_ctrl_c_with_the_output_piped_to_a_reader_that_dies_still_checkpoints(workdir, tiny_sd3_dir):
+    """`treegrpo run ... 2>&1 | tee log` and Ctrl-C: tee dies first, and the next write to the pipe (the signal's
+    own notice) ended the run with no checkpoint (17 epochs lost in the trial). Here the reader closes the pipe, then
+    SIGINT arrives; the run must still reach its safe point, write the checkpoint and exit 130."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=500)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-m", "treegrpo", "run", str(recipe), "--set",
+                             "output.checkpoint_every=1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("epoch 2/"):
+                break
+        assert seen and seen[-1].startswith("epoch 2/"), "".join(seen)[-3000:]
+        proc.stdout.close()  # the reader dies first, as tee does on Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    checkpoints = sorted((workdir / "run" / "checkpoints").iterdir())
+    assert checkpoints, "no checkpoint written"
+    assert (checkpoints[-1] / "trainer_state.json").is_file()
