@@ -36,9 +36,17 @@ class LoadedModel:
     defaults: dict  # sampling defaults stored with the model (builtin models), e.g. max_sequence_length
 
 
+def is_text_encoder(component_name: str) -> bool:
+    """Whether a pipeline component is a text encoder (`text_encoder`, `text_encoder_2`, ...: diffusers' names)."""
+    return component_name.startswith("text_encoder")
+
+
 def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None = None,
-                  device: str | torch.device = "cpu") -> LoadedModel:
-    """Load `pretrained` (hub id, local diffusers folder, or `builtin:<name>`) in `dtype` onto `device`."""
+                  device: str | torch.device = "cpu", text_encoders_on_cpu: bool = False) -> LoadedModel:
+    """Load `pretrained` (hub id, local diffusers folder, or `builtin:<name>`) in `dtype` onto `device`.
+    `text_encoders_on_cpu` (`model.offload_text_encoders`): the text encoders stay in CPU memory and never visit
+    `device` at load, so the load-time peak is the rest of the pipeline (FLUX.2 dev: 64 GB of Mistral that would
+    not fit beside its 48 GB transformer on an 80 GB card)."""
     torch_dtype = DTYPES[dtype]
     defaults: dict = {}
     if pretrained.startswith("builtin:"):
@@ -53,7 +61,12 @@ def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None 
             defaults = dict(digits_metadata().get("pipeline_kwargs", {}))
     else:
         pipe = _from_pretrained(pretrained, torch_dtype, revision)
-    pipe.to(device)
+    if text_encoders_on_cpu:  # from_pretrained loaded everything to the CPU; move the rest only
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and not is_text_encoder(name):
+                component.to(device)
+    else:
+        pipe.to(device)
     try:
         adapter_for(pipe)
     except ValueError as err:

@@ -15,7 +15,7 @@ from diffusers_tree.adapters import makes_videos
 
 from .ema import EMA
 from .grpo import derive_seed
-from .models import DTYPES, add_lora, default_lora_targets, load_pipeline, trainable_parameters
+from .models import DTYPES, add_lora, default_lora_targets, is_text_encoder, load_pipeline, trainable_parameters
 from .prompt_cache import PromptEmbeddingCache
 from .recipe import Recipe, TrainRecipe
 from .reporting import Reporter
@@ -60,12 +60,16 @@ class Run:
         return self._encode_now(prompts)
 
     def _encode_now(self, prompts: list[str]):
-        kwargs = self.sample_kwargs
         with self.text_encoders_ready():
-            return self.rollout.encode(prompts, guidance_scale=kwargs["guidance_scale"],
-                                       negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
-                                       width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"],
-                                       num_frames=kwargs["num_frames"])
+            return self.encode_with_encoders_ready(prompts)
+
+    def encode_with_encoders_ready(self, prompts: list[str]):
+        """Encode with the run's settings; the caller has the text encoders where they run (`text_encoders_ready`)."""
+        kwargs = self.sample_kwargs
+        return self.rollout.encode(prompts, guidance_scale=kwargs["guidance_scale"],
+                                   negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
+                                   width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"],
+                                   num_frames=kwargs["num_frames"])
 
     def text_encoders_ready(self):
         """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
@@ -101,7 +105,7 @@ def on_accelerator_inside(modules, device):
 def text_encoders(pipe) -> list[torch.nn.Module]:
     """The pipeline's text encoders (`text_encoder`, `text_encoder_2`, ...; the components diffusers names so)."""
     return [module for name, module in pipe.components.items()
-            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)]
+            if is_text_encoder(name) and isinstance(module, torch.nn.Module)]
 
 
 def reward_modules(reward) -> list[torch.nn.Module]:
@@ -162,7 +166,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         rewards.append(reward)
     reporter.info(f"loading {recipe.model.pretrained} ({recipe.model.dtype}) on {accelerator.device} ...")
     loaded = load_pipeline(recipe.model.pretrained, dtype=recipe.model.dtype, revision=recipe.model.revision,
-                           device=accelerator.device)
+                           device=accelerator.device, text_encoders_on_cpu=recipe.model.offload_text_encoders)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)
     check_image_size(pipe, denoiser, recipe.sampling.height, recipe.sampling.width)
@@ -210,10 +214,8 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
               sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema,
               prompt_metadata=prompt_metadata)
     if recipe.data.cache_embeddings:
-        run.prompt_cache = PromptEmbeddingCache(run._encode_now, accelerator.device)
-    if recipe.model.offload_text_encoders:
-        for encoder in text_encoders(pipe):
-            encoder.to("cpu")
+        run.prompt_cache = PromptEmbeddingCache(run.encode_with_encoders_ready, accelerator.device,
+                                                encoders_ready=run.text_encoders_ready)
     return run
 
 
