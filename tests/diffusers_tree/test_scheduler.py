@@ -262,3 +262,21 @@ def test_rewrapping_keeps_the_configured_tree():
     assert (changed.config.branch_factor, changed.config.window_start, changed.config.eta) == (2, 0, 0.7)
     per_step = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=[3, 2, 1])
     assert (per_step.config.window_width, per_step.config.window_start) == (3, 1)
+
+
+@pytest.mark.parametrize("sde_type", ["flow_sde", "ddim"])
+def test_transitions_read_cpu_copies_of_the_schedule(sde_type):
+    """FlowMatchEuler keeps `sigmas` (and pipelines' `timesteps`) on the accelerator, where every lookup of a
+    transition was a device sync. "meta" stands in for the accelerator: a read of it would raise."""
+    base = FlowMatchEulerDiscreteScheduler(shift=3.0) if sde_type == "flow_sde" else DDIMScheduler(**SD_CONFIG)
+    tree = TreeSDEScheduler.from_scheduler(base, sde_type=sde_type, branch_factor=2, window_width=2, window_start=1)
+    tree.set_timesteps(6)
+    expected_t = float(tree.timesteps[2])
+    tree.timesteps = tree.timesteps.to("meta")
+    if tree.sigmas is not None:
+        tree.sigmas = tree.sigmas.to("meta")
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = tree.transition(torch.zeros_like(x), x, torch.tensor([1, 1, 2, 2]), stochastic=True)
+    assert torch.isfinite(out.log_prob).all()
+    stepped = tree.step(torch.zeros_like(x), torch.tensor(expected_t), x, generator=torch.Generator().manual_seed(0))
+    assert stepped.prev_sample.shape == x.shape and tree.step_index == 3
