@@ -192,16 +192,18 @@ def run(
 
     guard_output_streams()  # a piped output whose reader dies (Ctrl-C on `... | tee log`) must not end the run
     signals = StopSignals().install()  # before the slow imports: a signal now stops at once, with a message
+    folder = None
     try:
         loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
         _preflight(loaded)
+        folder = _lock_output_folder(loaded, resume, overwrite)  # a finished or busy output.dir, before the imports
         _quiet_libraries()
         from treegrpo.grpo import TrainingError
         from treegrpo.models import ModelLoadError
         from treegrpo.trainer import Interrupted, SetupError, train
 
         try:
-            final = train(loaded, resume=resume, overwrite=overwrite, signals=signals)
+            final = train(loaded, resume=resume, overwrite=overwrite, signals=signals, folder=folder)
         except (SetupError, ModelLoadError) as err:
             _fail(str(err))
         except TrainingError as err:
@@ -216,18 +218,30 @@ def run(
         raise typer.Exit(exit_code(stop.args[0])) from None
     finally:
         signals.restore()
+        if folder is not None:
+            folder.release()  # train() released it already; this covers an interruption before train() began
     console.print(f"done: LoRA/weights in {final}")
 
 
+def _lock_output_folder(loaded, resume: bool, overwrite: bool):
+    from treegrpo.rundir import RunFolderError, prepare_folder
+
+    try:
+        return prepare_folder(loaded, resume=resume, overwrite=overwrite)
+    except RunFolderError as err:
+        _fail(str(err))
+
+
 def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
-    from treegrpo.trainer import SetupError, read_prompts
+    """The prompts of `sample` / `eval`, judged before any heavy import."""
+    from treegrpo.preflight import PreflightError, prompts_from_file
 
     found = list(prompt or [])
     if prompts_file is not None:
         try:
-            found += read_prompts(str(prompts_file))
-        except SetupError as err:
-            _fail(f"--prompts: {err}")
+            found += prompts_from_file(str(prompts_file), "--prompts")
+        except PreflightError as err:
+            _fail(str(err))
     if not found:
         _fail("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
     return found
@@ -250,6 +264,27 @@ def _check_dtype(dtype: str) -> str:
     if dtype not in ("fp32", "bf16", "fp16"):
         _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
     return dtype
+
+
+def _check_model_argument(model: str) -> None:
+    """The MODEL argument of `sample` / `eval` as far as it can be judged without loading (a local folder's files,
+    a built-in name); messages name the argument, not a recipe key."""
+    from treegrpo.preflight import PreflightError, check_pretrained
+
+    try:
+        check_pretrained(model, key="MODEL")
+    except PreflightError as err:
+        _fail(str(err))
+
+
+def _cpu_threads() -> None:
+    """`sample` and `eval` on a CPU take their threads as `run` does: the free cores (see treegrpo.threads)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from treegrpo.threads import apply_cpu_threads
+
+        apply_cpu_threads(None)
 
 
 @app.command()
@@ -280,6 +315,13 @@ def sample(
                                                     "denoiser rows; default: one per timestep).")] = None,
 ) -> None:
     """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
+    # everything that needs no model is judged first, before the slow imports
+    if (best_of_tree or beam) and reward is None:
+        _fail(f"{'--beam' if beam else '--best-of-tree'} needs --reward KIND to score the leaves (e.g. --reward "
+              "pickscore, or --reward digits for builtin:digits).")
+    prompts = _prompts(prompt, prompts_file)
+    _check_dtype(dtype)
+    _check_model_argument(model)
     import torch
 
     from treegrpo.inference import (
@@ -295,14 +337,12 @@ def sample(
     from treegrpo.models import ModelLoadError
 
     _quiet_libraries()
-    prompts = _prompts(prompt, prompts_file)
+    _cpu_threads()
     settings = Settings(steps=steps, guidance_scale=guidance, height=height, width=width, seed=seed)
     try:
-        loaded = load_for_inference(model, lora, dtype=_check_dtype(dtype))
+        loaded = load_for_inference(model, lora, dtype=dtype)
         kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
         if best_of_tree or beam:
-            if reward is None:
-                _fail("--best-of-tree needs --reward KIND to score the leaves.")
             (scorer,) = build_rewards([reward], loaded.pipe.device, torch.float32)
             result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=branch_factor,
                                          window_width=window_width, window_start=window_start, beam=beam, seed=seed,
@@ -334,13 +374,16 @@ def evaluate_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise."""
+    prompts = _prompts(prompt, prompts_file)  # what needs no model first, before the slow imports
+    _check_dtype(dtype)
+    _check_model_argument(model)
     from treegrpo.inference import InferenceError, Settings, evaluate, write_json
     from treegrpo.models import ModelLoadError
 
     _quiet_libraries()
-    prompts = _prompts(prompt, prompts_file)
+    _cpu_threads()
     try:
-        data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=_check_dtype(dtype),
+        data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
                         settings=Settings(steps=steps, guidance_scale=guidance, seed=seed))
     except (InferenceError, ModelLoadError, ValueError) as err:
         _fail(str(err))

@@ -80,7 +80,7 @@ def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", dev
         from treegrpo.hub import lora_source
 
         lora_source(lora)  # checked before the (slow) model load
-    loaded = load_pipeline(model, dtype=dtype, device=device)
+    loaded = load_pipeline(model, dtype=dtype, device=device, key="MODEL")
     if makes_videos(adapter_for(loaded.pipe)):
         raise ModelLoadError(f"{model} is a video model ({type(loaded.pipe).__name__}); treegrpo sample and eval "
                              "make and score images. Sample it with diffusers (the snippet on a pushed LoRA's card), "

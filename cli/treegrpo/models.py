@@ -42,11 +42,12 @@ def is_text_encoder(component_name: str) -> bool:
 
 
 def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None = None,
-                  device: str | torch.device = "cpu", text_encoders_on_cpu: bool = False) -> LoadedModel:
+                  device: str | torch.device = "cpu", text_encoders_on_cpu: bool = False,
+                  key: str = "model.pretrained") -> LoadedModel:
     """Load `pretrained` (hub id, local diffusers folder, or `builtin:<name>`) in `dtype` onto `device`.
     `text_encoders_on_cpu` (`model.offload_text_encoders`): the text encoders stay in CPU memory and never visit
     `device` at load, so the load-time peak is the rest of the pipeline (FLUX.2 dev: 64 GB of Mistral that would
-    not fit beside its 48 GB transformer on an 80 GB card)."""
+    not fit beside its 48 GB transformer on an 80 GB card). `key` names the setting in messages."""
     torch_dtype = DTYPES[dtype]
     defaults: dict = {}
     if pretrained.startswith("builtin:"):
@@ -55,12 +56,12 @@ def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None 
         try:
             folder = resolve_pretrained(pretrained)
         except (ValueError, FileNotFoundError) as err:
-            raise ModelLoadError(f"model.pretrained = {pretrained!r}: {err}") from None
-        pipe = _from_pretrained(folder, torch_dtype, None)
+            raise ModelLoadError(f"{key} = {pretrained!r}: {err}") from None
+        pipe = _from_pretrained(folder, torch_dtype, None, key)
         if pretrained == "builtin:digits":
             defaults = dict(digits_metadata().get("pipeline_kwargs", {}))
     else:
-        pipe = _from_pretrained(pretrained, torch_dtype, revision)
+        pipe = _from_pretrained(pretrained, torch_dtype, revision, key)
     if text_encoders_on_cpu:  # from_pretrained loaded everything to the CPU; move the rest only
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module) and not is_text_encoder(name):
@@ -80,22 +81,52 @@ def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None 
     return LoadedModel(pipe=pipe, denoiser_name=name, defaults=dict(defaults))
 
 
-def _from_pretrained(pretrained: str, torch_dtype, revision):
+def _from_pretrained(pretrained: str, torch_dtype, revision, key: str = "model.pretrained"):
     from diffusers import DiffusionPipeline
 
     from .preflight import PreflightError, check_pretrained, looks_local
 
     try:
-        check_pretrained(pretrained)  # the same judgement `treegrpo check` makes, for callers that skip it
+        check_pretrained(pretrained, key)  # the same judgement `treegrpo check` makes, for callers that skip it
     except PreflightError as err:
         raise ModelLoadError(str(err)) from None
     local = looks_local(pretrained)
     try:
         source = str(Path(pretrained).expanduser()) if local else pretrained
-        return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype,
-                                                 revision=revision)
+        return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, revision=revision)
     except OSError as err:
-        raise ModelLoadError(f"Could not load model.pretrained = {pretrained!r}: {err}") from None
+        if local:
+            raise ModelLoadError(f"{key} = {pretrained!r}: could not load the folder: {err}") from None
+        raise ModelLoadError(f"{key} = {pretrained!r}: {hub_load_problem(pretrained, revision, err)}") from None
+
+
+def hub_load_problem(repo_id: str, revision: str | None, err: Exception) -> str:
+    """Why a Hub model did not load, in words a user can act on. diffusers says only "not fully cached locally …
+    check out the root cause in the stacktrace above" (and prints no stack trace) for a typo, a gated licence not
+    accepted and an offline machine alike; ask the Hub which it is."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        return (f"not in the local Hub cache ({cache}) and the Hub is offline (HF_HUB_OFFLINE=1). Download it on a "
+                f"machine with network (`hf download {repo_id}`, into the same cache), or unset HF_HUB_OFFLINE.")
+    try:
+        model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:
+        return (f"a gated model: accept its licence at {constants.ENDPOINT}/{repo_id} with your Hub account, then "
+                "log in here with `hf auth login` (or set HF_TOKEN).")
+    except RepositoryNotFoundError:
+        return ("no such model on the Hub. Check the spelling (org/name); a private model needs `hf auth login` "
+                "with an account that can see it. A local folder must hold a model_index.json.")
+    except RevisionNotFoundError:
+        return f"the model has no revision {revision!r} (model.revision); use a branch, tag or commit it has."
+    except Exception as probe:  # noqa: BLE001  (network errors of every kind: the Hub cannot be reached)
+        return (f"the Hub cannot be reached ({type(probe).__name__}: {probe}) and the model is not in the local "
+                f"cache ({cache}). Check the network or proxy (HF_ENDPOINT), or download it where there is network "
+                f"(`hf download {repo_id}`).")
+    text = str(err).replace(" Please check out the root cause in the stacktrace above.", "")
+    return f"the Hub has it, but loading failed: {text}"
 
 
 def default_lora_targets(pipe, denoiser_name: str) -> list[str]:

@@ -52,7 +52,10 @@ def _prompt_lines(path: str, key: str) -> list[str]:
     if file.is_dir():
         raise PreflightError(f"{key} = {path!r} is a folder; give a text file with one prompt per line.")
     if not file.is_file():
-        raise PreflightError(f"{key} = {path!r}: no such file (one prompt per line).")
+        rule = (" (a relative path in a recipe is read from the current folder, else from the recipe's folder)"
+                if key.startswith("data.") else "")
+        raise PreflightError(f"{key} = {str(file.resolve())!r}: no such file{rule}; give a text file with one "
+                             "prompt per line.")
     raw = file.read_bytes()
     try:
         if b"\x00" in raw:
@@ -89,36 +92,37 @@ def looks_local(pretrained: str) -> bool:
         or pretrained.count("/") != 1
 
 
-def check_pretrained(pretrained: str) -> None:
+def check_pretrained(pretrained: str, key: str = "model.pretrained") -> None:
     """A local diffusers folder must exist with a readable model_index.json that lists its components, each present.
-    Hub ids cannot be checked offline and pass; `builtin:` names are checked by name."""
+    Hub ids cannot be checked offline and pass; `builtin:` names are checked by name. `key` names the setting in
+    messages (`MODEL` for the command line's argument)."""
     if pretrained.startswith("builtin:"):
         from treegrpo.builtin import BUILTIN_MODELS
 
         if pretrained.removeprefix("builtin:") not in BUILTIN_MODELS:
             known = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
-            raise PreflightError(f"model.pretrained = {pretrained!r}: unknown built-in model; known: {known}.")
+            raise PreflightError(f"{key} = {pretrained!r}: unknown built-in model; known: {known}.")
         return
     path = Path(pretrained).expanduser()
     if not looks_local(pretrained):
         return
     index = path / "model_index.json"
     if not index.is_file():
-        raise PreflightError(f"model.pretrained = {pretrained!r} is neither a diffusers folder (no model_index.json "
+        raise PreflightError(f"{key} = {pretrained!r} is neither a diffusers folder (no model_index.json "
                              "there) nor a hub id like 'org/name'. Point it at a folder saved with save_pretrained, "
                              "a hub id, or 'builtin:digits'.")
     try:
         config = json.loads(index.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PreflightError(f"model.pretrained: {index} is not valid JSON ({err}).") from None
+        raise PreflightError(f"{key}: {index} is not valid JSON ({err}).") from None
     components = [name for name, value in (config.items() if isinstance(config, dict) else [])
                   if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0]]
     if not components:
-        raise PreflightError(f"model.pretrained: {index} lists no components (expected entries like "
+        raise PreflightError(f"{key}: {index} lists no components (expected entries like "
                              '"transformer": ["diffusers", "SD3Transformer2DModel"]).')
     missing = [name for name in components if not (path / name).is_dir()]
     if missing:
-        raise PreflightError(f"model.pretrained: {path} lacks the component folders {missing} that "
+        raise PreflightError(f"{key}: {path} lacks the component folders {missing} that "
                              "model_index.json lists.")
 
 

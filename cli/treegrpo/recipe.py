@@ -318,10 +318,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for override in overrides or []:
         apply_override(raw, override)
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("prompts"), str):
-        data["prompts"] = _relative_to(path.parent, data["prompts"])
-        if isinstance(data.get("eval_prompts"), str):
-            data["eval_prompts"] = _relative_to(path.parent, data["eval_prompts"])
+    if isinstance(data, dict):
+        for key in ("prompts", "eval_prompts"):
+            if isinstance(data.get(key), str):
+                data[key] = _relative_to(path.parent, data[key], f"data.{key}")
     return validate_recipe(raw, source=str(path))
 
 
@@ -332,10 +332,12 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(_describe(err, source)) from None
 
 
-def _relative_to(folder: Path, value: str) -> str:
-    candidate = Path(value)
-    if candidate.is_absolute() or candidate.exists() or not (folder / candidate).exists():
-        return value
+def _relative_to(folder: Path, value: str, key: str) -> str:
+    """A file path of the recipe: as given when absolute or found from the current folder, else from the recipe's
+    folder (also when it is in neither: `preflight` then names that path and this rule)."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
     return str(folder / candidate)
 
 

@@ -37,12 +37,14 @@ class RunLock:
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / LOCK_NAME
         self.handle = None
+        self.created_folder = False  # the lock made the folder: a run that wrote nothing removes it again
 
     def acquire(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, the other checks still apply
             return self
+        self.created_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_symlink():
             raise RunFolderError(f"{self.path} is a symlink; refusing to write through it.")
@@ -67,6 +69,11 @@ class RunLock:
         if self.handle is not None:
             self.handle.close()  # closing the descriptor releases the flock
             self.handle = None
+            folder = self.path.parent
+            if self.created_folder and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                # a run that failed before writing anything (a model that would not load) leaves no folder behind
+                self.path.unlink(missing_ok=True)
+                folder.rmdir()
 
 
 def existing_run(out_dir: Path) -> str | None:

@@ -33,7 +33,6 @@ from .grpo import (
     tree_generators,
 )
 from .metrics import MetricsLog, plot_curves
-from .threads import record_cpu_threads, recorded_cpu_threads
 from .models import save_lora
 from .recipe import Recipe, to_toml
 from .reporting import Reporter
@@ -48,8 +47,9 @@ from .run_setup import (  # setup lives in run_setup.py; these names stay import
     setup,
     text_encoders,  # noqa: F401
 )
-from .rundir import RunFolderError, fingerprint_changes, prepare_folder, recipe_fingerprint
+from .rundir import RunFolderError, RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
 from .signals import StopNow, StopSignals, exit_code, signal_name
+from .threads import record_cpu_threads, recorded_cpu_threads
 from .tracking import log_grid, log_metrics, start_trackers
 
 logger = logging.getLogger(__name__)
@@ -159,18 +159,21 @@ def _check_interrupt(run: Run, epoch: int, *, stepped: bool) -> None:
 
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None,
-          signals: StopSignals | None = None) -> Path:
+          signals: StopSignals | None = None, folder: RunLock | None = None) -> Path:
     """Run the recipe end to end. Returns `<output.dir>/final`.
 
     Stop signals (see `signals.py`): during setup the run stops at once (nothing written); during training the first
     signal stops at the next safe point with a checkpoint of the completed epochs, a second one at once; during the
-    final export the first signal is noted and the export completes. Raises `Interrupted` with what is on disk."""
+    final export the first signal is noted and the export completes. Raises `Interrupted` with what is on disk.
+    `folder`: the output folder's lock when the caller already judged and locked it (`prepare_folder`, as
+    `treegrpo run` does before the heavy imports); released at the end either way."""
     reporter = reporter or Reporter()
     owned = signals is None
     signals = signals or StopSignals(notify=reporter.warn).install()
-    lock = None
+    lock = folder
     try:
-        lock = prepare_folder(recipe, resume=resume, overwrite=overwrite)
+        if lock is None:
+            lock = prepare_folder(recipe, resume=resume, overwrite=overwrite)
         return _train(recipe, resume, reporter, signals)
     except StopNow as stop:
         raise Interrupted(stop.args[0], f"{signal_name(stop.args[0])}: stopped at once; "

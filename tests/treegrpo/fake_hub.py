@@ -71,6 +71,7 @@ class FakeHub:
         self.tokens = tokens or {"hf_fake_write_token": "user"}
         self.token = next(iter(self.tokens))
         self.repos: dict[str, Repo] = {}
+        self.gated: set[str] = set()  # repo ids whose licence the caller has not accepted (403 GatedRepo)
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -118,6 +119,9 @@ class FakeHub:
 
     def _readable(self, repo_id: str, headers) -> Repo:
         user = self._user(headers, required=False)
+        if repo_id in self.gated:
+            raise HubError(403, f"Access to model {repo_id} is restricted. You must have access to it and be "
+                                "authenticated to access it. Please log in.", "GatedRepo")
         repo = self._repo(repo_id)
         if repo.private and user != repo_id.split("/")[0]:
             raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")

@@ -53,8 +53,9 @@ BEFORE_LOADING = [
     (["sampling.height=65536"], r"sampling\.height"),
     (['output.dir=""'], r"output\.dir"),
     (["sampling.height=17"], r"sampling\.height=17: this StableDiffusion3Pipeline needs multiples of 4"),
-    (['data.prompts="missing.txt"'], r"data\.prompts = 'missing\.txt': no such file"),
-    (['data.eval_prompts="missing.txt"'], r"data\.eval_prompts = 'missing\.txt': no such file"),
+    (['data.prompts="missing.txt"'], r"data\.prompts = '/.+/missing\.txt': no such file \(a relative path in a "
+                                     r"recipe is read from the current folder, else from the recipe's folder\)"),
+    (['data.eval_prompts="missing.txt"'], r"data\.eval_prompts = '/.+/missing\.txt': no such file"),
     (['data.prompts="binary.txt"'], r"data\.prompts = 'binary\.txt' is not a UTF-8 text file"),
     (['data.prompts="long.txt"'], r"prompt 1 has 5000 characters"),
     (['model.pretrained="no_such_folder/x/y"'], r"model\.pretrained = 'no_such_folder/x/y' is neither"),
