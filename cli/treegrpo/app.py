@@ -19,6 +19,7 @@ from treegrpo.envinfo import collect_env, package_version
 
 app = typer.Typer(
     name="treegrpo",
+    rich_markup_mode=None,  # plain help: flags without a value placeholder, values with the metavars below
     help="TreeGRPO: RL fine-tuning of diffusers text-to-image models with tree-shaped rollouts.",
     no_args_is_help=True,
     add_completion=False,
@@ -61,17 +62,22 @@ def info() -> None:
     console.print(table)
 
 
-RecipeArg = Annotated[Path, typer.Argument(help="A TOML recipe (see recipes/ and docs/recipes.md).")]
+RecipeArg = Annotated[Path, typer.Argument(help="A TOML recipe (see recipes/ and docs/recipes.md).", metavar="RECIPE")]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe key, e.g. --set tree.branch_factor=2 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override a recipe key, e.g. --set tree.branch_factor=2 (repeatable)."),
 ]
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
+def _print_error(message: str) -> None:
     console_err = Console(stderr=True, soft_wrap=True)  # one line, whatever the terminal width
     console_err.print("[bold red]error[/]: ", end="")
     console_err.print(message, markup=False, highlight=False)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    _print_error(message)
     raise typer.Exit(code)
 
 
@@ -138,7 +144,7 @@ def check(
     recipe: RecipeArg,
     overrides: SetOption = None,
     num_processes: Annotated[int, typer.Option(min=1, help="Processes the run will use (for the per-process "
-                                               "share).")] = 1,
+                                               "share).", metavar="N")] = 1,
 ) -> None:
     """Validate a recipe and the files it names, and print the plan: leaves, rows and trained edges per epoch,
     prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
@@ -247,23 +253,39 @@ def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
     return found
 
 
-ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, or builtin:digits.")]
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, or builtin:digits.", metavar="MODEL")]
 LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: run folder's final/, a file, "
-                                                "or a hub repo id.")]
-PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).")]
-PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", help="A prompt file, one prompt per line.")]
-StepsOption = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).")]
-GuidanceOption = Annotated[float | None, typer.Option("--guidance", help="Guidance scale (default: the model's).")]
-SizeOption = Annotated[int | None, typer.Option(help="Image size in pixels (default: the model's).")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed; the same seed gives paired samples.")]
+                                                "or a hub repo id.", metavar="LORA")]
+PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).", metavar="TEXT")]
+PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", metavar="FILE",
+                                                       help="A prompt file, one prompt per line.")]
+StepsOption = Annotated[int | None, typer.Option("--steps", metavar="N",
+                                                 help="Denoising steps (default: the model's).")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance", metavar="SCALE",
+                                                     help="Guidance scale (default: the model's).")]
+SizeOption = Annotated[int | None, typer.Option(help="Image size in pixels (default: the model's).", metavar="PIXELS")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed; the same seed gives paired samples.", metavar="N")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights and compute dtype: fp32, bf16 or fp16 (bf16 halves "
-                                          "the memory of FLUX / SD3.5).")]
+                                          "the memory of FLUX / SD3.5).", metavar="fp32|bf16|fp16")]
 
 
 def _check_dtype(dtype: str) -> str:
     if dtype not in ("fp32", "bf16", "fp16"):
         _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
     return dtype
+
+
+def _branch_factors(text: str) -> int | list[int]:
+    """`--branch-factor 3` or a shape per window step, `9,3` / `[9, 3]` (as `tree.branch_factor` in a recipe)."""
+    parts = [part.strip() for part in text.strip().strip("[]").split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        _fail(f"--branch-factor {text!r}: give a whole number (children per node, e.g. 3) or one per window step, "
+              "e.g. 9,3.")
+    counts = [int(part) for part in parts]
+    if counts[0] < 2 or any(count < 1 for count in counts):
+        _fail(f"--branch-factor {text!r}: the first window step needs at least 2 children and every step at least "
+              "1 (e.g. 3, or 9,3).")
+    return counts[0] if len(counts) == 1 else counts
 
 
 def _check_model_argument(model: str) -> None:
@@ -293,8 +315,10 @@ def sample(
     lora: LoraOption = None,
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the images and grid.png.")] = Path("runs/samples"),
-    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt (plain sampling).")] = 4,
+    out: Annotated[Path, typer.Option("--out", metavar="FOLDER",
+                                      help="Folder for the images and grid.png.")] = Path("runs/samples"),
+    num_images: Annotated[int, typer.Option("--num-images", min=1, metavar="N",
+                                            help="Images per prompt (plain sampling).")] = 4,
     steps: StepsOption = None,
     guidance: GuidanceOption = None,
     height: SizeOption = None,
@@ -304,21 +328,27 @@ def sample(
     best_of_tree: Annotated[bool, typer.Option("--best-of-tree", help="Sample a TreeGRPO tree per prompt and "
                                                 "keep the leaf the --reward scores highest.")] = False,
     reward: Annotated[str | None, typer.Option("--reward", help="Scorer for --best-of-tree: kind or "
-                                                "kind:key=value,... (e.g. pickscore:scale=raw).")] = None,
-    branch_factor: Annotated[int, typer.Option(min=2, help="k of the tree.")] = 3,
-    window_width: Annotated[int, typer.Option(min=1, help="w of the tree.")] = 3,
-    window_start: Annotated[int | None, typer.Option(help="s of the tree (default: drawn from Eq. 7).")] = None,
+                                                "kind:key=value,... (e.g. pickscore:scale=raw).",
+                                                metavar="KIND[:KEY=VALUE,...]")] = None,
+    branch_factor: Annotated[str, typer.Option(help="k of the tree, or the children per "
+                                               "window step, e.g. 9,3 (the digits recipe's shape).",
+                                               metavar="K|K1,K2,...")] = "3",
+    window_width: Annotated[int | None, typer.Option(min=1, help="w of the tree (default: 3, or the "
+                                                      "length of a --branch-factor list).", metavar="W")] = None,
+    window_start: Annotated[int | None, typer.Option(metavar="S",
+                                                      help="s of the tree (default: drawn from Eq. 7).")] = None,
     beam: Annotated[int | None, typer.Option(min=1, help="Pruned tree search: keep this many nodes per "
-                                              "prompt at each window depth.")] = None,
+                                              "prompt at each window depth.", metavar="N")] = None,
     tail_steps: Annotated[int | None, typer.Option(min=1, help="Best-of-tree: integrate each leaf's ODE tail "
                                                     "after the window with this many DPM-Solver++ steps (fewer "
-                                                    "denoiser rows; default: one per timestep).")] = None,
+                                                    "denoiser rows; default: one per timestep).", metavar="N")] = None,
 ) -> None:
     """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
     # everything that needs no model is judged first, before the slow imports
     if (best_of_tree or beam) and reward is None:
         _fail(f"{'--beam' if beam else '--best-of-tree'} needs --reward KIND to score the leaves (e.g. --reward "
               "pickscore, or --reward digits for builtin:digits).")
+    factors = _branch_factors(branch_factor)
     prompts = _prompts(prompt, prompts_file)
     _check_dtype(dtype)
     _check_model_argument(model)
@@ -344,7 +374,7 @@ def sample(
         kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
         if best_of_tree or beam:
             (scorer,) = build_rewards([reward], loaded.pipe.device, torch.float32)
-            result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=branch_factor,
+            result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=factors,
                                          window_width=window_width, window_start=window_start, beam=beam, seed=seed,
                                          tail_steps=tail_steps)
             grid = save_images(result.images, prompts, out, columns=min(8, len(prompts)))
@@ -362,16 +392,18 @@ def sample(
 @app.command("eval")
 def evaluate_command(
     model: ModelArg,
-    reward: Annotated[list[str], typer.Option("--reward", help="Reward kind or kind:key=value,... (repeatable).")],
+    reward: Annotated[list[str], typer.Option("--reward", metavar="KIND[:KEY=VALUE,...]",
+                                              help="Reward kind or kind:key=value,... (repeatable).")],
     lora: LoraOption = None,
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
-    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.")] = 4,
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.", metavar="N")] = 4,
     steps: StepsOption = None,
     guidance: GuidanceOption = None,
     seed: SeedOption = 0,
     dtype: DtypeOption = "fp32",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE",
+                                                  help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise."""
     prompts = _prompts(prompt, prompts_file)  # what needs no model first, before the slow imports
@@ -407,11 +439,13 @@ def evaluate_command(
 
 @app.command("reward-server")
 def reward_server(
-    kind: Annotated[str, typer.Argument(help="Built-in reward kind to serve (pickscore, hpsv2, python, ...).")],
+    kind: Annotated[str, typer.Argument(metavar="KIND",
+                                        help="Built-in reward kind to serve (pickscore, hpsv2, python, ...).")],
     option: Annotated[list[str] | None, typer.Option("--option", help="A reward option key=value (repeatable), "
-                                                     "e.g. --option scale=flow_grpo.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+                                                     "e.g. --option scale=flow_grpo.", metavar="KEY=VALUE")] = None,
+    host: Annotated[str, typer.Option(metavar="ADDRESS",
+                                      help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.", metavar="PORT")] = 8000,
     dtype: DtypeOption = "fp32",
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
@@ -441,14 +475,16 @@ def reward_server(
 
 @app.command()
 def push(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (the output.dir of `treegrpo run`).")],
-    repo: Annotated[str, typer.Option("--repo", help="Hub repo id `user/name`; created if it does not exist.")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR",
+                                            help="A run folder (the output.dir of `treegrpo run`).")],
+    repo: Annotated[str, typer.Option("--repo", metavar="USER/NAME",
+                                      help="Hub repo id `user/name`; created if it does not exist.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps "
                                           "its visibility).")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created from main if "
-                                                 "needed).")] = None,
+                                                 "needed).", metavar="BRANCH")] = None,
     base_model: Annotated[str | None, typer.Option("--base-model", help="Hub id of the base model, for the card "
-                                                   "when the run used a local folder.")] = None,
+                                                   "when the run used a local folder.", metavar="HUB_ID")] = None,
 ) -> None:
     """Upload a run's LoRA to the Hub with a model card, sample grids, reward curve, recipe and metrics."""
     from treegrpo.hub import PushError, push_run
@@ -461,5 +497,24 @@ def push(
 
 
 def main() -> None:
-    """Entry point of the `treegrpo` console script and of `python -m treegrpo`."""
-    app(prog_name="treegrpo")
+    """Entry point of the `treegrpo` console script and of `python -m treegrpo`. Usage errors (a missing argument,
+    an unknown option) come out as one `error:` line like every other error, with the command's help hint."""
+    from typer._click.exceptions import NoArgsIsHelpError  # Typer vendors click; its errors derive from these
+    from typer.exceptions import TyperException
+
+    from treegrpo.signals import guard_output_streams
+
+    guard_output_streams()  # `treegrpo --help | head` and the like: a reader that leaves early is not an error
+    try:
+        code = app(prog_name="treegrpo", standalone_mode=False)
+    except NoArgsIsHelpError as err:  # `treegrpo` alone: the help, as no_args_is_help promises
+        print(err.format_message())
+        raise SystemExit(0) from None
+    except TyperException as err:
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _print_error(f"{err.format_message()}{hint}")
+        raise SystemExit(err.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

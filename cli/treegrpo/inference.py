@@ -117,8 +117,9 @@ def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int,
     return images
 
 
-def best_of_tree_images(pipe, prompts: list[str], scorer, kwargs: dict, *, branch_factor: int, window_width: int,
-                        window_start: int | None, beam: int | None, seed: int, tail_steps: int | None = None):
+def best_of_tree_images(pipe, prompts: list[str], scorer, kwargs: dict, *, branch_factor: int | list[int],
+                        window_width: int | None, window_start: int | None, beam: int | None, seed: int,
+                        tail_steps: int | None = None):
     """Best leaf per prompt of a TreeGRPO tree (or of the pruned search when `beam` is set); `tail_steps` integrates
     the ODE tail after the window with the scheduler's tail solver."""
     scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=branch_factor,

@@ -11,7 +11,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +38,25 @@ MAX_LEAVES_PER_TREE = 4096  # k^w: beyond this a single tree's frontier does not
 class _Table(BaseModel):
     # NaN or inf in any number (a weight, a learning rate) is never meaningful: reject it at load time
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_strings(cls, value, info: ValidationInfo):
+        """`learning_rate = "3e-4"` is a string in TOML, which pydantic would quietly parse; a quoted number is
+        usually a mistake, so say so instead of guessing."""
+        annotation = str(cls.model_fields[info.field_name].annotation)
+        numeric = ("int" in annotation or "float" in annotation) and "str" not in annotation
+        if isinstance(value, str) and numeric and _is_number(value):
+            raise ValueError(f"a string; write the number without quotes ({info.field_name} = {value})")
+        return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class LoraRecipe(_Table):
@@ -371,9 +398,27 @@ def _index(key: str, items: list, dotted: str) -> int:
     return int(key)
 
 
+# pydantic's names for the alternatives of a union field, as a user would say them
+_ALTERNATIVES = {"int": "a whole number", "constrained-int": "a whole number", "float": "a number",
+                 "constrained-float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _alternative(tag: str) -> str:
+    if tag.startswith("list["):
+        inner = _ALTERNATIVES.get(tag[5:-1], tag[5:-1])
+        return f"a list of {inner.removeprefix('a ').removeprefix('an ')}s, e.g. [9, 3]"
+    return _ALTERNATIVES.get(tag, tag)
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+    errors = err.errors()
+    first = errors[0]
+    keys = [part for part in first["loc"] if isinstance(part, int) or not _is_union_tag(part)]
+    where = ".".join(str(part) for part in keys)
+    tags = [part for e in errors for part in e["loc"] if isinstance(part, str) and _is_union_tag(part)]
+    if tags:  # a union field (`tree.branch_factor`: a number or a list): say every alternative, not pydantic's tags
+        alternatives = " or ".join(dict.fromkeys(_alternative(tag) for tag in tags))
+        return f"{source}: {where} = {first.get('input')!r}: expected {alternatives}."
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {where!r}. Check the spelling; `docs/recipes.md` lists every key."
     if first["type"] == "missing":
@@ -383,6 +428,11 @@ def _describe(err: ValidationError, source: str) -> str:
     if where:
         return f"{source}: {where} = {value!r}: {message}"
     return f"{source}: {message}"
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic's location part naming a union alternative (`constrained-int`, `list[int]`), not a recipe key."""
+    return "-" in part or "[" in part or part in _ALTERNATIVES
 
 
 def to_toml(recipe: Recipe) -> str:

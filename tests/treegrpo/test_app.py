@@ -35,3 +35,34 @@ def test_missing_package_reads_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     assert torch_device() == f"torch {NOT_INSTALLED}"
     assert {row.name for row in collect_env()} >= {"torch device", "cpu threads"}
+
+
+def test_help_reads_like_a_person_wrote_it():
+    """Typer's default help showed `--resume <bool>`, `--set <list[str]>`, `<int range>`: flags take no
+    placeholder, values a name that says what goes there."""
+    for command in ("run", "check", "sample", "eval", "push", "reward-server"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        for placeholder in ("<bool>", "<list[str]>", "<int range>", "<str>  ", "<float>", "<path>  "):
+            lines = [line for line in result.output.splitlines() if line.strip().startswith("--")]
+            assert not [line for line in lines if placeholder in line], (command, placeholder, result.output)
+    run_help = runner.invoke(app, ["run", "--help"]).output
+    assert "--set KEY=VALUE" in run_help and "--resume  " in run_help
+
+
+def test_usage_errors_are_one_error_line_like_every_other():
+    """Through the console entry point (`main`), not CliRunner: Typer's boxed "Error" panel became one `error:`
+    line with the command's help hint; a bare `treegrpo` prints the help."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for args, expected in ((["sample"], "error: Missing argument 'MODEL'. (see 'treegrpo sample --help')"),
+                           (["run", "x.toml", "--nope"], "error: No such option: --nope")):
+        done = subprocess.run([sys.executable, "-m", "treegrpo", *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[0].startswith(expected), done.stderr
+        assert "Traceback" not in done.stderr and "╭" not in done.stderr
+    bare = subprocess.run([sys.executable, "-m", "treegrpo"], capture_output=True, text=True, env=env, timeout=120)
+    assert bare.returncode == 0 and bare.stdout.startswith("Usage: treegrpo")

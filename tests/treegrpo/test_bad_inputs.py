@@ -52,6 +52,10 @@ BEFORE_LOADING = [
     (["tree.branch_factor=20", "tree.window_width=3"], r"8000 leaves per tree"),
     (["sampling.height=65536"], r"sampling\.height"),
     (['output.dir=""'], r"output\.dir"),
+    (['tree.branch_factor="nine"'], r"tree\.branch_factor = 'nine': expected a whole number or a list of whole "
+                                    r"numbers, e\.g\. \[9, 3\]"),
+    (['train.learning_rate="3e-4"'], r"train\.learning_rate = '3e-4': a string; write the number without quotes "
+                                     r"\(learning_rate = 3e-4\)"),
     (["sampling.height=17"], r"sampling\.height=17: this StableDiffusion3Pipeline needs multiples of 4"),
     (['data.prompts="missing.txt"'], r"data\.prompts = '/.+/missing\.txt': no such file \(a relative path in a "
                                      r"recipe is read from the current folder, else from the recipe's folder\)"),

@@ -116,3 +116,23 @@ def test_sample_refuses_a_video_model_in_one_line(workdir):
     result = runner.invoke(app, ["sample", str(workdir / "tiny_wan"), "--prompt", "a red cat", *TINY])
     assert result.exit_code == 2 and "is a video model (WanPipeline)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_best_of_tree_takes_a_children_per_step_shape(workdir, tiny_sd3_dir):
+    """`--branch-factor 9,3` is the digits recipe's shape: 27 leaves over a 2-step window; rows as the plan says."""
+    result = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "a red cat", "--out", str(workdir / "b"),
+                                 "--reward", "python:function=test_rewards:brightness", "--best-of-tree",
+                                 "--window-start", "1", "--branch-factor", "3,2", "--steps", "5", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    rows = int(result.output.split("best-of-tree: ")[1].split()[0])
+    per_cfg_half = 1 + 1 + 3 + 6 * 2  # step 0; window steps 1 (1 node) and 2 (3 nodes); 6 leaves × 2 tail steps
+    assert rows in (per_cfg_half, 2 * per_cfg_half)
+    bad = runner.invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "x", "--branch-factor", "nine"])
+    assert bad.exit_code == 2 and "--branch-factor 'nine': give a whole number" in bad.output
+
+
+def test_sample_names_the_model_argument_not_a_recipe_key():
+    result = runner.invoke(app, ["sample", "builtin:nope", "--prompt", "x"])
+    assert result.exit_code == 2
+    assert "MODEL = 'builtin:nope': unknown built-in model" in result.output
+    assert "model.pretrained" not in result.output

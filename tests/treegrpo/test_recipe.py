@@ -8,7 +8,7 @@ from treegrpo.recipe import RecipeError, apply_override, load_recipe, to_toml, v
 from treegrpo.recipe_docs import render
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = {"model": {"pretrained": "org/model"}, "reward": [{"kind": "jpeg"}], "data": {"prompts": "p.txt"},
+BASE = {"model": {"pretrained": "org/model"}, "reward": [{"kind": "jpeg"}], "data": {"prompts": "/prompts/p.txt"},
         "output": {"dir": "runs/x"}}
 
 
@@ -46,7 +46,7 @@ def test_per_step_children_counts(tmp_path):
     the resolved copy keeps the list."""
     from treegrpo.planning import make_plan
 
-    recipe = validate_recipe({**BASE, "tree": {"branch_factor": [9, 3, 1]}, "data": {"prompts": "p.txt",
+    recipe = validate_recipe({**BASE, "tree": {"branch_factor": [9, 3, 1]}, "data": {"prompts": "/prompts/p.txt",
                                                                                   "prompts_per_epoch": 2}})
     assert recipe.tree.window_width == 3 and recipe.tree.window_factors == (9, 3, 1)
     assert recipe.tree.leaves_per_tree == 27
