@@ -415,8 +415,9 @@ def evaluate_command(
     _quiet_libraries()
     _cpu_threads()
     try:
-        data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
-                        settings=Settings(steps=steps, guidance_scale=guidance, seed=seed))
+        with _EvalBar() as bar:
+            data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
+                            settings=Settings(steps=steps, guidance_scale=guidance, seed=seed), progress=bar)
     except (InferenceError, ModelLoadError, ValueError) as err:
         _fail(str(err))
     table = Table(title=f"{model}: {len(prompts)} prompts × {num_images} images")
@@ -435,6 +436,29 @@ def evaluate_command(
     console.print(table)
     if json_out is not None:
         write_json(data, json_out)
+
+
+class _EvalBar:
+    """`eval`'s progress on stderr: the phase (loading, sampling base / lora, scoring) and prompts done, so a run of
+    a minute or more is never silent."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self._progress.__enter__()
+        self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+    def phase(self, name: str, total: int | None) -> None:
+        self._progress.update(self._task, description=name, total=total, completed=0)
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
 
 
 @app.command("reward-server")

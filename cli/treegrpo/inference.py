@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +105,10 @@ def call_kwargs(pipe, defaults: dict, settings: Settings) -> dict:
     return {k: v for k, v in merged.items() if v is not None and k in accepted}
 
 
-def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int, batch_size: int = 16):
+def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int, batch_size: int = 16,
+             on_prompt: Callable[[], None] | None = None):
     """ODE samples of the stock pipeline; image j of prompt p uses the noise seeded by (seed, p, j), so the same
-    seed gives paired samples for base and base + LoRA."""
+    seed gives paired samples for base and base + LoRA. `on_prompt` is called after each prompt (progress)."""
     images = []
     for p, prompt in enumerate(prompts):
         for start in range(0, num_images, batch_size):
@@ -114,6 +116,8 @@ def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int,
             generators = [torch.Generator().manual_seed(derive_seed(seed, p, start + j)) for j in range(count)]
             with torch.no_grad():
                 images += pipe(prompt=prompt, num_images_per_prompt=count, generator=generators, **kwargs).images
+        if on_prompt is not None:
+            on_prompt()
     return images
 
 
@@ -148,9 +152,11 @@ def save_images(images, prompts_per_image: list[str], out_dir: Path, columns: in
 
 
 def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: str | None, num_images: int,
-             settings: Settings, dtype: str = "fp32") -> dict:
+             settings: Settings, dtype: str = "fp32", progress: EvalProgress | None = None) -> dict:
     """Mean ± std of every reward over `num_images` samples per prompt, for the base model and (if given) the base
-    with the LoRA, on paired noise. Rewards that can judge right/wrong (digits) also report accuracy."""
+    with the LoRA, on paired noise. Rewards that can judge right/wrong (digits) also report accuracy. `progress`
+    hears of each phase and prompt (the CLI draws a bar from it)."""
+    progress = progress or EvalProgress()
     if lora:
         from treegrpo.hub import lora_source
 
@@ -158,6 +164,7 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rewards = build_rewards(reward_specs, device, torch.float32)
     results = {}
+    progress.phase(f"loading {model}", None)
     loaded = load_for_inference(model, None, dtype=dtype, device=device)  # loaded once; the LoRA is added after
     kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
     for label in ["base"] + (["lora"] if lora else []):
@@ -165,7 +172,9 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
             from treegrpo.hub import load_lora_into
 
             load_lora_into(loaded.pipe, lora)
-        images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed)
+        progress.phase(f"sampling {label}", len(prompts))
+        images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed, on_prompt=progress.advance)
+        progress.phase(f"scoring {label}", None)
         image_prompts = [p for p in prompts for _ in range(num_images)]
         scores = {}
         for reward in rewards:
@@ -181,6 +190,16 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
         results[label] = scores
     return {"model": model, "lora": lora, "dtype": dtype, "prompts": len(prompts), "images_per_prompt": num_images,
             "seed": settings.seed, "results": results}
+
+
+class EvalProgress:
+    """What `evaluate` reports while it works; the default reports nowhere."""
+
+    def phase(self, name: str, total: int | None) -> None:
+        """A new phase (`total` prompts to go, or None when it has no count)."""
+
+    def advance(self) -> None:
+        """One more prompt of the phase done."""
 
 
 def within_prompt_diversity(images, num_images: int) -> torch.Tensor:
