@@ -129,14 +129,27 @@ def _reward_server_rows(loaded) -> list[tuple[str, str]]:
     return rows
 
 
-def _cfg_note(loaded) -> str:
-    """Rows are per CFG half: say whether this recipe doubles them."""
+def _cfg_rows(loaded) -> tuple[int | None, str]:
+    """(rows per node, why): 2 with CFG, 1 without, None when the model is not on this machine yet. Read from the
+    model's family (its adapter's `uses_cfg`) and guidance, for a local, built-in or cached model."""
+    from diffusers_tree.adapters import adapter_class
+    from treegrpo.preflight import pipeline_config
+
+    config = pipeline_config(loaded.model.pretrained) or {}
+    pipeline = str(config.get("_class_name", ""))
+    adapter = adapter_class(pipeline) if pipeline else None
     guidance = loaded.sampling.guidance_scale
-    if guidance is None:
-        return "(x2 if the model's default guidance uses CFG; guidance-distilled FLUX.1 / FLUX.2 dev never do)"
-    if guidance > 1:
-        return "(x2: CFG, except guidance-distilled FLUX.1 / FLUX.2 dev)"
-    return "(no CFG at guidance <= 1, except Z-Image at any guidance > 0)"
+    if guidance is None and loaded.model.pretrained == "builtin:digits":  # the model's stored call defaults
+        from treegrpo.builtin import digits_metadata
+
+        guidance = digits_metadata().get("pipeline_kwargs", {}).get("guidance_scale")
+    if adapter is None:
+        return None, (f"per CFG half: x2 if the model guides with CFG at guidance "
+                      f"{guidance if guidance is not None else 'its default'} (it is not on this machine yet)")
+    guidance = adapter.default_guidance_scale if guidance is None else guidance
+    if adapter.uses_cfg(guidance, config):
+        return 2, f"CFG halves included: {pipeline} guides with CFG at guidance {guidance}"
+    return 1, f"1 row per node: no CFG for {pipeline} at guidance {guidance}"
 
 
 @app.command()
@@ -156,6 +169,7 @@ def check(
         _fail(f"data.prompts_per_epoch={loaded.data.prompts_per_epoch} is not divisible by {num_processes} "
               "processes.")
     plan = make_plan(loaded, num_processes)
+    cfg, cfg_why = _cfg_rows(loaded)
     table = Table(title=f"{recipe}: valid", show_header=False)
     rows = [
         ("algorithm", plan.algorithm),
@@ -165,10 +179,11 @@ def check(
         ("ODE tail after the window", "exact (one step per timestep)" if loaded.sampling.tail_steps is None else
          f"at most {loaded.sampling.tail_steps} DPM-Solver++ steps (order {loaded.sampling.tail_solver_order})"),
         ("prompts per epoch / per process", f"{loaded.data.prompts_per_epoch} / {plan.prompts_per_process}"),
-        ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows:.0f}  {_cfg_note(loaded)}"),
-        ("rollout rows by window start", ", ".join(f"{s}: {r}" for s, r in plan.rows_by_window_start.items())),
+        ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows * (cfg or 1):.0f}  ({cfg_why})"),
+        ("rollout rows by window start", ", ".join(f"{s}: {r * (cfg or 1)}"
+                                                   for s, r in plan.rows_by_window_start.items())),
         ("independent-trajectory rows",
-         f"{plan.independent_rows}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
+         f"{plan.independent_rows * (cfg or 1)}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
         ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
         ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
         *_reward_server_rows(loaded),

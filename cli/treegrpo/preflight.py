@@ -86,6 +86,23 @@ def _local_folder(pretrained: str) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+def pipeline_config(pretrained: str) -> dict | None:
+    """The pipeline's model_index.json (class name and config) without loading it: from a local or built-in folder,
+    or from the local Hub cache for a Hub id; None when it is not at hand (a Hub id not downloaded yet)."""
+    folder = _local_folder(pretrained)
+    index = folder / "model_index.json" if folder is not None else None
+    if index is None and not looks_local(pretrained):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(pretrained, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else None
+    try:
+        config = json.loads(index.read_text()) if index is not None else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def looks_local(pretrained: str) -> bool:
     """Whether `model.pretrained` names a local folder rather than a Hub id `org/name`."""
     return Path(pretrained).expanduser().exists() or pretrained.startswith((".", "/", "~")) \

@@ -225,3 +225,19 @@ def test_per_step_children_counts_roll_out(family):
     stock = stock_leaves(pipe, 8, num_inference_steps=T, guidance_scale=1.0,
                          latents=roots.repeat_interleave(8, dim=0), output_type="latent", **SIZE, **kwargs)
     assert (tree_latent_output(tree, out, **kwargs) - stock).abs().max() < 1e-3 * stock.abs().max()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_uses_cfg_is_what_encode_does(family):
+    """`treegrpo check` counts rows with the adapter's `uses_cfg` before any model loads; it must be the rule
+    `encode` applies (FLUX never, Z-Image at any g > 0, klein unless distilled, the rest at g > 1)."""
+    from diffusers_tree.adapters import adapter_class
+
+    tree, kwargs = rollout_pipe(family)
+    frames = {"num_frames": kwargs["num_frames"]} if "num_frames" in kwargs else {}
+    cls = adapter_class(type(tree.pipe).__name__)
+    assert cls is type(tree.adapter)
+    for guidance in (0.0, 1.0, 4.0):
+        cond = tree.encode(PROMPTS[:1], guidance_scale=guidance, max_sequence_length=kwargs.get("max_sequence_length"),
+                           **SIZE, **frames)
+        assert cls.uses_cfg(guidance, dict(tree.pipe.config)) == cond.do_cfg, (family, guidance)

@@ -66,3 +66,22 @@ def test_usage_errors_are_one_error_line_like_every_other():
         assert "Traceback" not in done.stderr and "╭" not in done.stderr
     bare = subprocess.run([sys.executable, "-m", "treegrpo"], capture_output=True, text=True, env=env, timeout=120)
     assert bare.returncode == 0 and bare.stdout.startswith("Usage: treegrpo")
+
+
+def test_check_counts_rows_with_the_models_own_cfg_rule(tmp_path):
+    """`check` printed a generic CFG caveat naming Z-Image for every recipe and did not say whether its row count
+    included the CFG doubling; a local model's family decides now."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "digits.toml"
+    out = ["--set", f'output.dir="{tmp_path / "run"}"']
+    plain = runner.invoke(app, ["check", str(recipe), *out], env={"COLUMNS": "250"})
+    assert plain.exit_code == 0, plain.output
+    line = next(x for x in plain.output.splitlines() if "rollout rows per epoch" in x)
+    assert "1 row per node: no CFG for StableDiffusion3Pipeline at guidance 1.0" in line
+    rows = int(line.split("│")[2].split()[0])
+    guided = runner.invoke(app, ["check", str(recipe), *out, "--set", "sampling.guidance_scale=3.0"],
+                           env={"COLUMNS": "250"})
+    line = next(x for x in guided.output.splitlines() if "rollout rows per epoch" in x)
+    assert "CFG halves included: StableDiffusion3Pipeline guides with CFG at guidance 3.0" in line
+    assert abs(int(line.split("│")[2].split()[0]) - 2 * rows) <= 1  # twice the (rounded) average

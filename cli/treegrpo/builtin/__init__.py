@@ -1,5 +1,7 @@
 """Models shipped inside the package, named in recipes as `builtin:<name>`.
 
+Importing this module imports no torch (recipes naming `builtin:` are judged before the heavy imports).
+
 `builtin:digits` is a tiny real `StableDiffusion3Pipeline` (16x16 handwritten digits, prompts like
 "a handwritten digit seven") plus the digit classifier its reward uses, both trained by
 `scripts/train_digits.py`. `digits/digits.json` holds how to call it; always pass its `pipeline_kwargs`
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BUILTIN_DIGITS_DIR", "BUILTIN_PREFIX", "BUILTIN_MODELS", "load_digits_pipeline", "resolve_pretrained"]
 
@@ -53,13 +56,16 @@ def digits_metadata() -> dict[str, Any]:
     return json.loads((BUILTIN_DIGITS_DIR / "digits.json").read_text())
 
 
-def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load `builtin:digits` as a `StableDiffusion3Pipeline` on `device`/`dtype` (eval mode, progress bar off).
+def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load `builtin:digits` as a `StableDiffusion3Pipeline` on `device`/`dtype` (default float32; eval mode,
+    progress bar off).
 
     Returns `(pipe, metadata)`; call the pipeline with `pipe(prompts, **metadata["pipeline_kwargs"])`.
     """
+    import torch
     from diffusers import StableDiffusion3Pipeline
 
+    dtype = torch.float32 if dtype is None else dtype
     pipe = StableDiffusion3Pipeline.from_pretrained(resolve_pretrained("builtin:digits"))  # fp32 on disk
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)

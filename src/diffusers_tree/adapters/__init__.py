@@ -121,6 +121,13 @@ class DenoiserAdapter:
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_name)
 
+    @classmethod
+    def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
+        """Whether this family guides with CFG (two rows per node) at `guidance_scale`; `pipeline_config` is the
+        pipeline's config (model_index.json). diffusers' rule for most families: g > 1. `encode` decides with it,
+        and `treegrpo check` reads it without loading the model."""
+        return guidance_scale > 1
+
 
 def register_adapter(*pipeline_class_names: str):
     """Class decorator: use this adapter for pipelines of these class names (and their subclasses)."""
@@ -142,6 +149,17 @@ def adapter_for(pipe) -> PipelineAdapter:
         f"No tree-rollout adapter for {type(pipe).__name__}; supported: {sorted(_ADAPTERS)}. "
         "Add one file in diffusers_tree/adapters/ to support a new family."
     )
+
+
+def adapter_class(pipeline_class_name: str) -> type | None:
+    """The adapter class registered for a pipeline class name (or its nearest registered diffusers base class),
+    without a loaded pipeline; None when there is none."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, pipeline_class_name, None)
+    names = [cls.__name__ for cls in pipeline_class.__mro__] if isinstance(pipeline_class, type) else \
+        [pipeline_class_name]
+    return next((_ADAPTERS[name] for name in names if name in _ADAPTERS), None)
 
 
 def makes_videos(adapter: PipelineAdapter) -> bool:
@@ -193,4 +211,4 @@ def postprocess_decoded(pipe, image: torch.Tensor) -> torch.Tensor:
 from . import flux, flux2, qwenimage, sana, sd, sd3, sdxl, wan, zimage  # noqa: E402,F401  (registers the families)
 
 __all__ = ["Conditioning", "DenoiserAdapter", "PipelineAdapter", "adapter_for", "guided_model_output",
-           "makes_videos", "register_adapter", "stock_call_kwargs"]
+           "adapter_class", "makes_videos", "register_adapter", "stock_call_kwargs"]

@@ -14,6 +14,10 @@ class FluxAdapter(DenoiserAdapter):
     default_guidance_scale = 3.5
     prediction_type = "flow"
 
+    @classmethod
+    def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
+        return False  # guidance-distilled: guidance_scale is a transformer input (no true-CFG support here)
+
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         pipe = self.pipe
         cond, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe._execution_device,

@@ -33,6 +33,10 @@ class Flux2Adapter(DenoiserAdapter):
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out", "to_qkv_mlp_proj"]
 
+    @classmethod
+    def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
+        return False  # [dev]: guidance-distilled, guidance_scale goes into the guidance embedding
+
     @property
     def pixels_per_patch(self) -> int:
         return self.pipe.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 latent patches
@@ -109,10 +113,14 @@ class Flux2KleinAdapter(Flux2Adapter):
 
     guidance_embedding = False
 
+    @classmethod
+    def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
+        return guidance_scale > 1 and not pipeline_config.get("is_distilled", False)  # distilled klein: never
+
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         embeds, text_ids = self._encode(prompts, max_sequence_length)
         uncond = None
-        if guidance_scale > 1 and not self.pipe.config.is_distilled:
+        if self.uses_cfg(guidance_scale, self.pipe.config):
             # the pipeline's negative prompt is always ""; a given one is honoured (same padded length)
             negative = negative_prompt or ""
             negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
@@ -127,7 +135,7 @@ class Flux2KleinAdapter(Flux2Adapter):
         kwargs = dict(kwargs)
         negative = kwargs.pop("negative_prompt", None)
         scale = kwargs.get("guidance_scale")
-        if not negative or self.pipe.config.is_distilled or (scale is not None and scale <= 1):
+        if not negative or not self.uses_cfg(2.0 if scale is None else scale, self.pipe.config):
             return kwargs
         prompts = kwargs.get("prompt")
         if prompts is None:

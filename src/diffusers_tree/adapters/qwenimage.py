@@ -53,7 +53,7 @@ class QwenImageAdapter(DenoiserAdapter):
                 "encoder_hidden_states_mask": torch.nn.functional.pad(mask, (0, pad))}
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        do_cfg, length = guidance_scale > 1, max_sequence_length or 512  # the pipeline's default length
+        do_cfg, length = self.uses_cfg(guidance_scale, self.pipe.config), max_sequence_length or 512  # the pipeline's default length
         negative_prompt = EMPTY_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         if isinstance(negative_prompt, str):  # one negative prompt per prompt
             negative_prompt = [negative_prompt] * len(prompts)

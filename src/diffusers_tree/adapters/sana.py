@@ -54,7 +54,7 @@ class SanaAdapter(DenoiserAdapter):
         return {**kwargs, "use_resolution_binning": False}
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        pipe, do_cfg = self.pipe, guidance_scale > 1
+        pipe, do_cfg = self.pipe, self.uses_cfg(guidance_scale, self.pipe.config)
         negative_prompt = _pipeline_default(pipe, "negative_prompt") if negative_prompt is None else negative_prompt
         cond, mask, uncond, uncond_mask = pipe.encode_prompt(
             prompts, do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, num_images_per_prompt=1,

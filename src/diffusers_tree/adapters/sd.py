@@ -14,7 +14,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        do_cfg = guidance_scale > 1
+        do_cfg = self.uses_cfg(guidance_scale, self.pipe.config)
         cond, uncond = self.pipe.encode_prompt(prompts, self.pipe._execution_device, 1, do_cfg, negative_prompt)
         return Conditioning(
             cond={"encoder_hidden_states": cond},

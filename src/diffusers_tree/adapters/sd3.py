@@ -13,7 +13,7 @@ class StableDiffusion3Adapter(DenoiserAdapter):
     prediction_type = "flow"
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        pipe, do_cfg = self.pipe, guidance_scale > 1
+        pipe, do_cfg = self.pipe, self.uses_cfg(guidance_scale, self.pipe.config)
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=pipe._execution_device, num_images_per_prompt=1,
             do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,

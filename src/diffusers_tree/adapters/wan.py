@@ -45,7 +45,7 @@ class WanAdapter(DenoiserAdapter):
         return self.pipe.vae_scale_factor_spatial * self.pipe.transformer.config.patch_size[1]
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        pipe, do_cfg = self.pipe, guidance_scale > 1
+        pipe, do_cfg = self.pipe, self.uses_cfg(guidance_scale, self.pipe.config)
         cond, uncond = pipe.encode_prompt(prompt=prompts, negative_prompt=negative_prompt,
                                           do_classifier_free_guidance=do_cfg, num_videos_per_prompt=1,
                                           max_sequence_length=max_sequence_length or 512,

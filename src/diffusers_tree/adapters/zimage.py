@@ -41,6 +41,10 @@ class ZImageAdapter(DenoiserAdapter):
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]  # every block's attention (refiners included)
     cfg_normalization = 0.0  # the pipeline's `cfg_normalization`: 0 = off, its default
 
+    @classmethod
+    def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
+        return guidance_scale > 0  # pos + g·(pos − neg): any g > 0 guides (the pipeline's own rule)
+
     @property
     def default_size(self) -> tuple[int, int]:
         return 1024, 1024  # the pipeline's `height or 1024`, whatever its VAE
@@ -50,7 +54,7 @@ class ZImageAdapter(DenoiserAdapter):
         return self.pipe.vae_scale_factor * 2  # the pipeline's own divisibility check
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        pipe, do_cfg = self.pipe, guidance_scale > 0
+        pipe, do_cfg = self.pipe, self.uses_cfg(guidance_scale, self.pipe.config)
         length = max_sequence_length or 512
         if isinstance(negative_prompt, str):  # the pipeline wants one negative prompt per prompt
             negative_prompt = [negative_prompt] * len(prompts)
