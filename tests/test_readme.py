@@ -15,7 +15,7 @@ from .treegrpo.conftest import REWARD_MODULE, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SD35 = '"stabilityai/stable-diffusion-3.5-medium", torch_dtype=torch.bfloat16'
+SD35 = '"stabilityai/stable-diffusion-3.5-medium", dtype=torch.bfloat16'
 
 
 def _blocks(language: str) -> list[str]:
@@ -38,19 +38,22 @@ def tiny_model_and_lora(tmp_path_factory):
     recipe = write_recipe(folder, folder / "tiny_sd3", epochs=1)
     overrides = [f'reward.0.function="{folder / "test_rewards.py"}:brightness"', "data.prompts_per_epoch=1"]
     train(load_recipe(recipe, overrides), reporter=Reporter(enabled=False))
-    return folder / "tiny_sd3", folder / "run" / "final"
+    digits = [f'output.dir="{folder / "digits"}"', "train.epochs=1", "output.samples=false", 'output.log_with="none"']
+    train(load_recipe(ROOT / "recipes" / "digits.toml", digits), reporter=Reporter(enabled=False))
+    return folder / "tiny_sd3", folder / "run" / "final", folder / "digits" / "final"
 
 
 def test_every_python_snippet_runs(tiny_model_and_lora, tmp_path, monkeypatch):
-    model, lora = tiny_model_and_lora
+    model, lora, digits_lora = tiny_model_and_lora
     monkeypatch.chdir(tmp_path)
     swaps = {  # what only a GPU and the Hub have -> the tiny local model on the CPU
-        SD35: f'"{model}", torch_dtype=torch.float32',
+        SD35: f'"{model}", dtype=torch.float32',
         '.to("cuda")': '.to("cpu")',
         '"runs/sd35m_hps/final"': f'"{lora}"',
+        '"runs/digits/final"': f'"{digits_lora}"',  # the quickstart's run, shortened to one epoch
     }
     blocks = _blocks("python")
-    assert len(blocks) == 4, "README's Python snippets changed: update this test's swaps"
+    assert len(blocks) == 5, "README's Python snippets changed: update this test's swaps"
     namespace: dict = {}
     for number, block in enumerate(blocks, 1):
         code = block
@@ -59,17 +62,23 @@ def test_every_python_snippet_runs(tiny_model_and_lora, tmp_path, monkeypatch):
         assert "stabilityai/" not in code and '"cuda"' not in code, f"snippet {number} needs a swap"
         exec(compile(code, f"README.md python snippet {number}", "exec"), namespace)  # noqa: S102
     # the last snippet (tiny pipeline) printed 27 leaves; check the objects the snippets promise
+    assert len(namespace["digits"]) == 4 and namespace["digits"][0].size == (16, 16)
     assert len(namespace["images"]) == 27 and len(namespace["out"].images) == 27
     assert namespace["out"].rows == 300
     assert len(namespace["best"].images) == 1
 
 
-def test_the_test_command_installs_what_it_needs():
+def test_the_install_lines_get_the_cpu_build_and_ci_runs_the_test_command():
+    quickstart = _blocks("bash")[0]
+    cpu_torch = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert quickstart.startswith(cpu_torch + " && pip install -e .")
+    assert "treegrpo run recipes/digits.toml" in quickstart
     (command,) = [b for b in _blocks("bash") if "pytest" in b]
-    assert 'pip install -e ".[dev]"' in command and "pip install torch==2.13.0" in command
+    assert command.strip() == f'{cpu_torch} && pip install -e ".[dev]" && python -m pytest -x -q tests'
     ci = (ROOT / ".ci" / "run").read_text()
+    # CI installs torch from its own CPU wheel (PyTorch's index is unreachable there), then exactly the rest
     assert 'pip install -e ".[dev]"' in ci and "python -m pytest -x -q tests" in ci and "torch==2.13.0" in ci
-    assert "python -m pytest -x -q tests" in command
+    assert "python .ci/check_install.py" in ci
 
 
 def test_a_recipe_typo_is_reported_without_importing_diffusers(tmp_path):

@@ -32,7 +32,7 @@ from .grpo import (
     tree_advantages,
     tree_generators,
 )
-from .metrics import MetricsLog, plot_curves
+from .metrics import MetricsLog, reward_curve
 from .models import save_lora
 from .recipe import Recipe, to_toml
 from .reporting import Reporter
@@ -336,8 +336,6 @@ def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str]) -> Path:
     save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
     if acc.is_main_process:
         history = metrics_log.read()
-        plot_curves({"reward/mean": [(m["epoch"], m["reward/mean"]) for m in history]},
-                    run.out_dir / "reward_curve.png", title="reward per epoch", x_label="epoch",
-                    y_label="mean reward")
+        reward_curve(history, run.out_dir / "reward_curve.png")
     acc.wait_for_everyone()
     return final

@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
@@ -201,7 +202,7 @@ def test_best_of_n_with_prompts_of_different_lengths(tree):
 
     def scorer(images, prompts):
         seen.append((len(images), tuple(prompts)))
-        return [float(torch.tensor(list(image.getdata())).float().mean()) for image in images]
+        return [float(torch.from_numpy(np.asarray(image, dtype=np.float32)).mean()) for image in images]
 
     out = best_of_n(tree.pipe, PROMPTS, scorer, n=n, generator=torch.Generator().manual_seed(0), **kwargs)
     assert out.rows == len(PROMPTS) * 2 * n * steps and len(out.images) == 2

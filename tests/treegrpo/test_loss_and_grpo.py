@@ -195,3 +195,22 @@ def test_flow_grpo_kl_scale_with_cps_is_the_exact_kl():
     std_dev_t = sigma_next * math.sin(0.8 * math.pi / 2)
     theirs = ((out.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+
+
+def test_reward_curve_and_grid_labels(tmp_path):
+    """The reward curve is drawn by matplotlib with the ± std band and any accuracy on a second axis; grid labels
+    keep their spaces (PIL's built-in font drew "…digitseven") and fit their cell."""
+    from PIL import Image
+
+    from treegrpo.metrics import _label_font, fitted_label, image_grid, reward_curve
+
+    history = [{"epoch": e, "reward/mean": 0.5 + e / 200, "reward/std": 0.1, "reward/digits/accuracy": 0.5 + e / 250}
+               for e in range(100)]
+    path = reward_curve(history, tmp_path / "curve.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 600 and image.size[1] > 350
+    font = _label_font(10)
+    label = fitted_label("a handwritten digit seven", font, 90)
+    assert label == "…digit seven" and font.getlength(label) <= 90
+    grid = image_grid([Image.new("RGB", (16, 16))] * 3, columns=3, labels=["a cat"] * 3, scale=6)
+    assert grid.size == (3 * 96, 96 + 14)

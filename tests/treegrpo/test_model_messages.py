@@ -53,7 +53,10 @@ def test_typo_or_gated_licence(tmp_path, gated):
         assert "no such model on the Hub. Check the spelling" in line
 
 
-def test_a_run_whose_model_does_not_load_leaves_no_folder(workdir, tiny_sd3_dir):
+def test_a_run_whose_model_does_not_load_leaves_no_folder(workdir, tiny_sd3_dir, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # whatever imported it first
     recipe = write_recipe(workdir, tiny_sd3_dir)
     result = CliRunner().invoke(app, ["run", str(recipe), "--set", 'model.pretrained="nosuchorg/nosuchmodel"'])
     assert result.exit_code == 2, result.output

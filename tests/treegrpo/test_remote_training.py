@@ -5,6 +5,7 @@ metrics; and `.jsonl` mistakes are one line."""
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ class TargetBrightness:
 
     def __call__(self, images, prompts, metadata=None):
         self.requests.append((list(prompts), list(metadata)))
-        brightness = torch.tensor([sum(image.convert("L").getdata()) / (255 * image.width * image.height)
+        brightness = torch.tensor([float(np.asarray(image.convert("L"), dtype=np.float64).mean()) / 255
                                    for image in images])
         self.last_subscores = {"brightness": brightness}
         return -(brightness - torch.tensor([m["target"] for m in metadata])).abs()
