@@ -105,11 +105,11 @@ def _load(recipe: Path, overrides: list[str] | None):
         _fail(str(err))
 
 
-def _preflight(loaded) -> None:
+def _preflight(loaded, about_to_load: bool = False) -> None:
     from treegrpo.preflight import PreflightError, preflight
 
     try:
-        preflight(loaded)
+        preflight(loaded, about_to_load=about_to_load)
     except PreflightError as err:
         _fail(str(err))
 
@@ -216,7 +216,7 @@ def run(
     folder = None
     try:
         loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
-        _preflight(loaded)
+        _preflight(loaded, about_to_load=True)
         folder = _lock_output_folder(loaded, resume, overwrite)  # a finished or busy output.dir, before the imports
         _quiet_libraries()
         from treegrpo.grpo import TrainingError
@@ -309,7 +309,7 @@ def _check_model_argument(model: str) -> None:
     from treegrpo.preflight import PreflightError, check_pretrained
 
     try:
-        check_pretrained(model, key="MODEL")
+        check_pretrained(model, key="MODEL", about_to_load=True)
     except PreflightError as err:
         _fail(str(err))
 

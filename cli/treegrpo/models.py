@@ -107,10 +107,11 @@ def hub_load_problem(repo_id: str, revision: str | None, err: Exception) -> str:
     from huggingface_hub import constants, model_info
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from .preflight import offline_not_cached
+
     cache = constants.HF_HUB_CACHE
     if constants.HF_HUB_OFFLINE:
-        return (f"not in the local Hub cache ({cache}) and the Hub is offline (HF_HUB_OFFLINE=1). Download it on a "
-                f"machine with network (`hf download {repo_id}`, into the same cache), or unset HF_HUB_OFFLINE.")
+        return offline_not_cached(repo_id)
     try:
         model_info(repo_id, revision=revision, timeout=10)
     except GatedRepoError:

@@ -86,6 +86,15 @@ def _local_folder(pretrained: str) -> Path | None:
     return path if (path / "model_index.json").is_file() else None
 
 
+def offline_not_cached(repo_id: str) -> str:
+    """Why a Hub model cannot load on an offline machine (HF_HUB_OFFLINE=1) that has not cached it."""
+    from huggingface_hub import constants
+
+    return (f"not in the local Hub cache ({constants.HF_HUB_CACHE}) and the Hub is offline (HF_HUB_OFFLINE=1). "
+            f"Download it on a machine with network (`hf download {repo_id}`, into the same cache), or unset "
+            "HF_HUB_OFFLINE.")
+
+
 def pipeline_config(pretrained: str) -> dict | None:
     """The pipeline's model_index.json (class name and config) without loading it: from a local or built-in folder,
     or from the local Hub cache for a Hub id; None when it is not at hand (a Hub id not downloaded yet)."""
@@ -109,10 +118,11 @@ def looks_local(pretrained: str) -> bool:
         or pretrained.count("/") != 1
 
 
-def check_pretrained(pretrained: str, key: str = "model.pretrained") -> None:
+def check_pretrained(pretrained: str, key: str = "model.pretrained", *, about_to_load: bool = False) -> None:
     """A local diffusers folder must exist with a readable model_index.json that lists its components, each present.
     Hub ids cannot be checked offline and pass; `builtin:` names are checked by name. `key` names the setting in
-    messages (`MODEL` for the command line's argument)."""
+    messages (`MODEL` for the command line's argument). `about_to_load`: also refuse a Hub id that an offline
+    machine (HF_HUB_OFFLINE=1) has not cached."""
     if pretrained.startswith("builtin:"):
         from treegrpo.builtin import BUILTIN_MODELS
 
@@ -122,6 +132,12 @@ def check_pretrained(pretrained: str, key: str = "model.pretrained") -> None:
         return
     path = Path(pretrained).expanduser()
     if not looks_local(pretrained):
+        from huggingface_hub import constants
+
+        # `run`, `sample` and `eval` would fail to load it after the heavy imports: say so now (`check` does not:
+        # a recipe may be validated offline for another machine)
+        if about_to_load and constants.HF_HUB_OFFLINE and pipeline_config(pretrained) is None:
+            raise PreflightError(f"{key} = {pretrained!r}: {offline_not_cached(pretrained)}")
         return
     index = path / "model_index.json"
     if not index.is_file():
@@ -181,12 +197,13 @@ def _check_size_from_config(folder: Path, height: int, width: int) -> None:
         raise PreflightError(problem)
 
 
-def preflight(recipe: Recipe) -> None:
-    """Everything about the recipe's files that can be judged without loading a model. Raises `PreflightError`."""
+def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
+    """Everything about the recipe's files that can be judged without loading a model. Raises `PreflightError`.
+    `about_to_load` (`run`): also whether the model can load on this machine (see `check_pretrained`)."""
     prompts_from_file(recipe.data.prompts, "data.prompts")
     if recipe.data.eval_prompts:
         prompts_from_file(recipe.data.eval_prompts, "data.eval_prompts")
-    check_pretrained(recipe.model.pretrained)
+    check_pretrained(recipe.model.pretrained, about_to_load=about_to_load)
     folder = _local_folder(recipe.model.pretrained)
     if folder is not None:
         _check_size_from_config(folder, recipe.sampling.height, recipe.sampling.width)

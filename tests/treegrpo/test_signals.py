@@ -48,8 +48,8 @@ def test_a_signal_during_setup_stops_at_once():
 def test_sigterm_while_loading_exits_143_with_nothing_written(workdir, tiny_sd3_dir, monkeypatch):
     original = treegrpo.app._preflight
 
-    def preflight_then_sigterm(loaded):
-        original(loaded)
+    def preflight_then_sigterm(loaded, **kwargs):
+        original(loaded, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(treegrpo.app, "_preflight", preflight_then_sigterm)
