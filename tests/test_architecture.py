@@ -32,3 +32,32 @@ def test_checker_sees_nested_imports(tmp_path):
     source = tmp_path / "example.py"
     source.write_text("import os.path\nfrom . import sibling\ndef f():\n    from accelerate.utils import x\n")
     assert imported_top_level_modules(source) == {"os", "accelerate"}
+
+
+ROOT = LIBRARY.parents[1]
+HOOKS = {"lora_target_modules", "pixels_per_patch", "combine_guidance", "stock_call_kwargs", "default_size",
+         "pipeline_latents", "latent_output", "default_num_frames", "postprocess", "uses_cfg", "denoiser_name"}
+
+
+def test_adapter_hooks_are_declared_not_discovered():
+    """Every optional adapter hook is declared on `adapters/base.PipelineAdapter` with its default; nothing asks an
+    adapter whether it has one (`getattr(adapter, "hook", None)`, `hasattr`), and the families import only the base,
+    never the package above them."""
+    from diffusers_tree.adapters.base import PipelineAdapter
+
+    assert HOOKS <= set(dir(PipelineAdapter))
+    offenders = []
+    for path in sorted([*LIBRARY.rglob("*.py"), *(ROOT / "cli").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr",
+                                                                                                   "hasattr"):
+                name = node.args[1] if len(node.args) > 1 else None
+                if isinstance(name, ast.Constant) and name.value in HOOKS:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.id}(..., {name.value!r})")
+    assert not offenders, offenders
+    for path in sorted((LIBRARY / "adapters").glob("*.py")):
+        if path.name in ("__init__.py", "base.py"):
+            continue
+        relative = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
+                    and node.level == 1]
+        assert all(node.module == "base" for node in relative), f"{path.name} imports from the package above it"

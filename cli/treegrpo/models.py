@@ -15,8 +15,6 @@ from diffusers_tree.adapters import adapter_for
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRANSFORMER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Only these keys go into the LoRA metadata: extra keys from a newer peft break loading with an older one.
 LORA_METADATA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
 
@@ -130,22 +128,19 @@ def hub_load_problem(repo_id: str, revision: str | None, err: Exception) -> str:
     return f"the Hub has it, but loading failed: {text}"
 
 
-def default_lora_targets(pipe, denoiser_name: str) -> list[str]:
-    """The family's LoRA targets: its adapter's `lora_target_modules`, else the attention projections of the
-    UNet or MMDiT families."""
-    targets = getattr(adapter_for(pipe), "lora_target_modules", None)
-    if targets:
-        return list(targets)
-    return UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS
+def default_lora_targets(pipe) -> list[str]:
+    """The family's LoRA targets (its adapter's `lora_target_modules`)."""
+    return list(adapter_for(pipe).lora_target_modules)
 
 
 def add_lora(denoiser: torch.nn.Module, *, rank: int, alpha: float, target_modules: list[str] | None, seed: int,
-             denoiser_name: str, default_targets: list[str] | None = None) -> list[str]:
+             denoiser_name: str, default_targets: list[str]) -> list[str]:
     """Add a LoRA adapter (peft) to the denoiser, freeze everything else, keep LoRA weights in fp32.
-    `default_targets` (see `default_lora_targets`) apply when `target_modules` is None. Returns the targets used."""
+    `default_targets` (the family's, `default_lora_targets`) apply when `target_modules` is None. Returns the
+    targets used."""
     from peft import LoraConfig
 
-    default = default_targets or (UNET_TARGETS if denoiser_name == "unet" else TRANSFORMER_TARGETS)
+    default = list(default_targets)
     targets = target_modules or default
     names = [name for name, _ in denoiser.named_modules()]
     # peft matches a target against the end of a module's dotted name

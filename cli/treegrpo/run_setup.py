@@ -174,7 +174,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         lora = recipe.model.lora
         add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
                  seed=derive_seed(recipe.train.seed, lora.init_seed), denoiser_name=name,
-                 default_targets=default_lora_targets(pipe, name))
+                 default_targets=default_lora_targets(pipe))
     else:
         denoiser.requires_grad_(True)
         denoiser.float()
@@ -250,17 +250,12 @@ def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
 
 
 def check_image_size(pipe, denoiser, height: int, width: int) -> None:
-    """Height and width must be whole latent patches (the rule of `preflight.image_size_problem`)."""
+    """Height and width must be multiples of the family's `pixels_per_patch` (its adapter knows the rule)."""
     from diffusers_tree.adapters import adapter_for
 
-    from .preflight import image_size_problem, size_problem
+    from .preflight import size_problem
 
-    multiple = getattr(adapter_for(pipe), "pixels_per_patch", None)  # families that know their own rule
-    if multiple:
-        problem = size_problem(type(pipe).__name__, multiple, height, width)
-    else:
-        problem = image_size_problem(type(pipe).__name__, getattr(pipe, "vae_scale_factor", 8),
-                                     getattr(denoiser.config, "patch_size", None), height, width)
+    problem = size_problem(type(pipe).__name__, adapter_for(pipe).pixels_per_patch, height, width)
     if problem:
         raise SetupError(problem)
 

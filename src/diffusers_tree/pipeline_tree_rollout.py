@@ -301,15 +301,7 @@ class TreeRolloutPipeline:
                                 for s in range(0, latents.shape[0], max_batch_size)])
         if output_type == "pt":
             return images
-        postprocess = getattr(self.adapter, "postprocess", None)  # video families: as their pipeline's `frames`
-        if postprocess is not None and output_type in ("pil", "np"):
-            return postprocess(images, output_type)
-        processor = self.pipe.image_processor  # the pipelines' own conversion, as with output_type="pil"/"np"
-        if output_type == "pil":
-            return processor.numpy_to_pil(processor.pt_to_numpy(images))
-        if output_type == "np":
-            return processor.pt_to_numpy(images)
-        raise ValueError(f"Unknown output_type {output_type!r}; choose 'pt', 'pil', 'np' or 'latent'.")
+        return self.adapter.postprocess(images, output_type)  # as the stock pipeline's "pil" / "np" (videos: frames)
 
     def _num_frames(self, num_frames):
         """`num_frames` or the video family's default; `None` for image families (which refuse a frame count)."""
@@ -321,10 +313,6 @@ class TreeRolloutPipeline:
         return self.adapter.default_num_frames if num_frames is None else num_frames
 
     def _size(self, height, width):
-        pipe = self.pipe
-        default = getattr(self.adapter, "default_size", None)  # pipelines without a sample size (Wan: 480x832)
-        if default is not None:
-            return height or default[0], width or default[1]
-        size = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size
-        return height or size * pipe.vae_scale_factor, width or size * pipe.vae_scale_factor
+        default_height, default_width = self.adapter.default_size
+        return height or default_height, width or default_width
 

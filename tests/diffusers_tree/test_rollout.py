@@ -30,17 +30,14 @@ def stock_leaves(pipe, per_prompt: int, **kwargs) -> torch.Tensor:
     """The stock pipeline's output for `PROMPTS`: image pipelines take `num_images_per_prompt` and return `.images`,
     video pipelines (Wan) `num_videos_per_prompt` and `.frames`; both are the output's first field."""
     kind = "videos" if "num_videos_per_prompt" in inspect.signature(pipe.__call__).parameters else "images"
-    adapter = adapter_for(pipe)
-    if hasattr(adapter, "pipeline_latents"):  # FLUX.2: roots in the layout of the stock pipeline's `latents=`
-        kwargs["latents"] = adapter.pipeline_latents(kwargs["latents"], **SIZE)
+    # FLUX.2: roots in the layout of the stock pipeline's `latents=` (identity for the others)
+    kwargs["latents"] = adapter_for(pipe).pipeline_latents(kwargs["latents"], **SIZE)
     # a copy: Z-Image's pipeline writes its chat-templated prompts into the list it is given
     return pipe(prompt=list(PROMPTS), **{f"num_{kind}_per_prompt": per_prompt}, **stock_call_kwargs(pipe, kwargs))[0]
 
 
 def tree_latent_output(tree, out, **kwargs):
     """The tree's leaves as the stock pipeline returns output_type="latent" (FLUX.2 klein unpacks them)."""
-    if not hasattr(tree.adapter, "latent_output"):
-        return out.images
     return tree.adapter.latent_output(out.images, tree.encode(PROMPTS, **SIZE, **kwargs))
 
 

@@ -11,16 +11,19 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from diffusers_tree.testing import tiny_sd3_pipeline
-from treegrpo.models import add_lora
+from treegrpo.models import add_lora, default_lora_targets
 
 
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    targets = default_lora_targets(tiny_sd3_pipeline())
     reference = tiny_sd3_pipeline().transformer
-    add_lora(reference, rank=4, alpha=8, target_modules=None, seed=0, denoiser_name="transformer")
+    add_lora(reference, rank=4, alpha=8, target_modules=None, seed=0, denoiser_name="transformer",
+             default_targets=targets)
     sharded = tiny_sd3_pipeline().transformer
-    add_lora(sharded, rank=4, alpha=8, target_modules=None, seed=0, denoiser_name="transformer")
+    add_lora(sharded, rank=4, alpha=8, target_modules=None, seed=0, denoiser_name="transformer",
+             default_targets=targets)
     for module in (reference, sharded):  # make LoRA B non-zero so LoRA A gets gradients
         for name, param in module.named_parameters():
             if "lora_B" in name:

@@ -13,7 +13,13 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from diffusers_tree.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa
-from treegrpo.models import LORA_METADATA_KEYS, LORA_WEIGHT_NAME, add_lora, save_lora  # noqa: E402
+from treegrpo.models import (  # noqa: E402
+    LORA_METADATA_KEYS,
+    LORA_WEIGHT_NAME,
+    add_lora,
+    default_lora_targets,
+    save_lora,
+)
 
 # family → (builder, denoiser attribute, call kwargs besides the shared ones; see diffusers_tree/testing.py)
 FAMILIES = {
@@ -86,7 +92,8 @@ class Exported:
         trained = builder()
         denoiser = getattr(trained, name)
         if config is None:  # what the trainer does: alpha ≠ rank
-            add_lora(denoiser, rank=4, alpha=16, target_modules=None, seed=0, denoiser_name=name)
+            add_lora(denoiser, rank=4, alpha=16, target_modules=None, seed=0, denoiser_name=name,
+                     default_targets=default_lora_targets(trained))
         else:
             denoiser.add_adapter(config)
         randomize_lora_b(denoiser)

@@ -23,7 +23,7 @@ from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from diffusers_tree.adapters import adapter_for
 from diffusers_tree.testing import tiny_sd3_pipeline
 from treegrpo.grpo import train_on_record, tree_advantages
-from treegrpo.models import add_lora
+from treegrpo.models import add_lora, default_lora_targets
 from treegrpo.recipe import TrainRecipe
 from treegrpo.trainer import prepare_training
 
@@ -33,7 +33,8 @@ SIZE = dict(height=32, width=32, max_sequence_length=16)
 
 def lora_pipeline():
     pipe = tiny_sd3_pipeline()
-    add_lora(pipe.transformer, rank=4, alpha=8, target_modules=None, seed=0, denoiser_name="transformer")
+    add_lora(pipe.transformer, rank=4, alpha=8, target_modules=None, seed=0, denoiser_name="transformer",
+             default_targets=default_lora_targets(pipe))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

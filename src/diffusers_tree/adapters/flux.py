@@ -6,17 +6,24 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
 
 
 @register_adapter("FluxPipeline")
-class FluxAdapter(DenoiserAdapter):
+class FluxAdapter(PipelineAdapter):
     default_guidance_scale = 3.5
+    # the joint attention's projections of both streams (image and text)
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                           "to_add_out"]
     prediction_type = "flow"
 
     @classmethod
     def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
         return False  # guidance-distilled: guidance_scale is a transformer input (no true-CFG support here)
+
+    @property
+    def pixels_per_patch(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # the VAE factor × the 2×2 latent packing
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         pipe = self.pipe

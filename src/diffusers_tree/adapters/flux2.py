@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
 
 
 @register_adapter("Flux2Pipeline")
-class Flux2Adapter(DenoiserAdapter):
+class Flux2Adapter(PipelineAdapter):
     default_guidance_scale = 4.0
     prediction_type = "flow"
     guidance_embedding = True  # [dev]: guidance_scale is a transformer input, not CFG

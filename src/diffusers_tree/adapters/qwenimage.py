@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
 
 EMPTY_NEGATIVE_PROMPT = " "
 
 
 @register_adapter("QwenImagePipeline")
-class QwenImageAdapter(DenoiserAdapter):
+class QwenImageAdapter(PipelineAdapter):
     default_guidance_scale = 1.0  # the stock default call: true_cfg_scale 4 but no negative prompt, so no CFG
     prediction_type = "flow"
     # both streams' attention projections of every block, as the other MMDiT families
@@ -53,7 +53,8 @@ class QwenImageAdapter(DenoiserAdapter):
                 "encoder_hidden_states_mask": torch.nn.functional.pad(mask, (0, pad))}
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        do_cfg, length = self.uses_cfg(guidance_scale, self.pipe.config), max_sequence_length or 512  # the pipeline's default length
+        do_cfg = self.uses_cfg(guidance_scale, self.pipe.config)
+        length = max_sequence_length or 512  # the pipeline's default length
         negative_prompt = EMPTY_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         if isinstance(negative_prompt, str):  # one negative prompt per prompt
             negative_prompt = [negative_prompt] * len(prompts)

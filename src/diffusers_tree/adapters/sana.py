@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
 
 
 def _pipeline_default(pipe, name: str):
@@ -33,7 +33,7 @@ def _pipeline_default(pipe, name: str):
 
 
 @register_adapter("SanaPipeline")
-class SanaAdapter(DenoiserAdapter):
+class SanaAdapter(PipelineAdapter):
     default_guidance_scale = 4.5
     prediction_type = "flow"
     # the linear self-attention (attn1) and the cross-attention (attn2) projections of every block

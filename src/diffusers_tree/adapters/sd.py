@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter, unet_latents
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter, unet_latents
 
 
 @register_adapter("StableDiffusionPipeline")
-class StableDiffusionAdapter(DenoiserAdapter):
+class StableDiffusionAdapter(PipelineAdapter):
     denoiser_name = "unet"
     default_guidance_scale = 7.5
     def __init__(self, pipe):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
 
 
 @register_adapter("StableDiffusion3Pipeline")
-class StableDiffusion3Adapter(DenoiserAdapter):
+class StableDiffusion3Adapter(PipelineAdapter):
     default_guidance_scale = 7.0
+    # the joint attention's projections of both streams (image and text)
+    lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                           "to_add_out"]
     prediction_type = "flow"
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):

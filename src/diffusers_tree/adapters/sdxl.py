@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter, unet_latents
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter, unet_latents
 
 
 @register_adapter("StableDiffusionXLPipeline")
-class StableDiffusionXLAdapter(DenoiserAdapter):
+class StableDiffusionXLAdapter(PipelineAdapter):
     denoiser_name = "unet"
     default_guidance_scale = 5.0
     def __init__(self, pipe):

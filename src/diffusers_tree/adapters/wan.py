@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import Conditioning, DenoiserAdapter, register_adapter
+from .base import Conditioning, PipelineAdapter, register_adapter
 
 
 @register_adapter("WanPipeline")
-class WanAdapter(DenoiserAdapter):
+class WanAdapter(PipelineAdapter):
     default_guidance_scale = 5.0
     default_num_frames = 81  # marks a video family; the stock pipeline's default
     default_size = (480, 832)  # the stock pipeline's default height/width (the transformer has no sample_size)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
-from . import Conditioning, DenoiserAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
 
 
 def _padded(features: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -35,7 +35,7 @@ def _padded(features: list[torch.Tensor], length: int) -> dict[str, torch.Tensor
 
 
 @register_adapter("ZImagePipeline")
-class ZImageAdapter(DenoiserAdapter):
+class ZImageAdapter(PipelineAdapter):
     default_guidance_scale = 5.0  # the pipeline's default (Z-Image-Turbo is sampled with 0: no CFG)
     prediction_type = "flow"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]  # every block's attention (refiners included)
