@@ -81,7 +81,7 @@ def evaluate(run, judge, reward, prompts: list[str], per_digit: int) -> tuple[fl
     import torch
 
     from treegrpo.builtin import digits_metadata
-    from treegrpo.inference import generate
+    from treegrpo.commands.inference import generate
 
     kwargs = dict(digits_metadata()["pipeline_kwargs"])
     with torch.no_grad():
@@ -96,10 +96,11 @@ def worker(seed: int, method: str, epochs: int, eval_every: int, per_digit: int,
 
     diffusers_logging.disable_progress_bar()
     from treegrpo.builtin import BUILTIN_DIGITS_DIR
-    from treegrpo.recipe import load_recipe
-    from treegrpo.reporting import Reporter
+    from treegrpo.recipe.schema import load_recipe
     from treegrpo.rewards.digits import DIGIT_WORDS, DigitsReward
-    from treegrpo.trainer import run_epoch, setup
+    from treegrpo.run.reporting import Reporter
+    from treegrpo.run.setup import setup
+    from treegrpo.train.trainer import run_epoch
 
     with tempfile.TemporaryDirectory() as tmp:
         # the learning rate is pinned: the table in docs/benchmarks.md was measured at the recipe's 3e-4

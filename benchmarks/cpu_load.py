@@ -1,6 +1,6 @@
 """Seconds per epoch of the digits recipe on the CPU, idle and under a fixed synthetic load, for tree / mix / flat at
 1 thread, 2 threads (torch's default on 2 cores, what every run used before the thread policy) and `auto` (the
-policy: free cores when the run starts; see cli/treegrpo/threads.py).
+policy: free cores when the run starts; see cli/treegrpo/run/threads.py).
 
     python benchmarks/cpu_load.py                        # ~10 min on 2 cores
     python benchmarks/cpu_load.py --epochs 4 --busy 0 2 --threads 1 2 auto
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from treegrpo.threads import busy_cores_now
+from treegrpo.run.threads import busy_cores_now
 
 ROOT = Path(__file__).resolve().parents[1]
 SPIN = "while True: pass"

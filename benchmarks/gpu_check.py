@@ -6,7 +6,7 @@
 What it does (random weights, built from config; the numbers are about speed, memory and plumbing, not quality):
 1. Builds an SD3.5-Medium-size pipeline (MMDiT 24 layers × 1536, 16-channel VAE of SD3; small text encoders of the
    real widths) and saves it in the diffusers layout, as users' models come.
-2. Trains it with `treegrpo.trainer` (setup → run_epoch → finish, the code `treegrpo run` runs) for TreeGRPO
+2. Trains it with `treegrpo.train.trainer` (setup → run_epoch → finish, the code `treegrpo run` runs) for TreeGRPO
    (k=3, w=3: 27 leaves) and for the flat baseline at equal leaves (27 SDE trajectories from one noise,
    dance_sde η 0.3, timestep_fraction 0.6), rollout and training at different batch shapes (rollout
    `max_batch_size` 64 rows, training `micro_batch_size` 2 parents), so `policy/first_ratio_error` shows
@@ -185,10 +185,11 @@ def train_one(recipe_path: Path, *, micro_batch_sweep: tuple[int, ...] = (), thr
     """The trainer's own code path: setup, epochs, final export. Returns the last epoch's metrics and memory; with
     `micro_batch_sweep`, one more epoch per training micro-batch size (peak memory and train time of each); with
     `throughput`, the rollout's denoiser rows per second against the stock pipeline's."""
-    from treegrpo.metrics import MetricsLog
-    from treegrpo.recipe import load_recipe
-    from treegrpo.reporting import Reporter
-    from treegrpo.trainer import finish, run_epoch, setup
+    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.run.metrics import MetricsLog
+    from treegrpo.run.reporting import Reporter
+    from treegrpo.run.setup import setup
+    from treegrpo.train.trainer import finish, run_epoch
 
     recipe = load_recipe(recipe_path)
     reporter = Reporter(enabled=False)
@@ -224,7 +225,7 @@ def sweep_micro_batches(run, first_epoch: int, sizes: tuple[int, ...]) -> list[d
     """One epoch per `train.micro_batch_size` in `sizes` (parents per training forward/backward): peak GPU memory of
     scoring + training (the rollout's peak is reset when it ends) and train seconds. Stops at the first size that
     runs out of memory, so the last row that fits is the largest that does."""
-    from treegrpo.trainer import run_epoch
+    from treegrpo.train.trainer import run_epoch
 
     rows, base = [], run.recipe
     for offset, size in enumerate(sizes):
@@ -307,7 +308,7 @@ def lora_reload_check(run, recipe, *, throughput: bool = False) -> dict:
     output proves nothing: the learning rate here is 1e-3 so that two updates move it visibly)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from treegrpo.models import DTYPES
+    from treegrpo.model.loading import DTYPES
 
     dtype = DTYPES[recipe.model.dtype]
     device = run.accelerator.device

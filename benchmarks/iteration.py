@@ -10,7 +10,8 @@ Methods (overrides of one base recipe per model, `recipes/digits_paper.toml` for
   random steps of 0..8 trained per trajectory).
 - mix-fast: Flow-GRPO-Fast-like (25 trajectories split at an Eq. 7 window start, 2 SDE steps trained).
 
-Each method is set up once through the trainer (`treegrpo.trainer.setup`), warmed up for one epoch, then the methods
+Each method is set up once through the trainer (`treegrpo.run.setup.setup`), warmed up for one epoch, then the
+methods
 take turns epoch by epoch, so background load hits them alike. Prints medians [min–max] of `time/epoch_s`, its
 rollout and training parts, the rows, and the speedup over flat-dancegrpo.
 
@@ -93,9 +94,10 @@ def recipe_for(model: str, tmp: Path) -> Path:
 
 
 def bench(model: str, methods: list[str], epochs: int, threads: int) -> list[str]:
-    from treegrpo.recipe import load_recipe
-    from treegrpo.reporting import Reporter
-    from treegrpo.trainer import run_epoch, setup
+    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.run.reporting import Reporter
+    from treegrpo.run.setup import setup
+    from treegrpo.train.trainer import run_epoch
 
     lines = []
     with tempfile.TemporaryDirectory() as tmp:

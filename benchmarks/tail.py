@@ -38,7 +38,7 @@ T, K, W, RATIO = 10, 3, 3, 0.5
 
 def digits_setup():
     from treegrpo.builtin import digits_metadata
-    from treegrpo.models import load_pipeline
+    from treegrpo.model.loading import load_pipeline
     from treegrpo.rewards.digits import DIGIT_WORDS, DigitsReward
 
     pipe = load_pipeline("builtin:digits").pipe

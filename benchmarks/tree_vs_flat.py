@@ -5,9 +5,10 @@
 
 Prints markdown tables (per-iteration wall clock split into rollout / scoring / training, denoiser rows, final
 reward and accuracy, time to reach the flat run's final reward) and writes PNG curves of reward and accuracy
-against wall clock. Every run is `treegrpo.trainer.train` on `recipes/digits_paper.toml` with `--set`-style overrides;
-nothing about the baselines is tuned down: flat trains DanceGRPO's `timestep_fraction` of every trajectory's
-steps (the recipe's value, 0.6 by default here) with the same optimizer, rewards and leaves per prompt.
+against wall clock. Every run is `treegrpo.train.trainer.train` on `recipes/digits_paper.toml` with
+`--set`-style overrides; nothing about the baselines is tuned down: flat trains DanceGRPO's `timestep_fraction` of
+every trajectory's steps (the recipe's value, 0.6 by default here) with the same optimizer, rewards and leaves per
+prompt.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cli"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from treegrpo.metrics import plot_curves  # noqa: E402
-from treegrpo.recipe import load_recipe  # noqa: E402
-from treegrpo.reporting import Reporter  # noqa: E402
-from treegrpo.trainer import train  # noqa: E402
+from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.run.metrics import plot_curves  # noqa: E402
+from treegrpo.run.reporting import Reporter  # noqa: E402
+from treegrpo.train.trainer import train  # noqa: E402
 
 
 def run_one(recipe_path: Path, overrides: list[str], out_dir: Path) -> list[dict]:
@@ -47,7 +48,7 @@ def run_one(recipe_path: Path, overrides: list[str], out_dir: Path) -> list[dict
 def ode_accuracy(final_dir: Path, samples_per_digit: int, seed: int) -> float:
     """Prompted-digit accuracy of ODE samples (the stock pipeline's own sampler) of the trained model."""
     from treegrpo.builtin import load_digits_pipeline
-    from treegrpo.inference import generate
+    from treegrpo.commands.inference import generate
     from treegrpo.rewards.digits import DigitsReward
 
     pipe, meta = load_digits_pipeline()

@@ -1,4 +1,4 @@
-"""The whole suite takes its CPU threads like `treegrpo run` does (treegrpo.threads): on a busy machine torch's
+"""The whole suite takes its CPU threads like `treegrpo run` does (treegrpo.run.threads): on a busy machine torch's
 default of one thread per core made the suite 5x slower (29 min vs 5 min 51 s idle). OMP_NUM_THREADS, when set (as
 `.ci/run` does), still wins."""
 
@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_configure(config):
-    from treegrpo.threads import apply_cpu_threads
+    from treegrpo.run.threads import apply_cpu_threads
 
     choice = apply_cpu_threads(None)
     config.cpu_threads_reason = choice.reason

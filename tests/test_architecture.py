@@ -61,3 +61,27 @@ def test_adapter_hooks_are_declared_not_discovered():
         relative = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
                     and node.level == 1]
         assert all(node.module == "base" for node in relative), f"{path.name} imports from the package above it"
+
+
+def test_trainer_packages_import_one_way():
+    """`cli/treegrpo` in packages named after what they hold (docs/architecture.md), with no import circle between
+    them: every package-level import arrow (module level or inside a function) points one way."""
+    trainer = ROOT / "cli" / "treegrpo"
+    arrows: dict[str, set[str]] = {}
+    for path in trainer.rglob("*.py"):
+        parts = path.relative_to(trainer).with_suffix("").parts
+        package = parts[0] if len(parts) > 1 else parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("treegrpo."):
+                target = node.module.split(".")[1]
+                if target != package:
+                    arrows.setdefault(package, set()).add(target)
+    expected_packages = {"recipe", "run", "train", "model", "hub", "commands", "rewards", "builtin"}
+    assert expected_packages <= {p.name for p in trainer.iterdir() if (p / "__init__.py").is_file()}
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt}))
+                   for nxt in arrows.get(start, ()))
+
+    circles = sorted(p for p in arrows if reaches(p, p))
+    assert not circles, f"import circles through {circles}: {arrows}"

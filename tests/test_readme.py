@@ -27,9 +27,9 @@ def tiny_model_and_lora(tmp_path_factory):
     """A tiny SD3 pipeline on disk and a LoRA trained on it by the real trainer (1 epoch)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers_tree.testing import tiny_sd3_pipeline
-    from treegrpo.recipe import load_recipe
-    from treegrpo.reporting import Reporter
-    from treegrpo.trainer import train
+    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.run.reporting import Reporter
+    from treegrpo.train.trainer import train
 
     folder = tmp_path_factory.mktemp("readme")
     tiny_sd3_pipeline().save_pretrained(folder / "tiny_sd3")
@@ -96,14 +96,14 @@ def test_a_recipe_typo_is_reported_without_importing_diffusers(tmp_path):
 def test_a_wrong_lora_fails_before_any_model_loads(monkeypatch):
     from typer.testing import CliRunner
 
-    import treegrpo.inference
+    import treegrpo.commands.inference
     from treegrpo.app import app
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the --lora argument was checked")
 
-    monkeypatch.setattr(treegrpo.inference, "load_pipeline", no_loading)
-    monkeypatch.setattr(treegrpo.inference, "build_rewards", no_loading)
+    monkeypatch.setattr(treegrpo.commands.inference, "load_pipeline", no_loading)
+    monkeypatch.setattr(treegrpo.commands.inference, "build_rewards", no_loading)
     result = CliRunner().invoke(app, ["eval", "builtin:digits", "--lora", "runs/nope/final", "--reward", "digits",
                                       "--prompt", "a handwritten digit one"])
     assert result.exit_code == 2 and "runs/nope/final" in result.output and "no such file" in result.output
@@ -115,7 +115,7 @@ def test_diversity_is_the_mean_pairwise_rms_pixel_distance():
     import numpy as np
     from PIL import Image
 
-    from treegrpo.inference import within_prompt_diversity
+    from treegrpo.commands.inference import within_prompt_diversity
 
     black, white = (Image.fromarray(np.full((4, 4, 3), v, dtype=np.uint8)) for v in (0, 255))
     # prompt 0: three identical images -> 0; prompt 1: black, black, white -> pairs (0, 1, 1) of 6 ordered -> 2/3

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import treegrpo
-from treegrpo.envinfo import collect_env, package_version
+from treegrpo.commands.envinfo import collect_env, package_version
 
 app = typer.Typer(
     name="treegrpo",
@@ -97,7 +97,7 @@ def _quiet_libraries() -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None):
-    from treegrpo.recipe import RecipeError, load_recipe
+    from treegrpo.recipe.schema import RecipeError, load_recipe
 
     try:
         return load_recipe(recipe, overrides or [])
@@ -106,7 +106,7 @@ def _load(recipe: Path, overrides: list[str] | None):
 
 
 def _preflight(loaded, about_to_load: bool = False) -> None:
-    from treegrpo.preflight import PreflightError, preflight
+    from treegrpo.recipe.preflight import PreflightError, preflight
 
     try:
         preflight(loaded, about_to_load=about_to_load)
@@ -133,7 +133,7 @@ def _cfg_rows(loaded) -> tuple[int | None, str]:
     """(rows per node, why): 2 with CFG, 1 without, None when the model is not on this machine yet. Read from the
     model's family (its adapter's `uses_cfg`) and guidance, for a local, built-in or cached model."""
     from diffusers_tree.adapters import adapter_class
-    from treegrpo.preflight import pipeline_config
+    from treegrpo.recipe.preflight import pipeline_config
 
     config = pipeline_config(loaded.model.pretrained) or {}
     pipeline = str(config.get("_class_name", ""))
@@ -163,7 +163,7 @@ def check(
     prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
     loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
     _preflight(loaded)
-    from treegrpo.planning import make_plan
+    from treegrpo.recipe.plan import make_plan
 
     if loaded.data.prompts_per_epoch % num_processes:
         _fail(f"data.prompts_per_epoch={loaded.data.prompts_per_epoch} is not divisible by {num_processes} "
@@ -209,7 +209,7 @@ def run(
     """Train with TreeGRPO (or the flat/mix baselines). Under `accelerate launch -m treegrpo run ...` every
     process runs this. Ctrl-C, SIGTERM or SIGHUP: checkpoint at the next safe point and exit 130/143/129; a second
     signal stops at once."""
-    from treegrpo.signals import StopNow, StopSignals, exit_code, guard_output_streams, signal_name
+    from treegrpo.run.signals import StopNow, StopSignals, exit_code, guard_output_streams, signal_name
 
     guard_output_streams()  # a piped output whose reader dies (Ctrl-C on `... | tee log`) must not end the run
     signals = StopSignals().install()  # before the slow imports: a signal now stops at once, with a message
@@ -219,9 +219,10 @@ def run(
         _preflight(loaded, about_to_load=True)
         folder = _lock_output_folder(loaded, resume, overwrite)  # a finished or busy output.dir, before the imports
         _quiet_libraries()
-        from treegrpo.grpo import TrainingError
-        from treegrpo.models import ModelLoadError
-        from treegrpo.trainer import Interrupted, SetupError, train
+        from treegrpo.model.loading import ModelLoadError
+        from treegrpo.run.setup import SetupError
+        from treegrpo.train.grpo import TrainingError
+        from treegrpo.train.trainer import Interrupted, train
 
         try:
             final = train(loaded, resume=resume, overwrite=overwrite, signals=signals, folder=folder)
@@ -245,7 +246,7 @@ def run(
 
 
 def _lock_output_folder(loaded, resume: bool, overwrite: bool):
-    from treegrpo.rundir import RunFolderError, prepare_folder
+    from treegrpo.run.folder import RunFolderError, prepare_folder
 
     try:
         return prepare_folder(loaded, resume=resume, overwrite=overwrite)
@@ -255,7 +256,7 @@ def _lock_output_folder(loaded, resume: bool, overwrite: bool):
 
 def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
     """The prompts of `sample` / `eval`, judged before any heavy import."""
-    from treegrpo.preflight import PreflightError, prompts_from_file
+    from treegrpo.recipe.preflight import PreflightError, prompts_from_file
 
     found = list(prompt or [])
     if prompts_file is not None:
@@ -306,7 +307,7 @@ def _branch_factors(text: str) -> int | list[int]:
 def _check_model_argument(model: str) -> None:
     """The MODEL argument of `sample` / `eval` as far as it can be judged without loading (a local folder's files,
     a built-in name); messages name the argument, not a recipe key."""
-    from treegrpo.preflight import PreflightError, check_pretrained
+    from treegrpo.recipe.preflight import PreflightError, check_pretrained
 
     try:
         check_pretrained(model, key="MODEL", about_to_load=True)
@@ -315,11 +316,11 @@ def _check_model_argument(model: str) -> None:
 
 
 def _cpu_threads() -> None:
-    """`sample` and `eval` on a CPU take their threads as `run` does: the free cores (see treegrpo.threads)."""
+    """`sample` and `eval` on a CPU take their threads as `run` does: the free cores (see treegrpo.run.threads)."""
     import torch
 
     if not torch.cuda.is_available():
-        from treegrpo.threads import apply_cpu_threads
+        from treegrpo.run.threads import apply_cpu_threads
 
         apply_cpu_threads(None)
 
@@ -369,7 +370,7 @@ def sample(
     _check_model_argument(model)
     import torch
 
-    from treegrpo.inference import (
+    from treegrpo.commands.inference import (
         InferenceError,
         Settings,
         best_of_tree_images,
@@ -379,7 +380,7 @@ def sample(
         load_for_inference,
         save_images,
     )
-    from treegrpo.models import ModelLoadError
+    from treegrpo.model.loading import ModelLoadError
 
     _quiet_libraries()
     _cpu_threads()
@@ -424,8 +425,8 @@ def evaluate_command(
     prompts = _prompts(prompt, prompts_file)  # what needs no model first, before the slow imports
     _check_dtype(dtype)
     _check_model_argument(model)
-    from treegrpo.inference import InferenceError, Settings, evaluate, write_json
-    from treegrpo.models import ModelLoadError
+    from treegrpo.commands.inference import InferenceError, Settings, evaluate, write_json
+    from treegrpo.model.loading import ModelLoadError
 
     _quiet_libraries()
     _cpu_threads()
@@ -490,8 +491,8 @@ def reward_server(
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
     import torch
 
-    from treegrpo.inference import InferenceError, build_rewards
-    from treegrpo.reward_server import make_server
+    from treegrpo.commands.inference import InferenceError, build_rewards
+    from treegrpo.commands.reward_server import make_server
 
     _quiet_libraries()
     spec = kind + (":" + ",".join(option) if option else "")
@@ -526,7 +527,8 @@ def push(
                                                    "when the run used a local folder.", metavar="HUB_ID")] = None,
 ) -> None:
     """Upload a run's LoRA to the Hub with a model card, sample grids, reward curve, recipe and metrics."""
-    from treegrpo.hub import PushError, push_run
+    from treegrpo.hub.push import push_run
+    from treegrpo.hub.summary import PushError
 
     try:
         url = push_run(run_dir, repo, private=private, revision=revision, base_model=base_model)
@@ -541,7 +543,7 @@ def main() -> None:
     from typer._click.exceptions import NoArgsIsHelpError  # Typer vendors click; its errors derive from these
     from typer.exceptions import TyperException
 
-    from treegrpo.signals import guard_output_streams
+    from treegrpo.run.signals import guard_output_streams
 
     guard_output_streams()  # `treegrpo --help | head` and the like: a reader that leaves early is not an error
     try:

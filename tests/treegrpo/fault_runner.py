@@ -14,8 +14,8 @@ import sys
 
 from accelerate import Accelerator
 
-import treegrpo.grpo
-import treegrpo.trainer
+import treegrpo.train.grpo
+import treegrpo.train.trainer
 from treegrpo.app import main
 
 kind, _, count = os.environ.get("TREEGRPO_FAULT", "none:0").partition(":")
@@ -39,23 +39,23 @@ if kind == "kill-mid-checkpoint":
 
     Accelerator.save_state = save_state
 elif kind == "kill-in-training":
-    original_train = treegrpo.trainer.train_on_record
+    original_train = treegrpo.train.trainer.train_on_record
 
     def train_on_record(**kwargs):
         if _nth_call():
             os.kill(os.getpid(), signal.SIGKILL)
         return original_train(**kwargs)
 
-    treegrpo.trainer.train_on_record = train_on_record
+    treegrpo.train.trainer.train_on_record = train_on_record
 elif kind == "sigterm-in-scoring":
-    original_score = treegrpo.trainer.score_leaves
+    original_score = treegrpo.train.trainer.score_leaves
 
     def score_leaves(*args, **kwargs):
         if _nth_call():
             os.kill(os.getpid(), signal.SIGTERM)
         return original_score(*args, **kwargs)
 
-    treegrpo.trainer.score_leaves = score_leaves
+    treegrpo.train.trainer.score_leaves = score_leaves
 
 if __name__ == "__main__":
     sys.argv[0] = "treegrpo"

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from diffusers_tree.testing import tiny_sd3_pipeline
-from treegrpo.models import add_lora, default_lora_targets
+from treegrpo.model.loading import add_lora, default_lora_targets
 
 
 def main(out_path: str) -> None:

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 import diffusers_tree
 import treegrpo
 from treegrpo.app import app
-from treegrpo.envinfo import NOT_INSTALLED, collect_env, package_version, torch_device
+from treegrpo.commands.envinfo import NOT_INSTALLED, collect_env, package_version, torch_device
 
 runner = CliRunner()
 

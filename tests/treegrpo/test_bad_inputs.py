@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from treegrpo.app import app  # noqa: E402
-from treegrpo.rundir import RunLock  # noqa: E402
+from treegrpo.run.folder import RunLock  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
 
@@ -171,9 +171,9 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(wo
 
 
 def test_non_finite_weights_are_never_checkpointed(workdir, tiny_sd3_dir, monkeypatch):
-    import treegrpo.trainer
+    import treegrpo.train.trainer
 
-    original = treegrpo.trainer.train_on_record
+    original = treegrpo.train.trainer.train_on_record
 
     def poisoned_update(**kwargs):
         stats = original(**kwargs)
@@ -181,7 +181,7 @@ def test_non_finite_weights_are_never_checkpointed(workdir, tiny_sd3_dir, monkey
             param.data.fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(treegrpo.trainer, "train_on_record", poisoned_update)
+    monkeypatch.setattr(treegrpo.train.trainer, "train_on_record", poisoned_update)
     result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=2))])
     _one_error_line(result, 1, r"non-finite trainable weights after 1 epochs.*no checkpoint has been written yet")
     checkpoints = workdir / "run" / "checkpoints"

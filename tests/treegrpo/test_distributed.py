@@ -97,7 +97,7 @@ def test_a_reward_failing_on_one_process_stops_both(workdir, tiny_sd3_dir):
 MEAN_SCRIPT = """
 import json, sys
 from accelerate import Accelerator
-from treegrpo.trainer import mean_over_processes
+from treegrpo.train.trainer import mean_over_processes
 acc = Accelerator(cpu=True)
 extras = [{"digits/accuracy": 0.5, "http/alignment": 0.25}, {"digits/accuracy": 1.0}][acc.process_index]
 result = mean_over_processes(acc, extras)

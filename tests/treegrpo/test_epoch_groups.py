@@ -9,10 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from treegrpo.grpo import epoch_positions, epoch_prompt_indices, process_share, tree_generators  # noqa: E402
-from treegrpo.recipe import load_recipe  # noqa: E402
-from treegrpo.reporting import Reporter  # noqa: E402
-from treegrpo.trainer import setup, train  # noqa: E402
+from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.run.reporting import Reporter  # noqa: E402
+from treegrpo.run.setup import setup  # noqa: E402
+from treegrpo.train.grpo import epoch_positions, epoch_prompt_indices, process_share, tree_generators  # noqa: E402
+from treegrpo.train.trainer import train  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
 

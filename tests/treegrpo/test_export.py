@@ -1,4 +1,4 @@
-"""LoRA export (`treegrpo.models.save_lora`) for all four families: a fresh stock pipeline + `load_lora_weights`
+"""LoRA export (`treegrpo.model.loading.save_lora`) for all four families: a fresh stock pipeline + `load_lora_weights`
 really holds the adapter and reproduces the trained denoiser and pipeline; fuse/unfuse; the same file without its
 metadata (diffusers < 0.34) loads identically; rank/alpha patterns and rsLoRA; merged export."""
 
@@ -13,7 +13,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from diffusers_tree.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa
-from treegrpo.models import (  # noqa: E402
+from treegrpo.model.loading import (  # noqa: E402
     LORA_METADATA_KEYS,
     LORA_WEIGHT_NAME,
     add_lora,

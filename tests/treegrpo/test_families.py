@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from diffusers_tree import unique_rows  # noqa: E402
 from diffusers_tree.adapters import stock_call_kwargs  # noqa: E402
 from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
-from treegrpo.recipe import load_recipe  # noqa: E402
+from treegrpo.recipe.schema import load_recipe  # noqa: E402
 
 from .conftest import REWARD_MODULE, write_recipe  # noqa: E402
 from .test_hub import train_capturing  # noqa: E402
@@ -161,7 +161,8 @@ def test_stock_pipeline_in_fresh_process_reproduces_every_trained_family(trained
 
 
 def test_card_names_the_family_and_video_task(trained):
-    from treegrpo.hub import model_card, read_run
+    from treegrpo.hub.card import model_card
+    from treegrpo.hub.summary import read_run
 
     for family in NEW_FAMILIES:
         summary = read_run(trained["root"] / family)
@@ -177,8 +178,8 @@ def test_card_names_the_family_and_video_task(trained):
 def test_image_size_rule_comes_from_the_family(trained):
     """SANA's pipeline wants multiples of 32 pixels whatever its VAE (its adapter's pixels_per_patch): 48 fails at
     setup with one line, before any rollout."""
-    from treegrpo.reporting import Reporter
-    from treegrpo.trainer import SetupError, setup
+    from treegrpo.run.reporting import Reporter
+    from treegrpo.run.setup import SetupError, setup
 
     root = trained["root"]
     recipe = load_recipe(root / "sana.toml", ["sampling.height=48", f"output.dir={json.dumps(str(root / 'bad'))}",

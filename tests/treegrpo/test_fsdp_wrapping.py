@@ -30,7 +30,7 @@ def test_fsdp_yaml_wraps_each_familys_blocks_through_accelerate(family):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
     from diffusers_tree import testing
-    from treegrpo.trainer import align_fsdp_wrap_classes
+    from treegrpo.run.setup import align_fsdp_wrap_classes
 
     config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text())
     assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
@@ -52,7 +52,7 @@ def test_wrap_classes_the_model_lacks_are_dropped_not_fatal():
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
     from diffusers_tree.testing import tiny_sd3_pipeline
-    from treegrpo.trainer import align_fsdp_wrap_classes
+    from treegrpo.run.setup import align_fsdp_wrap_classes
 
     denoiser = tiny_sd3_pipeline().transformer
     plugin = _plugin(["JointTransformerBlock", "FluxTransformerBlock", "BasicTransformerBlock"])

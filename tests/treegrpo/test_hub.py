@@ -15,10 +15,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-import treegrpo.trainer  # noqa: E402
-from treegrpo.hub import LORA_WEIGHT_NAME, LoraLoadError, load_lora_into, push_run, read_run  # noqa: E402
-from treegrpo.recipe import load_recipe  # noqa: E402
-from treegrpo.reporting import Reporter  # noqa: E402
+import treegrpo.train.trainer  # noqa: E402
+from treegrpo.hub.lora import load_lora_into  # noqa: E402
+from treegrpo.hub.push import push_run  # noqa: E402
+from treegrpo.hub.summary import LORA_WEIGHT_NAME, LoraLoadError, read_run  # noqa: E402
+from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.run.reporting import Reporter  # noqa: E402
 
 from .conftest import REWARD_MODULE, write_recipe  # noqa: E402
 from .fake_hub import FakeHub  # noqa: E402
@@ -45,7 +47,7 @@ LOAD_SCRIPT = textwrap.dedent("""
         pipe = getattr(diffusers, job["pipeline"]).from_pretrained(job["model"])
         pipe.set_progress_bar_config(disable=True)
         if job["how"] == "load_lora_into":
-            from treegrpo.hub import load_lora_into
+            from treegrpo.hub.lora import load_lora_into
             load_lora_into(pipe, job["lora"])
         elif job["how"] == "weight_name":
             pipe.load_lora_weights(job["lora"], weight_name="pytorch_lora_weights.safetensors")
@@ -98,15 +100,15 @@ def load_in_fresh_process(jobs, env) -> dict:
 def train_capturing(recipe):
     """Train with the real trainer and keep the trained pipeline (in memory, unexported) as the reference."""
     captured = {}
-    original = treegrpo.trainer.finish
+    original = treegrpo.train.trainer.finish
 
     def finish(run, *args, **kwargs):
         captured["run"] = run
         return original(run, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(treegrpo.trainer, "finish", finish)
-        treegrpo.trainer.train(recipe, reporter=Reporter(enabled=False))
+        patch.setattr(treegrpo.train.trainer, "finish", finish)
+        treegrpo.train.trainer.train(recipe, reporter=Reporter(enabled=False))
     return captured["run"]
 
 
@@ -252,7 +254,8 @@ def test_repush_updates_card_and_lora(pushed, hub):
         patch.chdir(root)
         patch.syspath_prepend(str(root))
         overrides = [*FAMILIES["sd"][0], f"output.dir={json.dumps(str(root / 'run-sd'))}", "train.epochs=3"]
-        treegrpo.trainer.train(load_recipe(root / "sd.toml", overrides), resume=True, reporter=Reporter(enabled=False))
+        treegrpo.train.trainer.train(load_recipe(root / "sd.toml", overrides), resume=True,
+                                     reporter=Reporter(enabled=False))
     before = hub.files("user/sd-lora")
     done = treegrpo_cli("push", root / "run-sd", "--repo", "user/sd-lora", env=env)
     assert done.returncode == 0, done.stderr
@@ -313,7 +316,7 @@ def test_read_run_for_builtin_digits_names_the_shipped_model(pushed, tmp_path):
     (run / "recipe.resolved.toml").write_text(recipe.replace(f'"{pushed["models"]["sd3"]}"', '"builtin:digits"'))
     summary = read_run(run)
     assert summary.family.pipeline_class == "StableDiffusion3Pipeline" and summary.base_model is None
-    from treegrpo.hub import model_card
+    from treegrpo.hub.card import model_card
 
     card = str(model_card(summary, "user/digits"))
     assert "builtin:digits" in card and "shipped with treegrpo" in card and "load_digits_pipeline" in card
@@ -348,7 +351,7 @@ def test_load_lora_into_accepts_folders_files_and_rejects_junk(pushed, tmp_path)
 def test_push_run_python_api_not_logged_in(pushed, monkeypatch):
     import huggingface_hub
 
-    from treegrpo.hub import PushError
+    from treegrpo.hub.summary import PushError
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(PushError, match="hf auth login"):
@@ -356,14 +359,15 @@ def test_push_run_python_api_not_logged_in(pushed, monkeypatch):
 
 
 def test_push_after_training_error_says_how_to_retry(tmp_path):
-    from treegrpo.hub import PushError, push_after_training
+    from treegrpo.hub.push import push_after_training
+    from treegrpo.hub.summary import PushError
 
     with pytest.raises(PushError, match=r"run itself is complete; retry with `treegrpo push .* --repo user/x`"):
         push_after_training(tmp_path / "missing", "user/x")
 
 
 def test_base_model_hub_id_from_recipe_value():
-    from treegrpo.hub import _hub_id
+    from treegrpo.hub.summary import _hub_id
 
     assert _hub_id("stabilityai/stable-diffusion-3.5-medium") == "stabilityai/stable-diffusion-3.5-medium"
     cache = "/root/.cache/huggingface/hub/models--black-forest-labs--FLUX.1-dev/snapshots/0123abcd"
@@ -372,7 +376,7 @@ def test_base_model_hub_id_from_recipe_value():
 
 
 def test_weight_name_constant_matches_the_exporter():
-    import treegrpo.hub
-    import treegrpo.models
+    import treegrpo.hub.summary
+    import treegrpo.model.loading
 
-    assert treegrpo.hub.LORA_WEIGHT_NAME == treegrpo.models.LORA_WEIGHT_NAME
+    assert treegrpo.hub.summary.LORA_WEIGHT_NAME == treegrpo.model.loading.LORA_WEIGHT_NAME

@@ -68,19 +68,19 @@ def test_eval_table_and_json(workdir, tiny_sd3_dir):
 
 
 def test_eval_loads_the_model_once_in_the_asked_dtype(workdir, tiny_sd3_dir, monkeypatch):
-    import treegrpo.inference
+    import treegrpo.commands.inference
 
     from .conftest import write_recipe
 
     assert runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1))]).exit_code == 0
     loads = []
-    original = treegrpo.inference.load_pipeline
+    original = treegrpo.commands.inference.load_pipeline
 
     def counting(model, **kwargs):
         loads.append(kwargs.get("dtype"))
         return original(model, **kwargs)
 
-    monkeypatch.setattr(treegrpo.inference, "load_pipeline", counting)
+    monkeypatch.setattr(treegrpo.commands.inference, "load_pipeline", counting)
     out = workdir / "eval.json"
     result = runner.invoke(app, ["eval", str(tiny_sd3_dir), "--lora", str(workdir / "run" / "final"), "--prompt",
                                  "a red cat", "--reward", "jpeg", "--num-images", "2", "--dtype", "bf16",
@@ -141,7 +141,7 @@ def test_sample_names_the_model_argument_not_a_recipe_key():
 
 def test_eval_reports_each_phase_and_prompt(tiny_sd3_dir):
     """`eval` printed nothing for up to 1.5 minutes; the CLI's bar is fed by these calls."""
-    from treegrpo.inference import EvalProgress, Settings, evaluate
+    from treegrpo.commands.inference import EvalProgress, Settings, evaluate
 
     class Recorder(EvalProgress):
         def __init__(self):
@@ -163,11 +163,11 @@ def test_eval_reports_each_phase_and_prompt(tiny_sd3_dir):
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_sample_and_eval_choose_cpu_threads_like_run(workdir, tiny_sd3_dir, monkeypatch, command):
     """Under load `eval` ran 10x slower than with the free cores' thread count (93 s vs 8.9 s): the same policy as
-    `run` (treegrpo.threads) now applies to every command that computes."""
-    import treegrpo.threads
+    `run` (treegrpo.run.threads) now applies to every command that computes."""
+    import treegrpo.run.threads
 
     calls = []
-    monkeypatch.setattr(treegrpo.threads, "apply_cpu_threads", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(treegrpo.run.threads, "apply_cpu_threads", lambda *args, **kwargs: calls.append(args))
     args = [command, str(tiny_sd3_dir), "--prompt", "a cat", "--num-images", "1", "--steps", "2"]
     args += ["--out", str(workdir / "o")] if command == "sample" else ["--reward", "jpeg"]
     result = runner.invoke(app, args)

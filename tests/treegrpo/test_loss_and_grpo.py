@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffusers_tree import BranchPlan
-from treegrpo.grpo import epoch_prompt_indices, flat_trained_steps, process_share, select_edges, tree_advantages
-from treegrpo.loss import gaussian_mean_kl, grpo_edge_loss, ppo_clip_loss
+from treegrpo.train.grpo import epoch_prompt_indices, flat_trained_steps, process_share, select_edges, tree_advantages
+from treegrpo.train.loss import gaussian_mean_kl, grpo_edge_loss, ppo_clip_loss
 
 
 def test_ppo_clip_loss_values():
@@ -131,7 +131,7 @@ def test_tree_advantages_per_trajectory_for_flat():
 
 
 def test_grid_labels_keep_the_end_of_the_prompt():
-    from treegrpo.metrics import short_label
+    from treegrpo.run.metrics import short_label
 
     assert short_label("a handwritten digit seven", 12) == "…digit seven"
     assert short_label("a cat", 12) == "a cat"
@@ -144,8 +144,8 @@ def test_flow_grpo_kl_scale_equals_flow_grpo_formula():
 
     from diffusers_tree import TreeSDEScheduler
     from diffusers_tree.dynamics import flow_step
-    from treegrpo.grpo import flow_grpo_kl_factor
-    from treegrpo.loss import gaussian_mean_kl
+    from treegrpo.train.grpo import flow_grpo_kl_factor
+    from treegrpo.train.loss import gaussian_mean_kl
 
     scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type="flow_sde",
                                                 eta=0.7)
@@ -179,8 +179,8 @@ def test_flow_grpo_kl_scale_with_cps_is_the_exact_kl():
 
     from diffusers_tree import TreeSDEScheduler
     from diffusers_tree.dynamics import flow_step
-    from treegrpo.grpo import flow_grpo_kl_factor
-    from treegrpo.loss import gaussian_mean_kl
+    from treegrpo.train.grpo import flow_grpo_kl_factor
+    from treegrpo.train.loss import gaussian_mean_kl
 
     scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type="cps", eta=0.8)
     scheduler.set_timesteps(10)
@@ -202,7 +202,7 @@ def test_reward_curve_and_grid_labels(tmp_path):
     keep their spaces (PIL's built-in font drew "…digitseven") and fit their cell."""
     from PIL import Image
 
-    from treegrpo.metrics import _label_font, fitted_label, image_grid, reward_curve
+    from treegrpo.run.metrics import _label_font, fitted_label, image_grid, reward_curve
 
     history = [{"epoch": e, "reward/mean": 0.5 + e / 200, "reward/std": 0.1, "reward/digits/accuracy": 0.5 + e / 250}
                for e in range(100)]

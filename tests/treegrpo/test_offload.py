@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
-from treegrpo.recipe import load_recipe
-from treegrpo.reporting import Reporter
-from treegrpo.trainer import run_epoch, setup
+from treegrpo.recipe.schema import load_recipe
+from treegrpo.run.reporting import Reporter
+from treegrpo.run.setup import setup
+from treegrpo.train.trainer import run_epoch
 
 from .conftest import write_recipe
 

@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from diffusers_tree.testing import tiny_sd3_pipeline
-from treegrpo.prompt_cache import PromptEmbeddingCache
-from treegrpo.recipe import load_recipe
-from treegrpo.reporting import Reporter
-from treegrpo.trainer import run_epoch, setup, train
+from treegrpo.recipe.schema import load_recipe
+from treegrpo.run.prompt_cache import PromptEmbeddingCache
+from treegrpo.run.reporting import Reporter
+from treegrpo.run.setup import setup
+from treegrpo.train.trainer import run_epoch, train
 
 from .conftest import write_recipe
 
@@ -51,7 +52,7 @@ def test_training_encodes_each_prompt_once_and_matches_encoding_every_epoch(work
     drawn = set()
     for epoch in range(4):
         run_epoch(run, epoch)
-    from treegrpo.grpo import epoch_prompt_indices
+    from treegrpo.train.grpo import epoch_prompt_indices
 
     for epoch in range(4):
         drawn |= set(epoch_prompt_indices(len(run.prompts), epoch, 2, recipe.train.seed))
@@ -72,8 +73,8 @@ def test_training_encodes_each_prompt_once_and_matches_encoding_every_epoch(work
 
 
 def test_offloaded_text_encoders_visit_the_accelerator_only_to_encode_new_prompts(workdir, tiny_sd3_dir):
-    from treegrpo.epoch_outputs import save_samples
-    from treegrpo.trainer import text_encoders
+    from treegrpo.run.setup import text_encoders
+    from treegrpo.train.epoch_outputs import save_samples
 
     recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=4),
                          ["model.offload_text_encoders=true", "output.samples=true"])
@@ -137,8 +138,8 @@ def test_offloaded_text_encoders_never_visit_the_accelerator_at_load(tiny_sd3_di
     """The whole pipeline went to the accelerator first and the encoders left afterwards, so the load-time peak was
     the whole pipeline (FLUX.2 dev ≈ 64 + 48 GB on an 80 GB card). "meta" stands in for the accelerator: whatever
     visits it loses its values, so the encoders must still hold real CPU tensors."""
-    from treegrpo.models import load_pipeline
-    from treegrpo.trainer import text_encoders
+    from treegrpo.model.loading import load_pipeline
+    from treegrpo.run.setup import text_encoders
 
     pipe = load_pipeline(str(tiny_sd3_dir), device="meta", text_encoders_on_cpu=True).pipe
     assert len(text_encoders(pipe)) == 3

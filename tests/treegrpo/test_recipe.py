@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from treegrpo.recipe import RecipeError, apply_override, load_recipe, to_toml, validate_recipe
-from treegrpo.recipe_docs import render
+from treegrpo.recipe.docs import render
+from treegrpo.recipe.schema import RecipeError, apply_override, load_recipe, to_toml, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"model": {"pretrained": "org/model"}, "reward": [{"kind": "jpeg"}], "data": {"prompts": "/prompts/p.txt"},
@@ -44,7 +44,7 @@ def test_overrides_parse_values_and_index_lists():
 def test_per_step_children_counts(tmp_path):
     """`branch_factor = [9, 3, 1]`: the window width follows the list, `check`'s plan counts the unique nodes, and
     the resolved copy keeps the list."""
-    from treegrpo.planning import make_plan
+    from treegrpo.recipe.plan import make_plan
 
     recipe = validate_recipe({**BASE, "tree": {"branch_factor": [9, 3, 1]}, "data": {"prompts": "/prompts/p.txt",
                                                                                   "prompts_per_epoch": 2}})
@@ -92,7 +92,7 @@ def test_validation_messages(change, message):
 
 def test_recipes_reference_is_generated_from_schema():
     expected = render()
-    assert (ROOT / "docs" / "recipes.md").read_text() == expected, "python -m treegrpo.recipe_docs > docs/recipes.md"
+    assert (ROOT / "docs" / "recipes.md").read_text() == expected, "python -m treegrpo.recipe.docs > docs/recipes.md"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
@@ -106,11 +106,11 @@ def test_every_shipped_recipe_validates(path):
 def test_recipe_json_schema_is_generated_from_the_models():
     import json
 
-    from treegrpo.recipe_docs import json_schema
+    from treegrpo.recipe.docs import json_schema
 
     text = json_schema()
     path = ROOT / "docs" / "recipe.schema.json"
-    assert path.read_text() == text, "python -m treegrpo.recipe_docs --schema > docs/recipe.schema.json"
+    assert path.read_text() == text, "python -m treegrpo.recipe.docs --schema > docs/recipe.schema.json"
     schema = json.loads(text)
     assert {"model", "reward", "data", "output"} <= set(schema["required"])
     single, per_step = schema["$defs"]["TreeRecipe"]["properties"]["branch_factor"]["anyOf"]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from treegrpo.preflight import PreflightError, prompt_records
-from treegrpo.recipe import load_recipe
-from treegrpo.reporting import Reporter
-from treegrpo.reward_server import make_server
-from treegrpo.trainer import train
+from treegrpo.commands.reward_server import make_server
+from treegrpo.recipe.preflight import PreflightError, prompt_records
+from treegrpo.recipe.schema import load_recipe
+from treegrpo.run.reporting import Reporter
+from treegrpo.train.trainer import train
 
 from .conftest import write_recipe
 
@@ -110,7 +110,7 @@ def test_check_says_whether_each_reward_server_accepts_connections(workdir, tiny
 def test_recipe_names_the_missing_server_options():
     from pydantic import ValidationError
 
-    from treegrpo.recipe import RewardRecipe
+    from treegrpo.recipe.schema import RewardRecipe
 
     with pytest.raises(ValidationError, match=r"reward kind 'http' needs url \(e\.g\. url = "):
         RewardRecipe(kind="http")

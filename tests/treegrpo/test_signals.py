@@ -10,9 +10,9 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import treegrpo.app  # noqa: E402
-import treegrpo.trainer  # noqa: E402
+import treegrpo.train.trainer  # noqa: E402
 from treegrpo.app import app  # noqa: E402
-from treegrpo.signals import StopNow, StopSignals, exit_code  # noqa: E402
+from treegrpo.run.signals import StopNow, StopSignals, exit_code  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_sigterm_while_loading_exits_143_with_nothing_written(workdir, tiny_sd3_
 
 
 def test_sigterm_during_the_final_export_lets_it_finish(workdir, tiny_sd3_dir, monkeypatch):
-    original = treegrpo.trainer.save_lora
+    original = treegrpo.train.trainer.save_lora
     calls = []
 
     def save_lora_with_sigterm(*args, **kwargs):
@@ -69,7 +69,7 @@ def test_sigterm_during_the_final_export_lets_it_finish(workdir, tiny_sd3_dir, m
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(treegrpo.trainer, "save_lora", save_lora_with_sigterm)
+    monkeypatch.setattr(treegrpo.train.trainer, "save_lora", save_lora_with_sigterm)
     result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1))])
     assert result.exit_code == 0, result.output
     assert "SIGTERM arrived during the final export; the export completed" in result.output

@@ -8,10 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from treegrpo.recipe import load_recipe  # noqa: E402
-from treegrpo.reporting import Reporter  # noqa: E402
-from treegrpo.threads import choose_cpu_threads  # noqa: E402
-from treegrpo.trainer import setup  # noqa: E402
+from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.run.reporting import Reporter  # noqa: E402
+from treegrpo.run.setup import setup  # noqa: E402
+from treegrpo.run.threads import choose_cpu_threads  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
 
@@ -59,7 +59,7 @@ def test_a_resumed_run_keeps_the_thread_count_it_started_with(workdir, tiny_sd3_
 
     from typer.testing import CliRunner
 
-    import treegrpo.threads as threads
+    import treegrpo.run.threads as threads
     from treegrpo.app import app
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -14,9 +14,10 @@ from typer.testing import CliRunner  # noqa: E402
 
 from diffusers_tree import unique_rows  # noqa: E402
 from treegrpo.app import app  # noqa: E402
-from treegrpo.recipe import load_recipe  # noqa: E402
-from treegrpo.reporting import Reporter  # noqa: E402
-from treegrpo.trainer import run_epoch, setup, train  # noqa: E402
+from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.run.reporting import Reporter  # noqa: E402
+from treegrpo.run.setup import setup  # noqa: E402
+from treegrpo.train.trainer import run_epoch, train  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
 
@@ -53,7 +54,7 @@ def test_run_end_to_end_metrics_rows_ratio(workdir, tiny_sd3_dir):
 def test_final_lora_loads_in_stock_pipeline_and_reproduces_trained_model(workdir, tiny_sd3_dir):
     from diffusers import StableDiffusion3Pipeline
 
-    from treegrpo.models import save_lora
+    from treegrpo.model.loading import save_lora
 
     recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir), ["train.learning_rate=0.05"])
     run = setup(recipe, QUIET)
@@ -224,17 +225,17 @@ def test_ctrl_c_checkpoints_and_exits_130(workdir, tiny_sd3_dir):
 
 
 def test_mid_run_samples_and_checkpoint_lora_use_the_ema_weights(workdir, tiny_sd3_dir, monkeypatch):
-    import treegrpo.trainer
+    import treegrpo.train.trainer
 
     seen = []
-    original = treegrpo.trainer.save_samples
+    original = treegrpo.train.trainer.save_samples
 
     def spy(run, path, prompts, seed):
         if path.name.startswith("epoch-"):  # a mid-run grid: the EMA weights must be the ones in the model
             seen.append(all(torch.equal(p, s.to(p.dtype)) for p, s in zip(run.params, run.ema.shadow, strict=True)))
         return original(run, path, prompts, seed)
 
-    monkeypatch.setattr(treegrpo.trainer, "save_samples", spy)
+    monkeypatch.setattr(treegrpo.train.trainer, "save_samples", spy)
     recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2),
                          ["train.ema_decay=0.5", "output.eval_every=1", "output.samples=true"])
     train(recipe, reporter=QUIET)

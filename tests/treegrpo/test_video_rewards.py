@@ -6,8 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from treegrpo.epoch_outputs import leaf_frames, score_reward
-from treegrpo.recipe import RewardRecipe
+from treegrpo.recipe.schema import RewardRecipe
+from treegrpo.train.epoch_outputs import leaf_frames, score_reward
 
 
 class FrameBrightness:
@@ -84,7 +84,7 @@ def test_leaves_become_pil_images_once_for_all_rewards(monkeypatch):
     from types import SimpleNamespace
 
     import treegrpo.rewards
-    from treegrpo.epoch_outputs import score_leaves
+    from treegrpo.train.epoch_outputs import score_leaves
 
     calls, original = [], treegrpo.rewards.to_pil
     monkeypatch.setattr(treegrpo.rewards, "to_pil", lambda x: calls.append(x.shape[0]) or original(x))

@@ -22,10 +22,10 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from diffusers_tree.adapters import adapter_for
 from diffusers_tree.testing import tiny_sd3_pipeline
-from treegrpo.grpo import train_on_record, tree_advantages
-from treegrpo.models import add_lora, default_lora_targets
-from treegrpo.recipe import TrainRecipe
-from treegrpo.trainer import prepare_training
+from treegrpo.model.loading import add_lora, default_lora_targets
+from treegrpo.recipe.schema import TrainRecipe
+from treegrpo.run.setup import prepare_training
+from treegrpo.train.grpo import train_on_record, tree_advantages
 
 PROMPTS = ["a red cat", "a blue dog"]
 SIZE = dict(height=32, width=32, max_sequence_length=16)
@@ -93,7 +93,7 @@ def non_finite_on_rank_1(accelerator, pipe, model, optimizer, params, recipe, ra
     """4. A NaN child latent on rank 1 only (its re-scored log-prob is NaN): both ranks must stop with a
     TrainingError at the same point, rank 1 with the cause, rank 0 pointing to it; before, rank 1 raised alone and
     rank 0 died in its next collective (or waited for the NCCL timeout)."""
-    from treegrpo.grpo import TrainingError
+    from treegrpo.train.grpo import TrainingError
 
     tree, record, conditioning, advantage = rollout(pipe, "tree", seed=rank)
     tree.adapter.model = model

@@ -209,11 +209,11 @@ def test_python_reward_checks_what_the_function_returns(user_module, function, m
 
 
 def test_the_validators_option_table_matches_the_factories():
-    """`treegrpo.reward_kinds` (read by the recipe validator without importing reward code) must list exactly the
-    options each factory takes."""
+    """`treegrpo.recipe.reward_kinds` (read by the recipe validator without importing reward code) must list exactly
+    the options each factory takes."""
     import inspect
 
-    from treegrpo.reward_kinds import REQUIRED_OPTIONS, REWARD_OPTION_NAMES
+    from treegrpo.recipe.reward_kinds import REQUIRED_OPTIONS, REWARD_OPTION_NAMES
 
     assert set(REWARD_OPTION_NAMES) == set(REWARD_KINDS)
     for kind in REWARD_KINDS:

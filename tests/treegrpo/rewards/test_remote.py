@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from treegrpo.reward_server import make_server
+from treegrpo.commands.reward_server import make_server
 from treegrpo.rewards import build_reward
 from treegrpo.rewards.remote import RemoteRewardError
 

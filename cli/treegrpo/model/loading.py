@@ -82,7 +82,7 @@ def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None 
 def _from_pretrained(pretrained: str, torch_dtype, revision, key: str = "model.pretrained"):
     from diffusers import DiffusionPipeline
 
-    from .preflight import PreflightError, check_pretrained, looks_local
+    from treegrpo.recipe.preflight import PreflightError, check_pretrained, looks_local
 
     try:
         check_pretrained(pretrained, key)  # the same judgement `treegrpo check` makes, for callers that skip it
@@ -105,7 +105,7 @@ def hub_load_problem(repo_id: str, revision: str | None, err: Exception) -> str:
     from huggingface_hub import constants, model_info
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from .preflight import offline_not_cached
+    from treegrpo.recipe.preflight import offline_not_cached
 
     cache = constants.HF_HUB_CACHE
     if constants.HF_HUB_OFFLINE:

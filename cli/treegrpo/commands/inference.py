@@ -15,11 +15,10 @@ import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from diffusers_tree.adapters import adapter_for, makes_videos, stock_call_kwargs
-
-from .grpo import derive_seed
-from .metrics import image_grid
-from .models import ModelLoadError, load_pipeline
-from .rewards.base import score_with_accuracy
+from treegrpo.model.loading import ModelLoadError, load_pipeline
+from treegrpo.rewards.base import score_with_accuracy
+from treegrpo.run.metrics import image_grid
+from treegrpo.run.seeds import derive_seed
 
 
 class InferenceError(ValueError):
@@ -78,7 +77,7 @@ def build_rewards(specs: list[str], device, dtype) -> list:
 def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if lora:
-        from treegrpo.hub import lora_source
+        from treegrpo.hub.lora import lora_source
 
         lora_source(lora)  # checked before the (slow) model load
     loaded = load_pipeline(model, dtype=dtype, device=device, key="MODEL")
@@ -87,7 +86,7 @@ def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", dev
                              "make and score images. Sample it with diffusers (the snippet on a pushed LoRA's card), "
                              "or train it: `treegrpo run` scores videos frame by frame.")
     if lora:
-        from treegrpo.hub import load_lora_into
+        from treegrpo.hub.lora import load_lora_into
 
         load_lora_into(loaded.pipe, lora)
     loaded.pipe.set_progress_bar_config(disable=True)
@@ -158,7 +157,7 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
     hears of each phase and prompt (the CLI draws a bar from it)."""
     progress = progress or EvalProgress()
     if lora:
-        from treegrpo.hub import lora_source
+        from treegrpo.hub.lora import lora_source
 
         lora_source(lora)  # a wrong --lora fails now, not after the base model has sampled
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,7 +168,7 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
     kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
     for label in ["base"] + (["lora"] if lora else []):
         if label == "lora":
-            from treegrpo.hub import load_lora_into
+            from treegrpo.hub.lora import load_lora_into
 
             load_lora_into(loaded.pipe, lora)
         progress.phase(f"sampling {label}", len(prompts))

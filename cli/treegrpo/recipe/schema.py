@@ -1,7 +1,7 @@
 """Recipes: the TOML schema (pydantic, `extra="forbid"`, frozen), loading, `--set` overrides, the resolved copy.
 
 Every field is documented once, here, in `Field(description=...)`; `docs/recipes.md` is generated from this schema
-(`python -m treegrpo.recipe_docs`). Derived values live in `treegrpo.planning.RunPlan`, never back in the recipe.
+(`python -m treegrpo.recipe.docs`). Derived values live in `treegrpo.recipe.plan.RunPlan`, never back in the recipe.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class RewardRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _known_kind_and_options(self) -> RewardRecipe:
-        from treegrpo.reward_kinds import REQUIRED_OPTIONS, reward_option_names
+        from treegrpo.recipe.reward_kinds import REQUIRED_OPTIONS, reward_option_names
 
         allowed = reward_option_names(self.kind)  # raises ValueError listing the known kinds
         unknown = sorted(set(self.options()) - set(allowed))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .recipe import Recipe
+from treegrpo.recipe.schema import Recipe
 
 # Text encoders read at most a few hundred tokens (CLIP 77, T5 256-512); a longer line is a mistake (a wrong file),
 # and a multi-megabyte one would stall the tokenizer for minutes.

@@ -1,4 +1,4 @@
-"""Generate `docs/recipes.md` from the recipe schema: `python -m treegrpo.recipe_docs > docs/recipes.md`.
+"""Generate `docs/recipes.md` from the recipe schema: `python -m treegrpo.recipe.docs > docs/recipes.md`.
 
 The schema's `Field(description=...)` is the single source; a test checks the committed file is up to date.
 """
@@ -10,15 +10,15 @@ import typing
 
 from pydantic import BaseModel
 
-from treegrpo.recipe import Recipe
+from treegrpo.recipe.schema import Recipe
 
 HEADER = """# Recipe reference
 
-Generated from `treegrpo/recipe.py` by `python -m treegrpo.recipe_docs > docs/recipes.md`; do not edit by hand.
+Generated from `treegrpo/recipe/schema.py` by `python -m treegrpo.recipe.docs > docs/recipes.md`; do not edit by hand.
 Every key can be overridden on the command line with `--set table.key=value` (lists by index:
 `--set reward.0.weight=0.5`). Unknown keys are errors. The resolved recipe of a run is written to
 `<output.dir>/recipe.resolved.toml`. For editors, the same models as a JSON Schema:
-[`recipe.schema.json`](recipe.schema.json) (`python -m treegrpo.recipe_docs --schema`); TOML tools such as taplo /
+[`recipe.schema.json`](recipe.schema.json) (`python -m treegrpo.recipe.docs --schema`); TOML tools such as taplo /
 Even Better TOML validate and complete recipes with it (`#:schema ../docs/recipe.schema.json` in `recipes/`).
 """
 
@@ -31,7 +31,7 @@ def _type_name(annotation) -> str:
             return " \\| ".join(_type_name(arg) for arg in typing.get_args(annotation))
         return f"{typing.get_origin(annotation).__name__}[{', '.join(map(_type_name, typing.get_args(annotation)))}]"
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    return text.replace("treegrpo.recipe.", "").replace("|", "\\|")  # a pipe would end the table cell
+    return text.replace("treegrpo.recipe.schema.", "").replace("|", "\\|")  # a pipe would end the table cell
 
 
 def _has_constraints(annotation) -> bool:

@@ -1,17 +1,6 @@
-"""Sharing trained LoRAs on the Hugging Face Hub: `treegrpo push` (LoRA + model card + samples + recipe + metrics)
-and loading a LoRA from a Hub repo id or a local folder into any stock diffusers pipeline.
-
-Importing this module is cheap (no torch, no diffusers): `treegrpo push` only needs `huggingface_hub`.
-
-Example:
-
-```py
->>> from treegrpo.hub import push_run, load_lora_into
->>> url = push_run("runs/sd35m_hps", "me/sd35m-hps-treegrpo")  # needs `hf auth login` or HF_TOKEN
->>> load_lora_into(pipe, "me/sd35m-hps-treegrpo")  # or a folder, a run folder, or a .safetensors file
-'default_0'
-```
-"""
+"""What a finished run folder holds, as the model card and `treegrpo push` present it: the run summary, the base
+model's family (read from the recipe, the base model's model_index.json or the LoRA file's keys), and the errors of
+the Hub commands. Imports no torch."""
 
 from __future__ import annotations
 
@@ -23,8 +12,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .hub_card import model_card
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -32,7 +19,7 @@ else:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-# Same as `treegrpo.models.LORA_WEIGHT_NAME` (not imported from there: that module loads torch).
+# Same as `treegrpo.model.loading.LORA_WEIGHT_NAME` (not imported from there: that module loads torch).
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -149,133 +136,6 @@ def public_paths(data, run_dir: Path):
     return public_path(data, run_dir)
 
 
-def check_can_push(repo_id: str, *, token: str | None = None) -> str:
-    """Fail fast (no network): `repo_id` looks like `user/name` and a token is available. Returns the token.
-    The trainer calls this before training when `output.push_to_hub` is set."""
-    _check_repo_id(repo_id)
-    from huggingface_hub import get_token
-
-    token = token or get_token()
-    if not token:
-        raise PushError("not logged in to the Hugging Face Hub: run `hf auth login` with a write token (or set "
-                        "HF_TOKEN), then push again.")
-    return token
-
-
-def _check_repo_id(repo_id: str) -> None:
-    if not REPO_ID.fullmatch(repo_id or ""):
-        raise PushError(f"repo {repo_id!r}: expected a Hub repo id like 'user/name' (or 'org/name').")
-
-
-def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-             token: str | None = None, base_model: str | None = None) -> str:
-    """Upload a finished run to the Hub in one commit and return the repo URL.
-
-    Creates `repo_id` if needed (`private` only applies then) and, with `revision`, that branch. Uploads
-    `pytorch_lora_weights.safetensors`, a model card (README.md: base model, `base_model_relation: adapter`, how it
-    was trained, samples, reward curve, a usage snippet), the sample grids, the reward curve, `recipe.resolved.toml`
-    and `metrics.jsonl`. Pushing again updates all of them. `base_model` names the Hub id of the base model when
-    the run used a local folder. Raises `PushError` with what to do.
-    """
-    _check_repo_id(repo_id)
-    summary = read_run(run_dir, base_model=base_model)
-    token = check_can_push(repo_id, token=token)
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    card = model_card(summary, repo_id)
-    from treegrpo.recipe import dict_to_toml
-
-    files = {"README.md": str(card).encode(), LORA_WEIGHT_NAME: summary.lora_file,
-             "recipe.resolved.toml": dict_to_toml(summary.recipe).encode(), **summary.images}
-    if (summary.run_dir / "metrics.jsonl").is_file():
-        files["metrics.jsonl"] = summary.run_dir / "metrics.jsonl"
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=value if isinstance(value, bytes)
-                                     else str(value)) for name, value in files.items()]
-    api = HfApi(token=token)
-    try:
-        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        api.create_commit(repo_id, operations, commit_message=_commit_message(summary), revision=revision)
-    except HfHubHTTPError as err:
-        raise PushError(_http_message(err, repo_id, api.endpoint)) from None
-    except (OSError, ValueError, *_http_library_errors()) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PushError(f"could not push to {api.endpoint}: {first}. Check the network (and HF_ENDPOINT / "
-                        "HF_HUB_OFFLINE), then push again.") from None
-    return f"{url.rstrip('/')}/tree/{revision}" if revision else url
-
-
-def _http_library_errors() -> tuple[type[Exception], ...]:
-    """The base errors of the HTTP clients huggingface_hub may use (httpx in 1.x, httpx2 in 2.x, requests before):
-    connection failures raise these, not `HfHubHTTPError`."""
-    import importlib
-    import importlib.util
-
-    return tuple(importlib.import_module(name).HTTPError for name in ("httpx", "httpx2", "requests")
-                 if importlib.util.find_spec(name) is not None)
-
-
-def push_after_training(output_dir: str | Path, repo: str, *, token: str | None = None) -> str:
-    """`output.push_to_hub`: push the finished run (call on the main process only). Returns the URL; a
-    `PushError` says the run itself is complete and how to retry."""
-    try:
-        url = push_run(output_dir, repo, token=token)
-    except PushError as err:
-        raise PushError(f"{err} The run itself is complete; retry with `treegrpo push {output_dir} --repo "
-                        f"{repo}`.") from None
-    logger.info("pushed %s to %s", output_dir, url)
-    return url
-
-
-def lora_source(lora: str, *, revision: str | None = None, weight_name: str | None = None) -> tuple[str, dict]:
-    """Where `load_lora_weights` finds `lora` (see `load_lora_into`), checked without loading anything, so a wrong
-    `--lora` fails before any model loads. Returns `(source, load_lora_weights kwargs)`; raises `LoraLoadError`."""
-    path = Path(lora).expanduser()
-    kwargs: dict = {}
-    if path.is_file():
-        source, kwargs["weight_name"] = str(path.parent), path.name
-    elif path.is_dir():
-        folder = path / "final" if (path / "final" / LORA_WEIGHT_NAME).is_file() else path
-        source, kwargs["weight_name"] = str(folder), weight_name or _local_weight_name(folder, lora)
-    elif REPO_ID.fullmatch(lora) and not lora.startswith((".", "~")):
-        source, kwargs["weight_name"] = lora, weight_name or LORA_WEIGHT_NAME
-        if revision:
-            kwargs["revision"] = revision
-    else:
-        raise LoraLoadError(f"--lora {lora!r}: no such file or folder, and not a Hub repo id like 'user/name'.")
-    return source, kwargs
-
-
-def load_lora_into(pipe, lora: str, *, revision: str | None = None, weight_name: str | None = None,
-                   adapter_name: str | None = None) -> str:
-    """Load a LoRA into a stock diffusers pipeline with `pipe.load_lora_weights` and check it really arrived.
-
-    `lora` is a Hub repo id (`user/name`), a folder holding `pytorch_lora_weights.safetensors`, a treegrpo run
-    folder (its `final/` is used) or a `.safetensors` file. For repo ids `weight_name` defaults to
-    `pytorch_lora_weights.safetensors`, which also lets `HF_HUB_OFFLINE=1` load from the local cache. Returns the
-    adapter name. Raises `LoraLoadError`.
-    """
-    source, kwargs = lora_source(lora, revision=revision, weight_name=weight_name)
-    if adapter_name:
-        kwargs["adapter_name"] = adapter_name
-    before = _adapters(pipe)
-    try:
-        pipe.load_lora_weights(source, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:  # RuntimeError: shapes of another base model
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoraLoadError(f"--lora {lora!r}: could not load {kwargs['weight_name']} into "
-                            f"{type(pipe).__name__}: {first} (is it a LoRA for this base model?)") from None
-    added = sorted(_adapters(pipe) - before)
-    if not added:
-        raise LoraLoadError(
-            f"--lora {lora!r}: {kwargs['weight_name']} holds no LoRA weights that {type(pipe).__name__} recognizes "
-            "(wrong model family, or a file from save_lora_adapter / PeftModel.save_pretrained). Export with "
-            "treegrpo or <Pipeline>.save_lora_weights.")
-    return added[0]
-
-
 # ---- the model card -------------------------------------------------------------------------------------------------
 def _read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl, skipping lines that are not JSON objects (a run killed mid-write)."""
@@ -303,24 +163,6 @@ def _example_prompt(recipe: dict, run_dir: Path) -> str:
         if lines:
             return lines[0]
     return "a photo of a cat"
-
-
-def _commit_message(summary: RunSummary) -> str:
-    values = [m["reward/mean"] for m in summary.metrics if "reward/mean" in m]
-    detail = f", reward/mean {values[0]:.4g} -> {values[-1]:.4g}" if values else ""
-    return f"treegrpo push: {summary.run_dir.name} ({len(summary.metrics)} epochs{detail})"
-
-
-def _http_message(err, repo_id: str, endpoint: str) -> str:
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if status == 401:
-        return (f"the Hub at {endpoint} rejected the token (401): log in again with `hf auth login` using a token "
-                "with write access (or fix HF_TOKEN), then push again.")
-    if status == 403:
-        return (f"no write access to {repo_id} (403): push to your own namespace, or use a token with write access "
-                f"to {repo_id.split('/')[0]}.")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"the Hub at {endpoint} refused the push ({status}): {first}"
 
 
 # ---- reading the base model and the LoRA file without torch ---------------------------------------------------------
@@ -383,16 +225,3 @@ def _lora_rank(header: dict) -> int | None:
     return max(ranks) if ranks else None
 
 
-def _local_weight_name(folder: Path, lora: str) -> str:
-    if (folder / LORA_WEIGHT_NAME).is_file():
-        return LORA_WEIGHT_NAME
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return found[0]
-    raise LoraLoadError(f"--lora {lora!r}: no {LORA_WEIGHT_NAME} in {folder}"
-                        + (f" and several .safetensors files ({', '.join(found)}); name the file instead."
-                           if found else "; pass a folder written by `treegrpo run` (final/) or save_lora_weights."))
-
-
-def _adapters(pipe) -> set[str]:
-    return {name for names in pipe.get_list_adapters().values() for name in names}

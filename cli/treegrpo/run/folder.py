@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .recipe import Recipe
+from treegrpo.recipe.schema import Recipe
 
 LOCK_NAME = ".treegrpo.lock"
 # what a run writes into its folder (and --overwrite removes); nothing else there is touched

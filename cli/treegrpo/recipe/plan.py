@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from diffusers_tree import BranchPlan, window_probs
 from diffusers_tree.scheduling_tree_sde import build_plan
-
-from .recipe import Recipe
+from treegrpo.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
+from treegrpo.model.loading import save_lora
+from treegrpo.recipe.schema import Recipe, to_toml
+from treegrpo.run.checkpoint import (
     CheckpointError,
     TrainerState,
     all_finite,
@@ -19,8 +21,15 @@ from .checkpoint import (
     save_checkpoint,
     write_failure,
 )
-from .epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
-from .grpo import (
+from treegrpo.run.folder import RunFolderError, RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
+from treegrpo.run.metrics import MetricsLog, reward_curve
+from treegrpo.run.reporting import Reporter
+from treegrpo.run.setup import Run, SetupError, read_prompts, setup
+from treegrpo.run.signals import StopNow, StopSignals, exit_code, signal_name
+from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
+from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
+from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
+from treegrpo.train.grpo import (
     TrainingError,
     derive_seed,
     epoch_positions,
@@ -32,25 +41,6 @@ from .grpo import (
     tree_advantages,
     tree_generators,
 )
-from .metrics import MetricsLog, reward_curve
-from .models import save_lora
-from .recipe import Recipe, to_toml
-from .reporting import Reporter
-from .run_setup import (  # setup lives in run_setup.py; these names stay importable from here
-    Run,
-    SetupError,
-    align_fsdp_wrap_classes,  # noqa: F401
-    check_image_size,  # noqa: F401
-    make_accelerator,  # noqa: F401
-    prepare_training,  # noqa: F401
-    read_prompts,
-    setup,
-    text_encoders,  # noqa: F401
-)
-from .rundir import RunFolderError, RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
-from .signals import StopNow, StopSignals, exit_code, signal_name
-from .threads import record_cpu_threads, recorded_cpu_threads
-from .tracking import log_grid, log_metrics, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +247,7 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
     if signals.received:
         reporter.warn(f"{signal_name(signals.received)} arrived during the final export; the export completed.")
     if recipe.output.push_to_hub and acc.is_main_process:
-        from treegrpo.hub import push_after_training
+        from treegrpo.hub.push import push_after_training
 
         reporter.info(f"pushed to {push_after_training(out_dir, recipe.output.push_to_hub)}")
     return final

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffusers_tree.adapters import stock_call_kwargs
-
-from .grpo import TrainingError
-from .metrics import image_grid
+from treegrpo.run.metrics import image_grid
+from treegrpo.train.grpo import TrainingError
 
 if TYPE_CHECKING:
-    from .run_setup import Run
+    from treegrpo.run.setup import Run
 
 
 def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None

@@ -14,8 +14,8 @@ import torch
 
 from diffusers_tree import RolloutRecord, aggregate_rewards, backup_advantages, effective_sample_size
 from diffusers_tree.adapters import Conditioning, guided_model_output
-
-from .loss import LossOutput, gaussian_mean_kl, grpo_edge_loss
+from treegrpo.run.seeds import derive_seed
+from treegrpo.train.loss import LossOutput, gaussian_mean_kl, grpo_edge_loss
 
 
 class TrainingError(RuntimeError):
@@ -35,14 +35,6 @@ def stop_together(accelerator, failure: TrainingError | None, what: str) -> None
         raise failure
     if float(flag) > 0:
         raise TrainingError(f"{what} failed on another process (its message is in that process's log)")
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    value = 0x5EED
-    for part in parts:
-        value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (2**63 - 1)
-    return value
 
 
 def epoch_prompt_indices(num_prompts: int, epoch: int, per_epoch: int, seed: int) -> list[int]:

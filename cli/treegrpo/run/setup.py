@@ -12,14 +12,20 @@ import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
 from diffusers_tree.adapters import makes_videos
-
-from .ema import EMA
-from .grpo import derive_seed
-from .models import DTYPES, add_lora, default_lora_targets, is_text_encoder, load_pipeline, trainable_parameters
-from .prompt_cache import PromptEmbeddingCache
-from .recipe import Recipe, TrainRecipe
-from .reporting import Reporter
-from .signals import StopSignals
+from treegrpo.model.loading import (
+    DTYPES,
+    add_lora,
+    default_lora_targets,
+    is_text_encoder,
+    load_pipeline,
+    trainable_parameters,
+)
+from treegrpo.recipe.schema import Recipe, TrainRecipe
+from treegrpo.run.ema import EMA
+from treegrpo.run.prompt_cache import PromptEmbeddingCache
+from treegrpo.run.reporting import Reporter
+from treegrpo.run.seeds import derive_seed
+from treegrpo.run.signals import StopSignals
 
 
 class SetupError(ValueError):
@@ -132,7 +138,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
 
     accelerator = make_accelerator(recipe)
     if accelerator.device.type == "cpu":
-        from .threads import apply_cpu_threads
+        from treegrpo.run.threads import apply_cpu_threads
 
         choice = apply_cpu_threads(recipe.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                                    recorded=recorded_threads)
@@ -141,7 +147,8 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
             torch.set_num_threads(int(accelerator.gather(threads).min()))
         reporter.info(f"CPU: {torch.get_num_threads()} intra-op thread(s) per process ({choice.reason})")
     if recipe.output.push_to_hub:
-        from treegrpo.hub import HubError, check_can_push
+        from treegrpo.hub.push import check_can_push
+        from treegrpo.hub.summary import HubError
 
         try:
             check_can_push(recipe.output.push_to_hub)  # fail before training, not after it
@@ -252,8 +259,7 @@ def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
 def check_image_size(pipe, denoiser, height: int, width: int) -> None:
     """Height and width must be multiples of the family's `pixels_per_patch` (its adapter knows the rule)."""
     from diffusers_tree.adapters import adapter_for
-
-    from .preflight import size_problem
+    from treegrpo.recipe.preflight import size_problem
 
     problem = size_problem(type(pipe).__name__, adapter_for(pipe).pixels_per_patch, height, width)
     if problem:
@@ -262,7 +268,7 @@ def check_image_size(pipe, denoiser, height: int, width: int) -> None:
 
 def read_prompt_records(path: str, key: str = "data.prompts") -> tuple[list[str], list[dict]]:
     """Prompts and their metadata (`.jsonl` files; empty for text files), see `preflight.prompt_records`."""
-    from .preflight import PreflightError, prompt_records
+    from treegrpo.recipe.preflight import PreflightError, prompt_records
 
     try:
         return prompt_records(path, key)
@@ -272,7 +278,7 @@ def read_prompt_records(path: str, key: str = "data.prompts") -> tuple[list[str]
 
 def read_prompts(path: str, key: str = "data.prompts") -> list[str]:
     """A prompt file (see `preflight.prompts_from_file`); `key` names the recipe key in messages."""
-    from .preflight import PreflightError, prompts_from_file
+    from treegrpo.recipe.preflight import PreflightError, prompts_from_file
 
     try:
         return prompts_from_file(path, key)

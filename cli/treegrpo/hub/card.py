@@ -1,6 +1,6 @@
 """The model card of a pushed run (README.md on the Hub): diffusers' LoRA card conventions, the base model,
 how the run was trained, its samples and results, and a copy-paste snippet. Built offline from the run folder
-(`hub.read_run`)."""
+(`treegrpo.hub.summary.read_run`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .hub import RunSummary
+    from treegrpo.hub.summary import RunSummary
 
 ALGORITHMS = {
     "tree": "TreeGRPO (tree-structured rollouts, advantages backed up the tree)",

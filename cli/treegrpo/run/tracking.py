@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .recipe import Recipe
+from treegrpo.recipe.schema import Recipe
 
 
 def tracker_config(recipe: Recipe) -> dict:
     """The recipe flattened to `table.key` scalars, as trackers' hyperparameter tables take (lists as JSON text)."""
-    from .rundir import flatten  # the same flattening as the resume fingerprint
+    from treegrpo.run.folder import flatten  # the same flattening as the resume fingerprint
 
     flat = flatten(json.loads(recipe.model_dump_json()))
     return {key: value if isinstance(value, int | float | str | bool) else json.dumps(value)
