@@ -96,7 +96,7 @@ def worker(seed: int, method: str, epochs: int, eval_every: int, per_digit: int,
 
     diffusers_logging.disable_progress_bar()
     from treegrpo.builtin import BUILTIN_DIGITS_DIR
-    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.recipe.loading import load_recipe
     from treegrpo.rewards.digits import DIGIT_WORDS, DigitsReward
     from treegrpo.run.reporting import Reporter
     from treegrpo.run.setup import setup

@@ -185,7 +185,7 @@ def train_one(recipe_path: Path, *, micro_batch_sweep: tuple[int, ...] = (), thr
     """The trainer's own code path: setup, epochs, final export. Returns the last epoch's metrics and memory; with
     `micro_batch_sweep`, one more epoch per training micro-batch size (peak memory and train time of each); with
     `throughput`, the rollout's denoiser rows per second against the stock pipeline's."""
-    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.recipe.loading import load_recipe
     from treegrpo.run.metrics import MetricsLog
     from treegrpo.run.reporting import Reporter
     from treegrpo.run.setup import setup

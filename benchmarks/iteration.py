@@ -94,7 +94,7 @@ def recipe_for(model: str, tmp: Path) -> Path:
 
 
 def bench(model: str, methods: list[str], epochs: int, threads: int) -> list[str]:
-    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.recipe.loading import load_recipe
     from treegrpo.run.reporting import Reporter
     from treegrpo.run.setup import setup
     from treegrpo.train.trainer import run_epoch

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cli"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.metrics import plot_curves  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
 from treegrpo.train.trainer import train  # noqa: E402

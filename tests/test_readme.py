@@ -27,7 +27,7 @@ def tiny_model_and_lora(tmp_path_factory):
     """A tiny SD3 pipeline on disk and a LoRA trained on it by the real trainer (1 epoch)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers_tree.testing import tiny_sd3_pipeline
-    from treegrpo.recipe.schema import load_recipe
+    from treegrpo.recipe.loading import load_recipe
     from treegrpo.run.reporting import Reporter
     from treegrpo.train.trainer import train
 

@@ -97,7 +97,8 @@ def _quiet_libraries() -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None):
-    from treegrpo.recipe.schema import RecipeError, load_recipe
+    from treegrpo.recipe.loading import load_recipe
+    from treegrpo.recipe.schema import RecipeError
 
     try:
         return load_recipe(recipe, overrides or [])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 BranchFactor = int | Sequence[int]
@@ -261,3 +261,36 @@ def unique_rows(num_steps: int, branch_factor: BranchFactor, window_width: int |
 
 
 __all__ = ["BranchFactor", "BranchPlan", "tail_levels", "tree_counts", "unique_rows", "window_factors"]
+
+
+ALGORITHMS: tuple[str, ...] = ("tree", "flat", "mix")
+
+
+def build_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
+               window_start: int, *, zero_noise_steps: tuple[int, ...] = (), tail_steps: int | None = None
+               ) -> BranchPlan:
+    """The plan of one tree for `algorithm`; flat and mix use k^w trajectories (Π k_j for per-step counts), the
+    tree's leaf count. `zero_noise_steps` (see `TreeSDEScheduler.zero_noise_steps`) become ODE steps of flat; a
+    tree/mix window that covers one is an error. `tail_steps`: see `BranchPlan`."""
+    plan = _shape_plan(algorithm, num_steps, branch_factor, window_width, window_start, zero_noise_steps)
+    return plan if tail_steps is None else replace(plan, tail_steps=tail_steps)
+
+
+def _shape_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
+                window_start: int, zero_noise_steps: tuple[int, ...]) -> BranchPlan:
+    factors = window_factors(branch_factor, window_width)
+    window_width, num_leaves = len(factors), math.prod(factors)
+    if algorithm == "flat":
+        return BranchPlan.flat(num_steps, num_leaves, deterministic_steps=zero_noise_steps)
+    if algorithm not in ("tree", "mix"):
+        raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
+    covered = sorted(set(zero_noise_steps) & set(range(window_start, window_start + window_width)))
+    if covered:
+        raise ValueError(
+            f"The SDE window (steps {window_start}…{window_start + window_width - 1} of {num_steps}) covers step(s) "
+            f"{covered}, where the step has no noise (cps into sigma = 0, or DDIM into alpha_cumprod = 1), so its "
+            f"children would be identical and have no log-probability. Start the window at most at "
+            f"{min(covered) - window_width}.")
+    if algorithm == "tree":
+        return BranchPlan.tree(num_steps, factors, window_width, window_start)
+    return BranchPlan.mix(num_steps, num_leaves, window_width, window_start)

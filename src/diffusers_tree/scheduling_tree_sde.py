@@ -16,8 +16,6 @@ Two ways to use it:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import diffusers
@@ -27,11 +25,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .advantages import sample_window_start
 from .dynamics import FLOW_SDE_TYPES, StepResult, ddim_step, flow_step
-from .plan import BranchFactor, BranchPlan, window_factors
+from .plan import ALGORITHMS, BranchFactor, BranchPlan, build_plan, window_factors
+from .window import sample_window_start
 
-ALGORITHMS: tuple[str, ...] = ("tree", "flat", "mix")
 DDPM_SDE_TYPES: tuple[str, ...] = ("ddim",)
 # the keywords of a tree's shape and noise (everything but the base scheduler)
 TREE_SETTINGS: tuple[str, ...] = ("sde_type", "eta", "branch_factor", "window_width", "window_start", "window_ratio",
@@ -428,36 +425,6 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (result.prev_sample, result.log_prob)
         return TreeSDESchedulerOutput(prev_sample=result.prev_sample, log_prob=result.log_prob)
-
-
-def build_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
-               window_start: int, *, zero_noise_steps: tuple[int, ...] = (), tail_steps: int | None = None
-               ) -> BranchPlan:
-    """The plan of one tree for `algorithm`; flat and mix use k^w trajectories (Π k_j for per-step counts), the
-    tree's leaf count. `zero_noise_steps` (see `TreeSDEScheduler.zero_noise_steps`) become ODE steps of flat; a
-    tree/mix window that covers one is an error. `tail_steps`: see `BranchPlan`."""
-    plan = _shape_plan(algorithm, num_steps, branch_factor, window_width, window_start, zero_noise_steps)
-    return plan if tail_steps is None else dataclasses.replace(plan, tail_steps=tail_steps)
-
-
-def _shape_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, window_width: int | None,
-                window_start: int, zero_noise_steps: tuple[int, ...]) -> BranchPlan:
-    factors = window_factors(branch_factor, window_width)
-    window_width, num_leaves = len(factors), math.prod(factors)
-    if algorithm == "flat":
-        return BranchPlan.flat(num_steps, num_leaves, deterministic_steps=zero_noise_steps)
-    if algorithm not in ("tree", "mix"):
-        raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
-    covered = sorted(set(zero_noise_steps) & set(range(window_start, window_start + window_width)))
-    if covered:
-        raise ValueError(
-            f"The SDE window (steps {window_start}…{window_start + window_width - 1} of {num_steps}) covers step(s) "
-            f"{covered}, where the step has no noise (cps into sigma = 0, or DDIM into alpha_cumprod = 1), so its "
-            f"children would be identical and have no log-probability. Start the window at most at "
-            f"{min(covered) - window_width}.")
-    if algorithm == "tree":
-        return BranchPlan.tree(num_steps, factors, window_width, window_start)
-    return BranchPlan.mix(num_steps, num_leaves, window_width, window_start)
 
 
 def _family_of(scheduler: SchedulerMixin) -> str:

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from diffusers_tree.advantages import (
-    WindowPolicy,
     aggregate_rewards,
     backup_advantages,
     effective_sample_size,
     group_normalize,
     node_depths,
-    sample_window_start,
     sibling_weights,
-    window_probs,
 )
+from diffusers_tree.window import WindowPolicy, sample_window_start, window_probs
 
 NAN = float("nan")
 

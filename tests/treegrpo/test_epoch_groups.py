@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
 from treegrpo.run.setup import setup  # noqa: E402
 from treegrpo.train.grpo import epoch_positions, epoch_prompt_indices, process_share, tree_generators  # noqa: E402

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from diffusers_tree import unique_rows  # noqa: E402
 from diffusers_tree.adapters import stock_call_kwargs  # noqa: E402
 from diffusers_tree.testing import TINY_PIPELINES  # noqa: E402
-from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
 
 from .conftest import REWARD_MODULE, write_recipe  # noqa: E402
 from .test_hub import train_capturing  # noqa: E402

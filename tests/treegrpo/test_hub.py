@@ -19,7 +19,7 @@ import treegrpo.train.trainer  # noqa: E402
 from treegrpo.hub.lora import load_lora_into  # noqa: E402
 from treegrpo.hub.push import push_run  # noqa: E402
 from treegrpo.hub.summary import LORA_WEIGHT_NAME, LoraLoadError, read_run  # noqa: E402
-from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
 
 from .conftest import REWARD_MODULE, write_recipe  # noqa: E402

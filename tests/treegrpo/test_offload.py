@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from treegrpo.recipe.schema import load_recipe
+from treegrpo.recipe.loading import load_recipe
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.setup import setup
 from treegrpo.train.trainer import run_epoch

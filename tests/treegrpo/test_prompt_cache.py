@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from diffusers_tree.testing import tiny_sd3_pipeline
-from treegrpo.recipe.schema import load_recipe
+from treegrpo.recipe.loading import load_recipe
 from treegrpo.run.prompt_cache import PromptEmbeddingCache
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.setup import setup

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from treegrpo.recipe.docs import render
-from treegrpo.recipe.schema import RecipeError, apply_override, load_recipe, to_toml, validate_recipe
+from treegrpo.recipe.loading import apply_override, load_recipe, to_toml, validate_recipe
+from treegrpo.recipe.schema import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"model": {"pretrained": "org/model"}, "reward": [{"kind": "jpeg"}], "data": {"prompts": "/prompts/p.txt"},

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from treegrpo.commands.reward_server import make_server
+from treegrpo.recipe.loading import load_recipe
 from treegrpo.recipe.preflight import PreflightError, prompt_records
-from treegrpo.recipe.schema import load_recipe
 from treegrpo.run.reporting import Reporter
 from treegrpo.train.trainer import train
 

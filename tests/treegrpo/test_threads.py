@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
 from treegrpo.run.setup import setup  # noqa: E402
 from treegrpo.run.threads import choose_cpu_threads  # noqa: E402

@@ -14,7 +14,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from diffusers_tree import unique_rows  # noqa: E402
 from treegrpo.app import app  # noqa: E402
-from treegrpo.recipe.schema import load_recipe  # noqa: E402
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
 from treegrpo.run.setup import setup  # noqa: E402
 from treegrpo.train.trainer import run_epoch, train  # noqa: E402

@@ -55,7 +55,7 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
     from huggingface_hub.errors import HfHubHTTPError
 
     card = model_card(summary, repo_id)
-    from treegrpo.recipe.schema import dict_to_toml
+    from treegrpo.recipe.loading import dict_to_toml
 
     files = {"README.md": str(card).encode(), LORA_WEIGHT_NAME: summary.lora_file,
              "recipe.resolved.toml": dict_to_toml(summary.recipe).encode(), **summary.images}

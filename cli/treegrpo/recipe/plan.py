@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusers_tree import BranchPlan, window_probs
-from diffusers_tree.scheduling_tree_sde import build_plan
+from diffusers_tree.plan import build_plan
 from treegrpo.recipe.schema import Recipe
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from treegrpo.model.loading import save_lora
-from treegrpo.recipe.schema import Recipe, to_toml
+from treegrpo.recipe.loading import to_toml
+from treegrpo.recipe.schema import Recipe
 from treegrpo.run.checkpoint import (
     CheckpointError,
     TrainerState,
