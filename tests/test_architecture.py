@@ -85,3 +85,28 @@ def test_trainer_packages_import_one_way():
 
     circles = sorted(p for p in arrows if reaches(p, p))
     assert not circles, f"import circles through {circles}: {arrows}"
+
+
+def test_every_reported_error_is_one_of_three():
+    """`treegrpo.errors`: a usage error (exit 2), a training error (exit 1) or an interruption (128 + signal); the
+    finer classes only say where it happened, so `app.py` catches three classes. Control-flow exceptions that never
+    reach the user are listed here with why."""
+    import importlib
+    import inspect
+
+    from treegrpo.errors import Interrupted, TrainingError, UsageError
+
+    internal = {"StopNow": "the signal handler's stop-at-once, turned into Interrupted by the trainer",
+                "_StopAtSafePoint": "the loop's own stop at a safe point, turned into Interrupted",
+                "RemoteRewardError": "a remote reward's failure, reported as a TrainingError by the scoring"}
+    trainer = ROOT / "cli" / "treegrpo"
+    found = {}
+    for path in trainer.rglob("*.py"):
+        name = ".".join(path.relative_to(trainer.parent).with_suffix("").parts).removesuffix(".__init__")
+        for cls_name, cls in inspect.getmembers(importlib.import_module(name), inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__ == name:
+                found[cls_name] = cls
+    assert {"RecipeError", "SetupError", "CheckpointError", "PushError"} <= set(found)
+    strays = [n for n, c in found.items() if n not in internal and not issubclass(c, (UsageError, TrainingError,
+                                                                                     Interrupted))]
+    assert not strays, strays

@@ -220,17 +220,13 @@ def run(
         _preflight(loaded, about_to_load=True)
         folder = _lock_output_folder(loaded, resume, overwrite)  # a finished or busy output.dir, before the imports
         _quiet_libraries()
-        from treegrpo.model.loading import ModelLoadError
-        from treegrpo.run.setup import SetupError
-        from treegrpo.train.grpo import TrainingError
-        from treegrpo.train.trainer import Interrupted, train
+        from treegrpo.errors import Interrupted, TrainingError, UsageError
+        from treegrpo.train.trainer import train
 
         try:
             final = train(loaded, resume=resume, overwrite=overwrite, signals=signals, folder=folder)
-        except (SetupError, ModelLoadError) as err:
-            _fail(str(err))
-        except TrainingError as err:
-            _fail(str(err), code=1)
+        except (UsageError, TrainingError) as err:  # exit 2 / exit 1 (treegrpo.errors)
+            _fail(str(err), code=err.exit_code)
         except Interrupted as stop:
             Console(stderr=True, soft_wrap=True).print(f"interrupted: {stop.message}", markup=False,
                                                        highlight=False)

@@ -93,7 +93,7 @@ def non_finite_on_rank_1(accelerator, pipe, model, optimizer, params, recipe, ra
     """4. A NaN child latent on rank 1 only (its re-scored log-prob is NaN): both ranks must stop with a
     TrainingError at the same point, rank 1 with the cause, rank 0 pointing to it; before, rank 1 raised alone and
     rank 0 died in its next collective (or waited for the NCCL timeout)."""
-    from treegrpo.train.grpo import TrainingError
+    from treegrpo.errors import TrainingError
 
     tree, record, conditioning, advantage = rollout(pipe, "tree", seed=rank)
     tree.adapter.model = model

@@ -15,13 +15,14 @@ import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
 from diffusers_tree.adapters import adapter_for, makes_videos, stock_call_kwargs
+from treegrpo.errors import UsageError
 from treegrpo.model.loading import ModelLoadError, load_pipeline
 from treegrpo.rewards.base import score_with_accuracy
 from treegrpo.run.metrics import image_grid
 from treegrpo.run.seeds import derive_seed
 
 
-class InferenceError(ValueError):
+class InferenceError(UsageError):
     """Bad inference input (reward spec, prompts, LoRA); exit code 2."""
 
 

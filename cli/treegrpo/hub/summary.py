@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from treegrpo.errors import UsageError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -24,7 +26,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class HubError(ValueError):
+class HubError(UsageError):
     """A Hub operation cannot proceed; the message says why and what to do (the CLI exits with code 2)."""
 
 

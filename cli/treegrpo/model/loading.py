@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from diffusers_tree.adapters import adapter_for
+from treegrpo.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ LORA_METADATA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alph
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and loaders look for
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """The model named in the recipe cannot be loaded; the message says what was tried and what to do."""
 
 

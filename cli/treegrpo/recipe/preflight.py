@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from treegrpo.errors import UsageError
 from treegrpo.recipe.schema import Recipe
 
 # Text encoders read at most a few hundred tokens (CLIP 77, T5 256-512); a longer line is a mistake (a wrong file),
@@ -14,7 +15,7 @@ from treegrpo.recipe.schema import Recipe
 MAX_PROMPT_CHARS = 4000
 
 
-class PreflightError(ValueError):
+class PreflightError(UsageError):
     """A file or folder named in the recipe is unusable; exit code 2."""
 
 

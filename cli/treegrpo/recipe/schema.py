@@ -19,13 +19,15 @@ from pydantic import (
     model_validator,
 )
 
+from treegrpo.errors import UsageError
+
 if sys.version_info >= (3, 11):
     pass
 else:  # pragma: no cover
     pass
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A recipe or override is invalid; the message names the key, the value and what is allowed."""
 
 

@@ -21,13 +21,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from treegrpo.errors import TrainingError
+
 PREFIX = "epoch-"
 NAME = re.compile(r"^epoch-(\d{6,})$")
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin")
 OPTIMIZER_FILES = ("optimizer.bin", "optimizer.pt")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainingError):
     """A checkpoint cannot be written or read; the message is one line naming the path and the reason."""
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 from pathlib import Path
 
+from treegrpo.errors import UsageError
 from treegrpo.recipe.schema import Recipe
 
 LOCK_NAME = ".treegrpo.lock"
@@ -27,7 +28,7 @@ FREE_FIELDS = {"train.epochs", "train.max_ratio_error", "train.cpu_threads", "da
 FREE_TABLES = ("output.",)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UsageError):
     """The output folder cannot be used as asked; the message says why and what to do. Exit code 2."""
 
 

@@ -12,6 +12,7 @@ import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler, WindowPolicy
 from diffusers_tree.adapters import makes_videos
+from treegrpo.errors import UsageError
 from treegrpo.model.loading import (
     DTYPES,
     add_lora,
@@ -28,7 +29,7 @@ from treegrpo.run.seeds import derive_seed
 from treegrpo.run.signals import StopSignals
 
 
-class SetupError(ValueError):
+class SetupError(UsageError):
     """The run cannot start: bad prompts file, reward, process count, missing checkpoint. Exit code 2."""
 
 

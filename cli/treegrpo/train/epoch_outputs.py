@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffusers_tree.adapters import stock_call_kwargs
+from treegrpo.errors import TrainingError
 from treegrpo.run.metrics import image_grid
-from treegrpo.train.grpo import TrainingError
 
 if TYPE_CHECKING:
     from treegrpo.run.setup import Run

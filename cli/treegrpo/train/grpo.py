@@ -14,13 +14,9 @@ import torch
 
 from diffusers_tree import RolloutRecord, aggregate_rewards, backup_advantages, effective_sample_size
 from diffusers_tree.adapters import Conditioning, guided_model_output
+from treegrpo.errors import TrainingError
 from treegrpo.run.seeds import derive_seed
 from treegrpo.train.loss import LossOutput, gaussian_mean_kl, grpo_edge_loss
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (NaN/Inf in rewards, log-probs, loss or weights; a failing reward; a failed write).
-    The trainer adds which checkpoint a `--resume` would start from."""
 
 
 def stop_together(accelerator, failure: TrainingError | None, what: str) -> None:

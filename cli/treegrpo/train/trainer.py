@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from treegrpo.errors import Interrupted, TrainingError
 from treegrpo.model.loading import save_lora
 from treegrpo.recipe.loading import to_toml
 from treegrpo.recipe.schema import Recipe
@@ -22,16 +23,15 @@ from treegrpo.run.checkpoint import (
     save_checkpoint,
     write_failure,
 )
-from treegrpo.run.folder import RunFolderError, RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
+from treegrpo.run.folder import RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
 from treegrpo.run.metrics import MetricsLog, reward_curve
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.setup import Run, SetupError, read_prompts, setup
-from treegrpo.run.signals import StopNow, StopSignals, exit_code, signal_name
+from treegrpo.run.signals import StopNow, StopSignals, signal_name
 from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
 from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
 from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
 from treegrpo.train.grpo import (
-    TrainingError,
     derive_seed,
     epoch_positions,
     epoch_prompt_indices,
@@ -44,15 +44,6 @@ from treegrpo.train.grpo import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """A stop signal (SIGINT/SIGTERM/SIGHUP) ended the run; `message` says what is on disk, `exit_code` is
-    128 + the signal number."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum, self.message, self.exit_code = signum, message, exit_code(signum)
 
 
 def run_epoch(run: Run, epoch: int) -> dict:
@@ -169,9 +160,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     except StopNow as stop:
         raise Interrupted(stop.args[0], f"{signal_name(stop.args[0])}: stopped at once; "
                                         f"{describe_newest(Path(recipe.output.dir))}.") from None
-    except RunFolderError as err:
-        raise SetupError(str(err)) from None
-    except (TrainingError, CheckpointError) as err:
+    except TrainingError as err:  # CheckpointError too: the message gains what a --resume would start from
         raise TrainingError(f"{str(err).rstrip('.')}; {describe_newest(Path(recipe.output.dir))}.") from None
     except OSError as err:  # a write outside the checkpoint code (metrics, samples, logs): disk full, permissions
         where = Path(err.filename) if err.filename else Path(recipe.output.dir)
