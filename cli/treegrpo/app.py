@@ -115,44 +115,6 @@ def _preflight(loaded, about_to_load: bool = False) -> None:
         _fail(str(err))
 
 
-def _reward_server_rows(loaded) -> list[tuple[str, str]]:
-    """Whether each http / vlm reward's server accepts connections now (a note, not a failure: it may start later)."""
-    from treegrpo.rewards.remote import connection_problem
-
-    rows = []
-    for spec in loaded.reward:
-        url = (spec.model_extra or {}).get("url") or (spec.model_extra or {}).get("base_url")
-        if spec.kind in ("http", "vlm") and isinstance(url, str):
-            problem = connection_problem(url)
-            rows.append((f"{spec.name or spec.kind} server", f"{url}: " + (
-                "accepts connections" if problem is None else f"NOT reachable now ({problem}); start it before "
-                "`treegrpo run`")))
-    return rows
-
-
-def _cfg_rows(loaded) -> tuple[int | None, str]:
-    """(rows per node, why): 2 with CFG, 1 without, None when the model is not on this machine yet. Read from the
-    model's family (its adapter's `uses_cfg`) and guidance, for a local, built-in or cached model."""
-    from diffusers_tree.adapters import adapter_class
-    from treegrpo.recipe.preflight import pipeline_config
-
-    config = pipeline_config(loaded.model.pretrained) or {}
-    pipeline = str(config.get("_class_name", ""))
-    adapter = adapter_class(pipeline) if pipeline else None
-    guidance = loaded.sampling.guidance_scale
-    if guidance is None and loaded.model.pretrained == "builtin:digits":  # the model's stored call defaults
-        from treegrpo.builtin import digits_metadata
-
-        guidance = digits_metadata().get("pipeline_kwargs", {}).get("guidance_scale")
-    if adapter is None:
-        return None, (f"per CFG half: x2 if the model guides with CFG at guidance "
-                      f"{guidance if guidance is not None else 'its default'} (it is not on this machine yet)")
-    guidance = adapter.default_guidance_scale if guidance is None else guidance
-    if adapter.uses_cfg(guidance, config):
-        return 2, f"CFG halves included: {pipeline} guides with CFG at guidance {guidance}"
-    return 1, f"1 row per node: no CFG for {pipeline} at guidance {guidance}"
-
-
 @app.command()
 def check(
     recipe: RecipeArg,
@@ -164,13 +126,13 @@ def check(
     prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
     loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
     _preflight(loaded)
-    from treegrpo.recipe.plan import make_plan
+    from treegrpo.recipe.plan import cfg_rows_per_node, make_plan, reward_server_notes
 
     if loaded.data.prompts_per_epoch % num_processes:
         _fail(f"data.prompts_per_epoch={loaded.data.prompts_per_epoch} is not divisible by {num_processes} "
               "processes.")
     plan = make_plan(loaded, num_processes)
-    cfg, cfg_why = _cfg_rows(loaded)
+    cfg, cfg_why = cfg_rows_per_node(loaded)
     table = Table(title=f"{recipe}: valid", show_header=False)
     rows = [
         ("algorithm", plan.algorithm),
@@ -187,7 +149,7 @@ def check(
          f"{plan.independent_rows * (cfg or 1)}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
         ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
         ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
-        *_reward_server_rows(loaded),
+        *reward_server_notes(loaded),
         ("output", loaded.output.dir),
     ]
     for name, value in rows:
@@ -288,19 +250,6 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-def _branch_factors(text: str) -> int | list[int]:
-    """`--branch-factor 3` or a shape per window step, `9,3` / `[9, 3]` (as `tree.branch_factor` in a recipe)."""
-    parts = [part.strip() for part in text.strip().strip("[]").split(",") if part.strip()]
-    if not parts or not all(part.isdigit() for part in parts):
-        _fail(f"--branch-factor {text!r}: give a whole number (children per node, e.g. 3) or one per window step, "
-              "e.g. 9,3.")
-    counts = [int(part) for part in parts]
-    if counts[0] < 2 or any(count < 1 for count in counts):
-        _fail(f"--branch-factor {text!r}: the first window step needs at least 2 children and every step at least "
-              "1 (e.g. 3, or 9,3).")
-    return counts[0] if len(counts) == 1 else counts
-
-
 def _check_model_argument(model: str) -> None:
     """The MODEL argument of `sample` / `eval` as far as it can be judged without loading (a local folder's files,
     a built-in name); messages name the argument, not a recipe key."""
@@ -357,49 +306,34 @@ def sample(
                                                     "denoiser rows; default: one per timestep).", metavar="N")] = None,
 ) -> None:
     """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
-    # everything that needs no model is judged first, before the slow imports
-    if (best_of_tree or beam) and reward is None:
-        _fail(f"{'--beam' if beam else '--best-of-tree'} needs --reward KIND to score the leaves (e.g. --reward "
-              "pickscore, or --reward digits for builtin:digits).")
-    factors = _branch_factors(branch_factor)
+    from treegrpo.errors import UsageError
+    from treegrpo.recipe.preflight import branch_factor_argument
+
+    try:  # everything that needs no model is judged first, before the slow imports
+        if (best_of_tree or beam) and reward is None:
+            raise UsageError(f"{'--beam' if beam else '--best-of-tree'} needs --reward KIND to score the leaves "
+                             "(e.g. --reward pickscore, or --reward digits for builtin:digits).")
+        factors = branch_factor_argument(branch_factor)
+    except UsageError as err:
+        _fail(str(err))
     prompts = _prompts(prompt, prompts_file)
     _check_dtype(dtype)
     _check_model_argument(model)
-    import torch
-
-    from treegrpo.commands.inference import (
-        InferenceError,
-        Settings,
-        best_of_tree_images,
-        build_rewards,
-        call_kwargs,
-        generate,
-        load_for_inference,
-        save_images,
-    )
-    from treegrpo.model.loading import ModelLoadError
+    from treegrpo.commands.inference import SampleRequest, Settings, sample_images
 
     _quiet_libraries()
     _cpu_threads()
-    settings = Settings(steps=steps, guidance_scale=guidance, height=height, width=width, seed=seed)
+    request = SampleRequest(model=model, lora=lora, prompts=prompts, out=out, num_images=num_images, dtype=dtype,
+                            settings=Settings(steps=steps, guidance_scale=guidance, height=height, width=width,
+                                              seed=seed),
+                            reward=reward if (best_of_tree or beam) else None, branch_factor=factors,
+                            window_width=window_width, window_start=window_start, beam=beam, tail_steps=tail_steps)
     try:
-        loaded = load_for_inference(model, lora, dtype=dtype)
-        kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
-        if best_of_tree or beam:
-            (scorer,) = build_rewards([reward], loaded.pipe.device, torch.float32)
-            result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=factors,
-                                         window_width=window_width, window_start=window_start, beam=beam, seed=seed,
-                                         tail_steps=tail_steps)
-            grid = save_images(result.images, prompts, out, columns=min(8, len(prompts)))
-            for p, score in zip(prompts, result.scores.tolist(), strict=True):
-                console.print(f"{score:10.4f}  {p}")
-            console.print(f"best-of-tree: {result.rows} denoiser rows; grid {grid}")
-            return
-        images = generate(loaded.pipe, prompts, num_images, kwargs, seed)
-        grid = save_images(images, [p for p in prompts for _ in range(num_images)], out, columns=num_images)
-    except (InferenceError, ModelLoadError, ValueError) as err:
+        lines = sample_images(request)
+    except (UsageError, ValueError) as err:
         _fail(str(err))
-    console.print(f"wrote {len(images)} images and {grid}")
+    for line in lines:
+        console.print(line)
 
 
 @app.command("eval")
@@ -422,13 +356,13 @@ def evaluate_command(
     prompts = _prompts(prompt, prompts_file)  # what needs no model first, before the slow imports
     _check_dtype(dtype)
     _check_model_argument(model)
-    from treegrpo.commands.inference import InferenceError, Settings, evaluate, write_json
+    from treegrpo.commands.inference import EvalBar, InferenceError, Settings, evaluate, write_json
     from treegrpo.model.loading import ModelLoadError
 
     _quiet_libraries()
     _cpu_threads()
     try:
-        with _EvalBar() as bar:
+        with EvalBar() as bar:
             data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
                             settings=Settings(steps=steps, guidance_scale=guidance, seed=seed), progress=bar)
     except (InferenceError, ModelLoadError, ValueError) as err:
@@ -449,29 +383,6 @@ def evaluate_command(
     console.print(table)
     if json_out is not None:
         write_json(data, json_out)
-
-
-class _EvalBar:
-    """`eval`'s progress on stderr: the phase (loading, sampling base / lora, scoring) and prompts done, so a run of
-    a minute or more is never silent."""
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self._progress.__enter__()
-        self._task = self._progress.add_task("starting", total=None)
-        return self
-
-    def __exit__(self, *exc):
-        return self._progress.__exit__(*exc)
-
-    def phase(self, name: str, total: int | None) -> None:
-        self._progress.update(self._task, description=name, total=total, completed=0)
-
-    def advance(self) -> None:
-        self._progress.advance(self._task)
 
 
 @app.command("reward-server")

@@ -218,3 +218,66 @@ def within_prompt_diversity(images, num_images: int) -> torch.Tensor:
 def write_json(data: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+class EvalBar(EvalProgress):
+    """`eval`'s progress on stderr: the phase (loading, sampling base / lora, scoring) and prompts done, so a run of
+    a minute or more is never silent."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self._progress.__enter__()
+        self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+    def phase(self, name: str, total: int | None) -> None:
+        self._progress.update(self._task, description=name, total=total, completed=0)
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What `treegrpo sample` was asked for (its arguments, judged)."""
+
+    model: str
+    lora: str | None
+    prompts: list[str]
+    out: Path
+    num_images: int  # per prompt, plain sampling
+    dtype: str
+    settings: Settings
+    reward: str | None  # a scorer spec: best-of-tree (or the pruned search with `beam`) instead of plain sampling
+    branch_factor: int | list[int]
+    window_width: int | None
+    window_start: int | None
+    beam: int | None
+    tail_steps: int | None
+
+
+def sample_images(request: SampleRequest) -> list[str]:
+    """`treegrpo sample`: plain ODE samples of the stock pipeline, or the best leaf of a tree per prompt scored by
+    `request.reward`; writes the images and grid.png to `request.out`. Returns the lines to print."""
+    loaded = load_for_inference(request.model, request.lora, dtype=request.dtype)
+    kwargs = call_kwargs(loaded.pipe, loaded.defaults, request.settings)
+    prompts, seed = request.prompts, request.settings.seed
+    if request.reward is None:
+        images = generate(loaded.pipe, prompts, request.num_images, kwargs, seed)
+        grid = save_images(images, [p for p in prompts for _ in range(request.num_images)], request.out,
+                           columns=request.num_images)
+        return [f"wrote {len(images)} images and {grid}"]
+    (scorer,) = build_rewards([request.reward], loaded.pipe.device, torch.float32)
+    result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=request.branch_factor,
+                                 window_width=request.window_width, window_start=request.window_start,
+                                 beam=request.beam, seed=seed, tail_steps=request.tail_steps)
+    grid = save_images(result.images, prompts, request.out, columns=min(8, len(prompts)))
+    lines = [f"{score:10.4f}  {p}" for p, score in zip(prompts, result.scores.tolist(), strict=True)]
+    return [*lines, f"best-of-tree: {result.rows} denoiser rows; grid {grid}"]

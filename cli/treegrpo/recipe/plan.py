@@ -54,3 +54,41 @@ def make_plan(recipe: Recipe, num_processes: int = 1) -> RunPlan:
         expected_rollout_rows=expected, trained_edges=any_plan.trained_edges * trees,
         trained_parents=any_plan.trained_parents * trees, independent_rows=any_plan.num_leaves * steps * trees,
     )
+
+
+def reward_server_notes(loaded: Recipe) -> list[tuple[str, str]]:
+    """Whether each http / vlm reward's server accepts connections now (a note, not a failure: it may start later)."""
+    from treegrpo.rewards.remote import connection_problem
+
+    rows = []
+    for spec in loaded.reward:
+        url = (spec.model_extra or {}).get("url") or (spec.model_extra or {}).get("base_url")
+        if spec.kind in ("http", "vlm") and isinstance(url, str):
+            problem = connection_problem(url)
+            rows.append((f"{spec.name or spec.kind} server", f"{url}: " + (
+                "accepts connections" if problem is None else f"NOT reachable now ({problem}); start it before "
+                "`treegrpo run`")))
+    return rows
+
+
+def cfg_rows_per_node(loaded: Recipe) -> tuple[int | None, str]:
+    """(rows per node, why): 2 with CFG, 1 without, None when the model is not on this machine yet. Read from the
+    model's family (its adapter's `uses_cfg`) and guidance, for a local, built-in or cached model."""
+    from diffusers_tree.adapters import adapter_class
+    from treegrpo.recipe.preflight import pipeline_config
+
+    config = pipeline_config(loaded.model.pretrained) or {}
+    pipeline = str(config.get("_class_name", ""))
+    adapter = adapter_class(pipeline) if pipeline else None
+    guidance = loaded.sampling.guidance_scale
+    if guidance is None and loaded.model.pretrained == "builtin:digits":  # the model's stored call defaults
+        from treegrpo.builtin import digits_metadata
+
+        guidance = digits_metadata().get("pipeline_kwargs", {}).get("guidance_scale")
+    if adapter is None:
+        return None, (f"per CFG half: x2 if the model guides with CFG at guidance "
+                      f"{guidance if guidance is not None else 'its default'} (it is not on this machine yet)")
+    guidance = adapter.default_guidance_scale if guidance is None else guidance
+    if adapter.uses_cfg(guidance, config):
+        return 2, f"CFG halves included: {pipeline} guides with CFG at guidance {guidance}"
+    return 1, f"1 row per node: no CFG for {pipeline} at guidance {guidance}"

@@ -220,3 +220,16 @@ def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise PreflightError(f"output.dir = {recipe.output.dir!r} is a file, not a folder; set output.dir to a "
                              "folder.")
+
+
+def branch_factor_argument(text: str) -> int | list[int]:
+    """`--branch-factor 3`, or a shape per window step `9,3` / `[9, 3]` (as `tree.branch_factor` in a recipe)."""
+    parts = [part.strip() for part in text.strip().strip("[]").split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise PreflightError(f"--branch-factor {text!r}: give a whole number (children per node, e.g. 3) or one per "
+                             "window step, e.g. 9,3.")
+    counts = [int(part) for part in parts]
+    if counts[0] < 2 or any(count < 1 for count in counts):
+        raise PreflightError(f"--branch-factor {text!r}: the first window step needs at least 2 children and every "
+                             "step at least 1 (e.g. 3, or 9,3).")
+    return counts[0] if len(counts) == 1 else counts

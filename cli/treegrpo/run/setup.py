@@ -134,47 +134,93 @@ def make_accelerator(recipe: Recipe):
 
 
 def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = None) -> Run:
-    """Everything a run needs, loaded once. `recorded_threads`: the CPU thread count a resumed run started with."""
-    from treegrpo.rewards import build_reward
-
+    """Everything a run needs, loaded once, in the order a failure is cheapest to report: the accelerator and its
+    threads, what needs no model (Hub login, prompts), the rewards, the model with its LoRA, the tree scheduler and
+    rollout, the optimizer. `recorded_threads`: the CPU thread count a resumed run started with."""
     accelerator = make_accelerator(recipe)
     if accelerator.device.type == "cpu":
-        from treegrpo.run.threads import apply_cpu_threads
+        _setup_cpu_threads(accelerator, recipe.train.cpu_threads, recorded_threads, reporter)
+    prompts, prompt_metadata = _setup_data(recipe, accelerator.num_processes)
+    rewards = _setup_rewards(recipe, accelerator.device, reporter)
+    loaded = _setup_model(recipe, accelerator.device, reporter)
+    pipe, name = loaded.pipe, loaded.denoiser_name
+    denoiser = getattr(pipe, name)
+    rollout = _setup_rollout(recipe, pipe)
+    dropped = align_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), denoiser)
+    if dropped:
+        reporter.info(f"FSDP: {type(denoiser).__name__} has no {', '.join(dropped)}; wrapping the blocks it has")
+    model, optimizer, params, ema = prepare_training(accelerator, denoiser, recipe.train)
+    rollout.adapter.model = model
+    s, t = recipe.sampling, recipe.tree
+    window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
+                          start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
+        if t.algorithm != "flat" else None
+    sample_kwargs = {
+        "guidance_scale": s.guidance_scale if s.guidance_scale is not None
+        else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
+        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
+        "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
+        "num_frames": s.num_frames,
+    }
+    run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
+              optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
+              sample_kwargs=sample_kwargs, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
+              prompt_metadata=prompt_metadata)
+    if recipe.data.cache_embeddings:
+        run.prompt_cache = PromptEmbeddingCache(run.encode_with_encoders_ready, accelerator.device,
+                                                encoders_ready=run.text_encoders_ready)
+    return run
 
-        choice = apply_cpu_threads(recipe.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                                   recorded=recorded_threads)
-        if accelerator.num_processes > 1:  # each process measured the load itself: all take the smallest count
-            threads = torch.tensor([torch.get_num_threads()], device=accelerator.device)
-            torch.set_num_threads(int(accelerator.gather(threads).min()))
-        reporter.info(f"CPU: {torch.get_num_threads()} intra-op thread(s) per process ({choice.reason})")
+
+def _setup_cpu_threads(accelerator, recipe_threads: int | None, recorded: int | None, reporter: Reporter) -> None:
+    from treegrpo.run.threads import apply_cpu_threads
+
+    choice = apply_cpu_threads(recipe_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), recorded=recorded)
+    if accelerator.num_processes > 1:  # each process measured the load itself: all take the smallest count
+        threads = torch.tensor([torch.get_num_threads()], device=accelerator.device)
+        torch.set_num_threads(int(accelerator.gather(threads).min()))
+    reporter.info(f"CPU: {torch.get_num_threads()} intra-op thread(s) per process ({choice.reason})")
+
+
+def _setup_data(recipe: Recipe, world: int) -> tuple[list[str], list[dict]]:
+    """The Hub login a final push needs (judged before training, not after it) and the prompts."""
     if recipe.output.push_to_hub:
         from treegrpo.hub.push import check_can_push
         from treegrpo.hub.summary import HubError
 
         try:
-            check_can_push(recipe.output.push_to_hub)  # fail before training, not after it
+            check_can_push(recipe.output.push_to_hub)
         except HubError as err:
             raise SetupError(f"output.push_to_hub = {recipe.output.push_to_hub!r}: {err}") from None
-    out_dir = Path(recipe.output.dir)
     prompts, prompt_metadata = read_prompt_records(recipe.data.prompts)
-    world = accelerator.num_processes
     if recipe.data.prompts_per_epoch % world:
         raise SetupError(f"data.prompts_per_epoch={recipe.data.prompts_per_epoch} must be divisible by the "
                          f"{world} processes (a prompt's trees stay on one process).")
+    return prompts, prompt_metadata
+
+
+def _setup_rewards(recipe: Recipe, device, reporter: Reporter) -> list:
+    from treegrpo.rewards import build_reward
+
     reporter.info(f"loading rewards: {', '.join(spec.name or spec.kind for spec in recipe.reward)} ...")
     rewards = []
     for spec in recipe.reward:
         try:
-            reward = build_reward(spec.kind, device=accelerator.device, dtype=DTYPES[recipe.model.dtype],
-                                  **spec.options())
+            reward = build_reward(spec.kind, device=device, dtype=DTYPES[recipe.model.dtype], **spec.options())
         except (ValueError, TypeError) as err:
             raise SetupError(f"[[reward]] kind={spec.kind!r}: {err}") from None
         reward.name = spec.name or spec.kind
         reward.frame_reduction = spec.frame_reduction  # how it scores video leaves (epoch_outputs.score_reward)
         rewards.append(reward)
-    reporter.info(f"loading {recipe.model.pretrained} ({recipe.model.dtype}) on {accelerator.device} ...")
+    return rewards
+
+
+def _setup_model(recipe: Recipe, device, reporter: Reporter):
+    """The pipeline on `device` (text encoders in CPU memory when offloaded), its size rule checked, LoRA added
+    with the family's default targets (or the whole denoiser trainable), gradient checkpointing."""
+    reporter.info(f"loading {recipe.model.pretrained} ({recipe.model.dtype}) on {device} ...")
     loaded = load_pipeline(recipe.model.pretrained, dtype=recipe.model.dtype, revision=recipe.model.revision,
-                           device=accelerator.device, text_encoders_on_cpu=recipe.model.offload_text_encoders)
+                           device=device, text_encoders_on_cpu=recipe.model.offload_text_encoders)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)
     check_image_size(pipe, denoiser, recipe.sampling.height, recipe.sampling.width)
@@ -188,11 +234,15 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         denoiser.float()
     if recipe.model.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    return loaded
+
+
+def _setup_rollout(recipe: Recipe, pipe) -> TreeRolloutPipeline:
+    """The tree scheduler the recipe describes (its window start is replaced every epoch) and the rollout."""
     s, t = recipe.sampling, recipe.tree
     scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, sde_type=s.sde_type, eta=s.eta,
                                                 branch_factor=t.branch_factor, window_width=t.window_width,
-                                                window_start=0,  # replaced every epoch (run_epoch)
-                                                window_ratio=t.window_ratio, algorithm=t.algorithm,
+                                                window_start=0, window_ratio=t.window_ratio, algorithm=t.algorithm,
                                                 tail_steps=s.tail_steps, tail_solver_order=s.tail_solver_order)
     if recipe.train.kl_beta > 0 and recipe.train.kl_scale == "flow_grpo" and scheduler.family != "flow":
         raise SetupError(f"train.kl_scale = 'flow_grpo' needs a flow-matching model; {recipe.model.pretrained} "
@@ -202,29 +252,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         raise SetupError(f"sampling.num_frames = {s.num_frames}: {type(pipe).__name__} makes images, not videos; "
                          "remove sampling.num_frames.")
     rollout.set_progress_bar_config(disable=True)
-    dropped = align_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), denoiser)
-    if dropped:
-        reporter.info(f"FSDP: {type(denoiser).__name__} has no {', '.join(dropped)}; wrapping the blocks it has")
-    model, optimizer, params, ema = prepare_training(accelerator, denoiser, recipe.train)
-    rollout.adapter.model = model
-    window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
-                          start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
-        if t.algorithm != "flat" else None
-    sample_kwargs = {
-        "guidance_scale": s.guidance_scale if s.guidance_scale is not None
-        else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
-        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
-        "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
-        "num_frames": s.num_frames,
-    }
-    run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
-              optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
-              sample_kwargs=sample_kwargs, out_dir=out_dir, reporter=reporter, ema=ema,
-              prompt_metadata=prompt_metadata)
-    if recipe.data.cache_embeddings:
-        run.prompt_cache = PromptEmbeddingCache(run.encode_with_encoders_ready, accelerator.device,
-                                                encoders_ready=run.text_encoders_ready)
-    return run
+    return rollout
 
 
 def align_fsdp_wrap_classes(plugin, denoiser: torch.nn.Module) -> list[str]:
