@@ -173,6 +173,32 @@ def agreed_micro_batches(accelerator, plan: list[list[torch.Tensor]]) -> list[in
     return gathered.max(dim=0).values.tolist()
 
 
+@dataclass
+class _Sums:
+    """Running sums over an epoch's micro-batches and updates (named, not `totals["akl"]`)."""
+
+    loss: float = 0.0  # micro-batch losses of an update sum to its mean
+    ratio: float = 0.0
+    clip_frac: float = 0.0
+    approx_kl: float = 0.0
+    kl: float = 0.0
+    grad_norm: float = 0.0
+    micro_batches: int = 0
+    updates: int = 0
+    rows: int = 0
+    first_ratio_error: float | None = None
+
+    def add(self, out: LossOutput) -> None:
+        if self.first_ratio_error is None:
+            self.first_ratio_error = out.ratio_max_error
+        self.loss += float(out.loss.detach())
+        self.ratio += out.ratio_mean
+        self.clip_frac += out.clip_frac
+        self.approx_kl += out.approx_kl
+        self.kl += out.kl
+        self.micro_batches += 1
+
+
 def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, conditioning: Conditioning,
                     edge_advantage: torch.Tensor, edge_mask: torch.Tensor, optimizer, params, train, adv_clip: float,
                     generator: torch.Generator, reference=None, ema=None) -> TrainStats:
@@ -188,55 +214,54 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
     parents = trained.nonzero().squeeze(1)
     parents = parents[torch.randperm(parents.numel(), generator=generator)]
     plan = update_plan(parents, train.updates_per_epoch, train.micro_batch_size)
-    agreed = agreed_micro_batches(accelerator, plan)
     # a padding micro-batch re-runs one real parent at zero weight (any parent of the record will do)
     padding_batch = parents[:1] if parents.numel() else torch.zeros(1, dtype=torch.long)
-    cfg = 2 if conditioning.do_cfg else 1
-    totals = {"loss": 0.0, "ratio": 0.0, "clip": 0.0, "akl": 0.0, "kl": 0.0, "grad": 0.0}
-    first_error, micro_batches, rows, updates = None, 0, 0, 0
-    for batches, planned in zip(plan, agreed, strict=True):
+    sums = _Sums()
+
+    def micro_batch_loss(batch, normalizer):
+        return _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, batch, edge_mask,
+                                 edge_advantage, train, adv_clip, normalizer, reference)
+
+    for batches, planned in zip(plan, agreed_micro_batches(accelerator, plan), strict=True):
         if planned == 0:  # no process has parents for this update
             continue
         normalizer = max(int((torch.isin(record.edge_parent, torch.cat(batches)) & edge_mask).sum()), 1) \
             if batches else 1
-        failure = None
-        for b in range(planned):
-            padding = b >= len(batches)
-            batch = padding_batch if padding else batches[b]
-            with nullcontext() if b == planned - 1 else accelerator.no_sync(adapter.model):
-                out = _micro_batch_loss(accelerator, adapter, scheduler, record, conditioning, batch, edge_mask,
-                                        edge_advantage, train, adv_clip, normalizer, reference)
-                accelerator.backward(out.loss * 0.0 if padding else out.loss)
-            rows += batch.numel() * cfg
-            if padding or failure is not None:
-                continue
-            # noted, not raised: this process still runs the update's remaining forwards and backward, which are
-            # collectives under DDP/FSDP, and every process then learns of it at the same point
-            failure = _non_finite(out)
-            if failure is not None:
-                continue
-            if first_error is None:
-                first_error = out.ratio_max_error
-            totals["loss"] += float(out.loss.detach())  # micro-batch losses of an update sum to its mean
-            totals["ratio"] += out.ratio_mean
-            totals["clip"] += out.clip_frac
-            totals["akl"] += out.approx_kl
-            totals["kl"] += out.kl
-            micro_batches += 1
-        stop_together(accelerator, failure, "training (a non-finite log-prob, ratio or loss)")
-        grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm)
-        totals["grad"] += _to_float(grad_norm)
+        real = len(batches)
+        _accumulate_update(accelerator, adapter.model, [*batches, *[padding_batch] * (planned - real)], real,
+                           micro_batch_loss, normalizer, sums, rows_per_parent=2 if conditioning.do_cfg else 1)
+        sums.grad_norm += _to_float(accelerator.clip_grad_norm_(params, train.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        updates += 1
+        sums.updates += 1
         if ema is not None:
             ema.update()
-    n = max(micro_batches, 1)
-    return TrainStats(loss=totals["loss"] / max(updates, 1), ratio_mean=totals["ratio"] / n,
-                      first_ratio_error=first_error or 0.0, clip_frac=totals["clip"] / n,
-                      approx_kl=totals["akl"] / n, kl=totals["kl"] / n,
-                      grad_norm=totals["grad"] / max(updates, 1), train_rows=rows,
-                      trained_edges=int(edge_mask.sum()), trained_parents=int(parents.numel()))
+    n, updates = max(sums.micro_batches, 1), max(sums.updates, 1)
+    return TrainStats(loss=sums.loss / updates, ratio_mean=sums.ratio / n,
+                      first_ratio_error=sums.first_ratio_error or 0.0, clip_frac=sums.clip_frac / n,
+                      approx_kl=sums.approx_kl / n, kl=sums.kl / n, grad_norm=sums.grad_norm / updates,
+                      train_rows=sums.rows, trained_edges=int(edge_mask.sum()), trained_parents=int(parents.numel()))
+
+
+def _accumulate_update(accelerator, model, batches: list[torch.Tensor], real: int, micro_batch_loss, normalizer: int,
+                       sums: _Sums, rows_per_parent: int) -> None:
+    """One optimizer update's micro-batches, forward and backward each, all but the last inside `no_sync`; the
+    first `real` hold this process's parents, the rest are zero-weight padding so that every process runs the same
+    collectives. A non-finite micro-batch is noted, not raised: this process still runs the update's remaining
+    forwards and backward (collectives under DDP/FSDP), and every process learns of it at the same point."""
+    failure = None
+    for b, batch in enumerate(batches):
+        padding = b >= real
+        with nullcontext() if b == len(batches) - 1 else accelerator.no_sync(model):
+            out = micro_batch_loss(batch, normalizer)
+            accelerator.backward(out.loss * 0.0 if padding else out.loss)
+        sums.rows += batch.numel() * rows_per_parent
+        if padding or failure is not None:
+            continue
+        failure = _non_finite(out)
+        if failure is None:
+            sums.add(out)
+    stop_together(accelerator, failure, "training (a non-finite log-prob, ratio or loss)")
 
 
 def _non_finite(out: LossOutput) -> TrainingError | None:
