@@ -161,44 +161,49 @@ class TreeRolloutPipeline:
                 keep (used by the pruned tree search). With pruning the record is not built.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if conditioning is not None:  # encoded for one image size (FLUX's image ids, SDXL's time ids): use it
-            encoded = (conditioning.height, conditioning.width)
-            if (height or encoded[0], width or encoded[1]) != encoded:
-                raise ValueError(f"height/width {height}x{width} differ from the conditioning's "
-                                 f"{conditioning.height}x{conditioning.width}; encode for the size you sample.")
-            height, width = conditioning.height, conditioning.width
-            if num_frames is not None and num_frames != conditioning.num_frames:
-                raise ValueError(f"num_frames={num_frames} differs from the conditioning's "
-                                 f"{conditioning.num_frames}; encode with the num_frames you sample.")
-            num_frames = conditioning.num_frames
-        height, width = self._size(height, width)
+        # 1. the conditioning: given (its size and frame count win) or encoded now
         if conditioning is None:
+            height, width = self._size(height, width)
             conditioning = self.encode(prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                        height=height, width=width, max_sequence_length=max_sequence_length,
                                        num_frames=num_frames)
-            num_frames = conditioning.num_frames
-        if conditioning.num_prompts != len(prompts):
-            raise ValueError(f"conditioning has {conditioning.num_prompts} prompts but {len(prompts)} were given.")
-        if isinstance(generator, list) and (len(generator) != len(prompts) * num_trees or prune is not None):
-            raise ValueError(f"A generator list needs one generator per tree ({len(prompts) * num_trees}) and no "
-                             f"pruning; got {len(generator)}.")
-        if num_trees < 1 or max_batch_size < (2 if conditioning.do_cfg else 1):
-            raise ValueError(f"num_trees ({num_trees}) must be >= 1 and max_batch_size ({max_batch_size}) >= 2.")
-        num_roots = len(prompts) * num_trees
-        dtype = next(iter(conditioning.cond.values())).dtype
+        self.check_inputs(prompts, conditioning, height, width, num_frames, num_trees, generator, latents,
+                          max_batch_size, prune)
+        # 2. the roots and the schedule
         if latents is None:
-            latents = self.prepare_roots(num_roots, height, width, generator, dtype, num_frames=num_frames)
-        elif latents.shape[0] != num_roots:
-            raise ValueError(f"latents has {latents.shape[0]} rows; expected num_prompts × num_trees = {num_roots}.")
+            latents = self.prepare_roots(len(prompts) * num_trees, conditioning.height, conditioning.width, generator,
+                                         next(iter(conditioning.cond.values())).dtype,
+                                         num_frames=conditioning.num_frames)
         self.adapter.set_timesteps(self.scheduler, num_inference_steps, latents)
         if window_start is not None:
             self.scheduler.set_window_start(window_start)
-        plan = self.scheduler.plan
-        noise_generator = generator or self.scheduler.noise_generator
-        leaves, record, rows = self._expand(latents, conditioning, plan, num_trees, noise_generator, max_batch_size,
-                                            prune, return_record and prune is None, record_device)
+        # 3. the tree, every unique node once; then the leaves decoded
+        leaves, record, rows = self._expand(latents, conditioning, self.scheduler.plan, num_trees,
+                                            generator or self.scheduler.noise_generator, max_batch_size, prune,
+                                            return_record and prune is None, record_device)
         images = leaves if output_type == "latent" else self.decode(leaves, conditioning, max_batch_size, output_type)
         return TreeRolloutOutput(images=images, record=record, rows=rows)
+
+    def check_inputs(self, prompts: list[str], conditioning: Conditioning, height, width, num_frames, num_trees: int,
+                     generator, latents, max_batch_size: int, prune) -> None:
+        """The call's arguments agree with each other and with the conditioning (encoded for one image size and
+        frame count: FLUX's image ids, SDXL's time ids)."""
+        if (height or conditioning.height, width or conditioning.width) != (conditioning.height, conditioning.width):
+            raise ValueError(f"height/width {height}x{width} differ from the conditioning's "
+                             f"{conditioning.height}x{conditioning.width}; encode for the size you sample.")
+        if num_frames is not None and num_frames != conditioning.num_frames:
+            raise ValueError(f"num_frames={num_frames} differs from the conditioning's "
+                             f"{conditioning.num_frames}; encode with the num_frames you sample.")
+        if conditioning.num_prompts != len(prompts):
+            raise ValueError(f"conditioning has {conditioning.num_prompts} prompts but {len(prompts)} were given.")
+        num_roots = len(prompts) * num_trees
+        if isinstance(generator, list) and (len(generator) != num_roots or prune is not None):
+            raise ValueError(f"A generator list needs one generator per tree ({num_roots}) and no pruning; got "
+                             f"{len(generator)}.")
+        if num_trees < 1 or max_batch_size < (2 if conditioning.do_cfg else 1):
+            raise ValueError(f"num_trees ({num_trees}) must be >= 1 and max_batch_size ({max_batch_size}) >= 2.")
+        if latents is not None and latents.shape[0] != num_roots:
+            raise ValueError(f"latents has {latents.shape[0]} rows; expected num_prompts × num_trees = {num_roots}.")
 
     def prepare_roots(self, num: int, height: int, width: int, generator, dtype: torch.dtype,
                       num_frames: int | None = None) -> torch.Tensor:
