@@ -175,17 +175,21 @@ def flow_step(
         mean = x + dt * v
         return StepResult(mean.to(sample.dtype), mean, torch.zeros_like(mean), None)
 
-    if sde_type == "cps":
-        std = sigma_next_t * math.sin(eta * math.pi / 2)
-        x0_pred = x - sigma_t * v
-        x1_pred = x + (1 - sigma_t) * v
-        mean = x0_pred * (1 - sigma_next_t) + x1_pred * torch.sqrt(sigma_next_t**2 - std**2)
-    else:
-        s = flow_sde_scale(sigma_t, sde_type=sde_type, eta=eta, sigma_max=sigma_max)
-        # mean = x + dt·[v + s²/(2σ)·(x + (1-σ)·v)]: the Euler step of the reverse SDE with the same marginals.
-        mean = x + dt * (v + s**2 / (2 * sigma_t) * (x + (1 - sigma_t) * v))
-        std = s * torch.sqrt(-dt)
+    mean, std = _flow_sde_mean_std(x, v, sigma_t, sigma_next_t, sde_type=sde_type, eta=eta, sigma_max=sigma_max)
     return _sample_or_score(mean, std, sample.dtype, noise, prev_sample, generator)
+
+
+def _flow_sde_mean_std(x, v, sigma, sigma_next, *, sde_type: str, eta: float, sigma_max: float | None):
+    """Mean and std of the stochastic flow step (SPEC §2.5), float32 tensors."""
+    if sde_type == "cps":
+        std = sigma_next * math.sin(eta * math.pi / 2)
+        x0_pred = x - sigma * v
+        x1_pred = x + (1 - sigma) * v
+        return x0_pred * (1 - sigma_next) + x1_pred * torch.sqrt(sigma_next**2 - std**2), std
+    dt = sigma_next - sigma
+    s = flow_sde_scale(sigma, sde_type=sde_type, eta=eta, sigma_max=sigma_max)
+    # mean = x + dt·[v + s²/(2σ)·(x + (1-σ)·v)]: the Euler step of the reverse SDE with the same marginals.
+    return x + dt * (v + s**2 / (2 * sigma) * (x + (1 - sigma) * v)), s * torch.sqrt(-dt)
 
 
 def ddim_step(
