@@ -448,22 +448,31 @@ def push(
 def main() -> None:
     """Entry point of the `treegrpo` console script and of `python -m treegrpo`. Usage errors (a missing argument,
     an unknown option) come out as one `error:` line like every other error, with the command's help hint."""
-    from typer._click.exceptions import NoArgsIsHelpError  # Typer vendors click; its errors derive from these
-    from typer.exceptions import TyperException
-
     from treegrpo.run.signals import guard_output_streams
 
+    exceptions = _click_exceptions()
+    no_args_help = getattr(exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (older ones print the help and exit)
     guard_output_streams()  # `treegrpo --help | head` and the like: a reader that leaves early is not an error
     try:
         code = app(prog_name="treegrpo", standalone_mode=False)
-    except NoArgsIsHelpError as err:  # `treegrpo` alone: the help, as no_args_is_help promises
+    except no_args_help as err:  # `treegrpo` alone: the help, as no_args_is_help promises
         print(err.format_message())
         raise SystemExit(0) from None
-    except TyperException as err:
+    except exceptions.ClickException as err:
         ctx = getattr(err, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         _print_error(f"{err.format_message()}{hint}")
         raise SystemExit(err.exit_code) from None
-    except typer.Abort:
+    except (typer.Abort, getattr(exceptions, "Abort", typer.Abort)):  # click's own Abort under Typer 0.16
         raise SystemExit(1) from None
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions():
+    """The exceptions module of the click Typer runs on: recent Typer vendors click (`typer._click`), Typer 0.16
+    (the lowest we allow) uses click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
