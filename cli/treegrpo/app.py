@@ -82,18 +82,9 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _quiet_libraries() -> None:
-    """Our own progress and messages replace the libraries' loading bars and import chatter."""
-    import diffusers
-    import transformers
+    from treegrpo.commands.arguments import quiet_libraries
 
-    if VERBOSE[0]:  # --verbose: the libraries' own warnings (e.g. an ignored dtype) are what the user wants to see
-        diffusers.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-        return
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries(verbose=VERBOSE[0])
 
 
 def _load(recipe: Path, overrides: list[str] | None):
@@ -126,33 +117,13 @@ def check(
     prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
     loaded = _load(recipe, overrides)  # recipe and files first: a typo is reported before any heavy import
     _preflight(loaded)
-    from treegrpo.recipe.plan import cfg_rows_per_node, make_plan, reward_server_notes
+    from treegrpo.recipe.plan import make_plan, plan_rows
 
     if loaded.data.prompts_per_epoch % num_processes:
         _fail(f"data.prompts_per_epoch={loaded.data.prompts_per_epoch} is not divisible by {num_processes} "
               "processes.")
-    plan = make_plan(loaded, num_processes)
-    cfg, cfg_why = cfg_rows_per_node(loaded)
     table = Table(title=f"{recipe}: valid", show_header=False)
-    rows = [
-        ("algorithm", plan.algorithm),
-        ("model", loaded.model.pretrained),
-        ("leaves per prompt", str(plan.leaves_per_prompt)),
-        ("children per SDE step", " x ".join(map(str, plan.children_per_sde_step))),
-        ("ODE tail after the window", "exact (one step per timestep)" if loaded.sampling.tail_steps is None else
-         f"at most {loaded.sampling.tail_steps} DPM-Solver++ steps (order {loaded.sampling.tail_solver_order})"),
-        ("prompts per epoch / per process", f"{loaded.data.prompts_per_epoch} / {plan.prompts_per_process}"),
-        ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows * (cfg or 1):.0f}  ({cfg_why})"),
-        ("rollout rows by window start", ", ".join(f"{s}: {r * (cfg or 1)}"
-                                                   for s, r in plan.rows_by_window_start.items())),
-        ("independent-trajectory rows",
-         f"{plan.independent_rows * (cfg or 1)}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
-        ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
-        ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
-        *reward_server_notes(loaded),
-        ("output", loaded.output.dir),
-    ]
-    for name, value in rows:
+    for name, value in plan_rows(loaded, make_plan(loaded, num_processes)):
         table.add_row(name, value)
     console.print(table)
 
@@ -213,21 +184,6 @@ def _lock_output_folder(loaded, resume: bool, overwrite: bool):
         _fail(str(err))
 
 
-def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
-    """The prompts of `sample` / `eval`, judged before any heavy import."""
-    from treegrpo.recipe.preflight import PreflightError, prompts_from_file
-
-    found = list(prompt or [])
-    if prompts_file is not None:
-        try:
-            found += prompts_from_file(str(prompts_file), "--prompts")
-        except PreflightError as err:
-            _fail(str(err))
-    if not found:
-        _fail("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
-    return found
-
-
 ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, or builtin:digits.", metavar="MODEL")]
 LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: run folder's final/, a file, "
                                                 "or a hub repo id.", metavar="LORA")]
@@ -244,31 +200,14 @@ DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights and compute d
                                           "the memory of FLUX / SD3.5).", metavar="fp32|bf16|fp16")]
 
 
-def _check_dtype(dtype: str) -> str:
-    if dtype not in ("fp32", "bf16", "fp16"):
-        _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
-    return dtype
-
-
-def _check_model_argument(model: str) -> None:
-    """The MODEL argument of `sample` / `eval` as far as it can be judged without loading (a local folder's files,
-    a built-in name); messages name the argument, not a recipe key."""
-    from treegrpo.recipe.preflight import PreflightError, check_pretrained
+def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> list[str]:
+    from treegrpo.commands.arguments import judge_sampling_arguments
+    from treegrpo.errors import UsageError
 
     try:
-        check_pretrained(model, key="MODEL", about_to_load=True)
-    except PreflightError as err:
+        return judge_sampling_arguments(model, prompt, prompts_file, dtype)
+    except UsageError as err:
         _fail(str(err))
-
-
-def _cpu_threads() -> None:
-    """`sample` and `eval` on a CPU take their threads as `run` does: the free cores (see treegrpo.run.threads)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        from treegrpo.run.threads import apply_cpu_threads
-
-        apply_cpu_threads(None)
 
 
 @app.command()
@@ -316,13 +255,13 @@ def sample(
         factors = branch_factor_argument(branch_factor)
     except UsageError as err:
         _fail(str(err))
-    prompts = _prompts(prompt, prompts_file)
-    _check_dtype(dtype)
-    _check_model_argument(model)
+    prompts = _judged_sampling_arguments(model, prompt, prompts_file, dtype)
     from treegrpo.commands.inference import SampleRequest, Settings, sample_images
 
     _quiet_libraries()
-    _cpu_threads()
+    from treegrpo.commands.arguments import use_free_cpu_threads
+
+    use_free_cpu_threads()
     request = SampleRequest(model=model, lora=lora, prompts=prompts, out=out, num_images=num_images, dtype=dtype,
                             settings=Settings(steps=steps, guidance_scale=guidance, height=height, width=width,
                                               seed=seed),
@@ -353,34 +292,21 @@ def evaluate_command(
                                                   help="Also write the results as JSON here.")] = None,
 ) -> None:
     """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise."""
-    prompts = _prompts(prompt, prompts_file)  # what needs no model first, before the slow imports
-    _check_dtype(dtype)
-    _check_model_argument(model)
-    from treegrpo.commands.inference import EvalBar, InferenceError, Settings, evaluate, write_json
-    from treegrpo.model.loading import ModelLoadError
+    prompts = _judged_sampling_arguments(model, prompt, prompts_file, dtype)  # before the slow imports
+    from treegrpo.commands.inference import EvalBar, Settings, eval_table, evaluate, write_json
+    from treegrpo.errors import UsageError
 
     _quiet_libraries()
-    _cpu_threads()
+    from treegrpo.commands.arguments import use_free_cpu_threads
+
+    use_free_cpu_threads()
     try:
         with EvalBar() as bar:
             data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
                             settings=Settings(steps=steps, guidance_scale=guidance, seed=seed), progress=bar)
-    except (InferenceError, ModelLoadError, ValueError) as err:
+    except (UsageError, ValueError) as err:
         _fail(str(err))
-    table = Table(title=f"{model}: {len(prompts)} prompts × {num_images} images")
-    table.add_column("reward")
-    for label in data["results"]:
-        table.add_column(label)
-    for name in next(iter(data["results"].values())):
-        cells = []
-        for scores in data["results"].values():
-            entry = scores[name]
-            text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
-            if "accuracy" in entry:
-                text += f"  (acc {entry['accuracy']:.1%})"
-            cells.append(text)
-        table.add_row(name, *cells)
-    console.print(table)
+    console.print(eval_table(data))
     if json_out is not None:
         write_json(data, json_out)
 
@@ -397,28 +323,16 @@ def reward_server(
     dtype: DtypeOption = "fp32",
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
-    import torch
-
-    from treegrpo.commands.inference import InferenceError, build_rewards
-    from treegrpo.commands.reward_server import make_server
+    if dtype not in ("fp32", "bf16", "fp16"):
+        _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
+    from treegrpo.commands.reward_server import serve_reward
+    from treegrpo.errors import UsageError
 
     _quiet_libraries()
-    spec = kind + (":" + ",".join(option) if option else "")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        (reward,) = build_rewards([spec], device, {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                   "fp16": torch.float16}[_check_dtype(dtype)])
-        server = make_server(reward, host, port)
-    except (InferenceError, OSError) as err:
+        serve_reward(kind, option or [], host=host, port=port, dtype=dtype, announce=console.print)
+    except (UsageError, OSError) as err:
         _fail(str(err))
-    console.print(f"serving reward {kind!r} on http://{host}:{server.server_address[1]}/score ({device}); "
-                  "Ctrl-C stops")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 @app.command()

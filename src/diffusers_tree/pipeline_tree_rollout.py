@@ -17,9 +17,10 @@ import torch
 from diffusers.utils import BaseOutput
 
 from .adapters import Conditioning, PipelineAdapter, adapter_for, guided_model_output, makes_videos
+from .noise import draw_branch_noise
 from .plan import BranchPlan
 from .record import RecordBuilder, RolloutRecord
-from .scheduling_tree_sde import TreeSDEScheduler, draw_branch_noise
+from .scheduling_tree_sde import TreeSDEScheduler
 
 logger = logging.getLogger(__name__)
 

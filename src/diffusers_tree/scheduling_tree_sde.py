@@ -23,10 +23,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from .dynamics import FLOW_SDE_TYPES, StepResult, ddim_step, flow_step
+from .noise import draw_branch_noise
 from .plan import ALGORITHMS, BranchFactor, BranchPlan, build_plan, window_factors
+from .tail import tail_solver
 from .window import sample_window_start
 
 DDPM_SDE_TYPES: tuple[str, ...] = ("ddim",)
@@ -48,27 +49,6 @@ class TreeSDESchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor | None = None
-
-
-def draw_branch_noise(
-    num_trees: int,
-    num_children: int,
-    shape: tuple[int, ...],
-    *,
-    generator: torch.Generator | list[torch.Generator] | None,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """The noise convention shared by the scheduler and the rollout pipeline: one float32 draw per SDE step of
-    shape `[num_trees * num_children, *shape]`, tree-major, children in node order. Equal generators give equal
-    trees whichever way they are computed. A list of `num_trees` generators draws each tree's children from its own
-    generator (so a tree does not depend on which other trees share its batch, e.g. across processes)."""
-    if isinstance(generator, list):
-        if len(generator) != num_trees:
-            raise ValueError(f"Got {len(generator)} generators for {num_trees} trees; pass one per tree.")
-        return torch.cat([randn_tensor((num_children, *shape), generator=g, device=torch.device(device),
-                                       dtype=torch.float32) for g in generator])
-    return randn_tensor((num_trees * num_children, *shape), generator=generator, device=torch.device(device),
-                        dtype=torch.float32)
 
 
 class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
@@ -333,46 +313,9 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
                          generator=generator)
 
     def tail_solver(self, levels: tuple[int, ...] | list[int], order: int | None = None):
-        """A diffusers `DPMSolverMultistepScheduler` (DPM-Solver++, data prediction) set up to integrate the
-        probability-flow ODE from level `levels[0]` to level `levels[-1]` of the current schedule, one solver step
-        per consecutive pair of `levels` (the plan's `tail_levels`). Step it with the denoiser's output at
-        `self.timesteps[levels[j]]`, as any diffusers scheduler: `solver.step(model_output, t, x).prev_sample`.
-
-        Why diffusers' solver with its grid replaced: its `set_timesteps` builds a grid from pure noise (DPM-Solver
-        takes no custom sigmas; UniPC reshapes them), while the tail starts mid-schedule on the sigmas the model was
-        sampled with. Only `sigmas` and `timesteps` are replaced, after `set_timesteps` has reset the solver state.
-        Order 1 is the DDIM step, which for flow matching equals the Euler ODE step, so over every level it
-        reproduces the exact tail."""
-        from diffusers import DPMSolverMultistepScheduler
-
-        if self.timesteps is None:
-            raise RuntimeError("Call `set_timesteps` before `tail_solver`.")
-        levels = [int(level) for level in levels]
-        if len(levels) < 2 or levels != sorted(set(levels)) or levels[0] < 0 or levels[-1] > self.num_inference_steps:
-            raise ValueError(f"levels must increase within 0 … {self.num_inference_steps}, got {levels}.")
-        order = self.config.tail_solver_order if order is None else order
-        common = {"algorithm_type": "dpmsolver++", "solver_order": order, "lower_order_final": True,
-                  "final_sigmas_type": "zero", "use_karras_sigmas": False, "thresholding": False}
-        index = torch.tensor(levels)
-        if self.family == "flow":
-            solver = DPMSolverMultistepScheduler(num_train_timesteps=self.base.config.num_train_timesteps,
-                                                 use_flow_sigmas=True, prediction_type="flow_prediction", **common)
-            sigmas = self.sigma_table[index]
-        else:
-            # DPM-Solver's sigma of a variance-preserving schedule: sqrt((1 - ᾱ) / ᾱ), at DDIM's grid and after it
-            solver = DPMSolverMultistepScheduler.from_config(
-                {k: v for k, v in self.base.config.items() if not k.startswith("_")},
-                prediction_type=self.config.prediction_type, **common)
-            grid = torch.cat([self.alpha_pair(torch.arange(self.num_inference_steps))[0],
-                              self.alpha_pair(torch.tensor([self.num_inference_steps - 1]))[1]])
-            alpha = grid[index].double()
-            sigmas = ((1 - alpha) / alpha).sqrt().float()
-        solver.set_timesteps(len(levels) - 1)
-        solver.sigmas = sigmas
-        solver.timesteps = self.timesteps[index[:-1].to(self.timesteps.device)].clone()
-        solver.num_inference_steps = len(levels) - 1
-        solver.set_begin_index(0)
-        return solver
+        """A DPM-Solver++ set up to integrate the ODE tail over `levels` of the current schedule (see
+        [`~diffusers_tree.tail.tail_solver`]); `order` defaults to `tail_solver_order`."""
+        return tail_solver(self, levels, self.config.tail_solver_order if order is None else order)
 
     def alpha_pair(self, step_index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ᾱ_t, ᾱ_prev) of DDIM step(s), as CPU float32 tensors. ᾱ_prev is read at the next timestep of the schedule

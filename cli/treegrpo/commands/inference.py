@@ -281,3 +281,23 @@ def sample_images(request: SampleRequest) -> list[str]:
     grid = save_images(result.images, prompts, request.out, columns=min(8, len(prompts)))
     lines = [f"{score:10.4f}  {p}" for p, score in zip(prompts, result.scores.tolist(), strict=True)]
     return [*lines, f"best-of-tree: {result.rows} denoiser rows; grid {grid}"]
+
+
+def eval_table(data: dict):
+    """`treegrpo eval`'s results as a rich table: a row per reward (and diversity), a column per model variant."""
+    from rich.table import Table
+
+    table = Table(title=f"{data['model']}: {data['prompts']} prompts × {data['images_per_prompt']} images")
+    table.add_column("reward")
+    for label in data["results"]:
+        table.add_column(label)
+    for name in next(iter(data["results"].values())):
+        cells = []
+        for scores in data["results"].values():
+            entry = scores[name]
+            text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+            if "accuracy" in entry:
+                text += f"  (acc {entry['accuracy']:.1%})"
+            cells.append(text)
+        table.add_row(name, *cells)
+    return table

@@ -82,3 +82,25 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000) -> ThreadingH
             logger.info("%s %s", self.address_string(), format % args)
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: str, announce) -> None:
+    """`treegrpo reward-server`: build the reward `kind` with `options` (`key=value`) on the GPU when there is one
+    and serve it until Ctrl-C; `announce` prints where it listens. Raises `UsageError` for a bad kind or option
+    and `OSError` when the address cannot be bound."""
+    import torch
+
+    from treegrpo.commands.inference import build_rewards
+
+    spec = kind + (":" + ",".join(options) if options else "")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    (reward,) = build_rewards([spec], device, dtypes[dtype])
+    server = make_server(reward, host, port)
+    announce(f"serving reward {kind!r} on http://{host}:{server.server_address[1]}/score ({device}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -92,3 +92,28 @@ def cfg_rows_per_node(loaded: Recipe) -> tuple[int | None, str]:
     if adapter.uses_cfg(guidance, config):
         return 2, f"CFG halves included: {pipeline} guides with CFG at guidance {guidance}"
     return 1, f"1 row per node: no CFG for {pipeline} at guidance {guidance}"
+
+
+def plan_rows(loaded: Recipe, plan: RunPlan) -> list[tuple[str, str]]:
+    """The (name, value) rows `treegrpo check` prints for a valid recipe."""
+    cfg, cfg_why = cfg_rows_per_node(loaded)
+    factor = cfg or 1
+    s = loaded.sampling
+    return [
+        ("algorithm", plan.algorithm),
+        ("model", loaded.model.pretrained),
+        ("leaves per prompt", str(plan.leaves_per_prompt)),
+        ("children per SDE step", " x ".join(map(str, plan.children_per_sde_step))),
+        ("ODE tail after the window", "exact (one step per timestep)" if s.tail_steps is None else
+         f"at most {s.tail_steps} DPM-Solver++ steps (order {s.tail_solver_order})"),
+        ("prompts per epoch / per process", f"{loaded.data.prompts_per_epoch} / {plan.prompts_per_process}"),
+        ("rollout rows per epoch (expected)", f"{plan.expected_rollout_rows * factor:.0f}  ({cfg_why})"),
+        ("rollout rows by window start", ", ".join(f"{start}: {rows * factor}"
+                                                   for start, rows in plan.rows_by_window_start.items())),
+        ("independent-trajectory rows",
+         f"{plan.independent_rows * factor}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
+        ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
+        ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
+        *reward_server_notes(loaded),
+        ("output", loaded.output.dir),
+    ]

@@ -1,0 +1,54 @@
+"""The command-line arguments of `sample` and `eval` that can be judged before any heavy import (prompts, dtype,
+the MODEL argument), and the settings every computing command shares (CPU threads, quiet libraries). Raises
+`UsageError`; imports no torch until a function that needs it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from treegrpo.errors import UsageError
+from treegrpo.recipe.preflight import check_pretrained, prompts_from_file
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file: Path | None,
+                             dtype: str) -> list[str]:
+    """The prompts of `sample` / `eval` (`--prompt` and `--prompts`), after checking `--dtype` and the MODEL
+    argument as far as that is possible without loading (a local folder's files, a built-in name, an uncached Hub
+    id on an offline machine). Messages name the arguments, not recipe keys."""
+    found = list(prompt or [])
+    if prompts_file is not None:
+        found += prompts_from_file(str(prompts_file), "--prompts")
+    if not found:
+        raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
+    check_pretrained(model, key="MODEL", about_to_load=True)
+    return found
+
+
+def use_free_cpu_threads() -> None:
+    """`sample` and `eval` on a CPU take their threads as `run` does: the free cores (see treegrpo.run.threads)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from treegrpo.run.threads import apply_cpu_threads
+
+        apply_cpu_threads(None)
+
+
+def quiet_libraries(*, verbose: bool) -> None:
+    """Our own progress and messages replace the libraries' loading bars and import chatter; `--verbose` keeps
+    their warnings (e.g. an ignored dtype), which are then what the user wants to see."""
+    import diffusers
+    import transformers
+
+    if verbose:
+        diffusers.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        return
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
