@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from treegrpo.recipe.loading import load_recipe
+from treegrpo.rewards.base import RewardBase  # noqa: E402
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.setup import setup
 from treegrpo.train.trainer import run_epoch
@@ -28,7 +29,7 @@ class MovesRecorder(torch.nn.Linear):
         return super().to(*args, **kwargs)
 
 
-class LazyModelReward:
+class LazyModelReward(RewardBase):
     """Loads its model at the first call, like the shipped model rewards."""
 
     name = "python"

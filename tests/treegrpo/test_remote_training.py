@@ -12,6 +12,7 @@ import torch
 from treegrpo.commands.reward_server import make_server
 from treegrpo.recipe.loading import load_recipe
 from treegrpo.recipe.preflight import PreflightError, prompt_records
+from treegrpo.rewards.base import RewardBase  # noqa: E402
 from treegrpo.run.reporting import Reporter
 from treegrpo.train.trainer import train
 
@@ -22,7 +23,7 @@ RECORDS = [{"prompt": "a red cat", "target": 0.2, "tag": "colors"},
            {"prompt": "a green tree", "target": 0.5, "tag": "counting", "objects": ["tree"]}]
 
 
-class TargetBrightness:
+class TargetBrightness(RewardBase):
     """Closeness of the image's brightness to its prompt's metadata target; records what it was sent."""
 
     name, takes_metadata = "target", True

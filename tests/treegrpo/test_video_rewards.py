@@ -7,10 +7,11 @@ import torch
 from pydantic import ValidationError
 
 from treegrpo.recipe.schema import RewardRecipe
+from treegrpo.rewards.base import RewardBase  # noqa: E402
 from treegrpo.train.epoch_outputs import leaf_frames, score_reward
 
 
-class FrameBrightness:
+class FrameBrightness(RewardBase):
     """Mean pixel value of each image, and a record of what it was called with."""
 
     name = "brightness"
@@ -63,10 +64,13 @@ def test_images_are_scored_as_before():
 def test_wrong_count_on_frames_names_frames_and_videos():
     frames, _ = videos()
 
-    def short(images, prompts):
-        return [0.0] * 4
+    class Short(RewardBase):
+        name = "short"
 
-    short.name, short.frame_reduction = "short", "mean"
+        def __call__(self, images, prompts):
+            return [0.0] * 4
+
+    short = Short()
     with pytest.raises(ValueError, match=r"returned 4 scores for 6 frames \(2 videos × 3\)"):
         score_reward(short, leaf_frames(frames), ["a", "b"])
 

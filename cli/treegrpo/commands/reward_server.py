@@ -29,7 +29,7 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000) -> ThreadingH
     """A threading HTTP server scoring with `reward` (a built `treegrpo.rewards` reward). `port=0` picks a free port
     (`server.server_address[1]`). Call `serve_forever()` (or run it in a thread) and `shutdown()`."""
     lock = threading.Lock()
-    kind = getattr(reward, "name", type(reward).__name__)
+    kind = reward.name
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -64,16 +64,13 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000) -> ThreadingH
                 return
             try:
                 with lock:
-                    if getattr(reward, "takes_metadata", False):
-                        scores = reward(images, prompts, metadata=metadata)
-                    else:
-                        scores = reward(images, prompts)
+                    scores = reward.score(images, prompts, metadata)
             except Exception as err:  # noqa: BLE001 (the client gets the reason, the server keeps serving)
                 logger.exception("scoring failed")
                 self._answer(500, {"error": f"{type(err).__name__}: {err}"})
                 return
             payload = {"scores": [float(x) for x in scores]}
-            subscores = getattr(reward, "last_subscores", None)
+            subscores = reward.last_subscores
             if subscores:
                 payload["subscores"] = {name: [float(x) for x in values] for name, values in subscores.items()}
             self._answer(200, payload)

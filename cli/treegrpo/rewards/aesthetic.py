@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards.base import (
+    RewardBase,
     check_batch,
     check_batch_size,
     chunks,
@@ -29,7 +30,7 @@ AESTHETIC_FILE = "aesthetic-model.pth"
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 
 
-class AestheticReward:
+class AestheticReward(RewardBase):
     """The LAION aesthetic score as a reward.
 
     Args:

@@ -15,6 +15,7 @@ import contextlib
 import os
 import pickle
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -49,18 +50,42 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image, mode="RGB") for image in array]
 
 
-def score_with_accuracy(reward, images, prompts, metadata: list[dict] | None = None
+class RewardBase:
+    """Base of every reward adapter: the hooks the trainer, `treegrpo eval` and the reward server read, each with
+    its default, so nothing asks a reward whether it has one.
+
+    - `name` labels the metrics (`reward/<name>/mean`); the trainer sets the recipe's name.
+    - `frame_reduction` says how video leaves are scored ("mean" | "min" | "max" | "whole"); set from the recipe.
+    - `takes_metadata`: `__call__` accepts `metadata=` (a `.jsonl` prompt file's fields per image).
+    - `last_subscores`: `{name: float32 [N]}` of the last call (remote rewards' sub-scores); empty by default.
+    - `score_and_accuracy`: the scores and, for rewards that judge right/wrong (digits), the accuracy."""
+
+    name: str = "reward"
+    frame_reduction: str = "mean"
+    takes_metadata: bool = False
+    last_subscores: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, images: list[Image.Image], prompts: list[str],
+              metadata: list[dict] | None = None) -> torch.Tensor:
+        """`self(images, prompts)`, with each image's metadata for rewards that take it."""
+        if metadata is not None and self.takes_metadata:
+            return self(images, prompts, metadata=metadata)
+        return self(images, prompts)
+
+    def score_and_accuracy(self, images: list[Image.Image], prompts: list[str],
+                           metadata: list[dict] | None = None) -> tuple[torch.Tensor, float | None]:
+        """Scores `[N]` and the accuracy when the reward can judge right/wrong (`None` here)."""
+        return self.score(images, prompts, metadata), None
+
+
+def score_with_accuracy(reward: RewardBase, images, prompts, metadata: list[dict] | None = None
                         ) -> tuple[torch.Tensor, float | None]:
-    """Scores `[N]` float32, and the accuracy for rewards that can also judge right/wrong (`score_and_accuracy`,
-    e.g. digits: one model pass for both); `None` for the others. Rewards with `takes_metadata` (python functions
-    with a `metadata` parameter, http, vlm) also get each image's prompt metadata (`.jsonl` prompt files)."""
-    both = getattr(reward, "score_and_accuracy", None)
-    if callable(both):
-        scores, accuracy = both(images, prompts)
-    elif metadata is not None and getattr(reward, "takes_metadata", False):
-        scores, accuracy = reward(images, prompts, metadata=metadata), None
-    else:
-        scores, accuracy = reward(images, prompts), None
+    """Scores `[N]` float32 on the CPU, and the accuracy for rewards that can also judge right/wrong (e.g. digits:
+    one model pass for both); `None` for the others."""
+    scores, accuracy = reward.score_and_accuracy(images, prompts, metadata)
     return torch.as_tensor(scores, dtype=torch.float32).flatten().cpu(), accuracy
 
 

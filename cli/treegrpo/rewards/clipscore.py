@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards.base import (
+    RewardBase,
     check_batch,
     check_batch_size,
     clip_cosine,
@@ -27,7 +28,7 @@ from treegrpo.rewards.base import (
 CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
 
 
-class CLIPScoreReward:
+class CLIPScoreReward(RewardBase):
     """CLIP text-image cosine similarity as a reward.
 
     Args:

@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from treegrpo.rewards.base import RewardBase
+
 __all__ = [
     "DIGIT_WORDS",
     "DigitClassifier",
@@ -182,7 +184,7 @@ def save_digit_classifier(model: DigitClassifier, path: str | Path, extra: dict 
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
-class DigitsReward:
+class DigitsReward(RewardBase):
     """Probability of the prompted digit under the shipped digit classifier (independent of the generator).
 
     Args:
@@ -239,8 +241,8 @@ class DigitsReward:
         """Fraction of images whose most likely class is the prompted digit."""
         return self.score_and_accuracy(images, prompts)[1]
 
-    def score_and_accuracy(self, images: list[Image.Image] | torch.Tensor, prompts: list[str]
-                           ) -> tuple[torch.Tensor, float]:
+    def score_and_accuracy(self, images: list[Image.Image] | torch.Tensor, prompts: list[str],
+                           metadata: list[dict] | None = None) -> tuple[torch.Tensor, float]:
         """The reward `[N]` and the accuracy from one classifier pass (the trainer logs both every epoch)."""
         labels = prompt_digits(prompts)
         if len(images) != len(labels):

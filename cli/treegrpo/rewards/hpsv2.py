@@ -19,6 +19,7 @@ from PIL import Image
 from treegrpo.rewards.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    RewardBase,
     check_batch,
     check_batch_size,
     clip_cosine,
@@ -158,7 +159,7 @@ def hps_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-class HPSv2Reward:
+class HPSv2Reward(RewardBase):
     """Human Preference Score v2.1 (or v2.0) as a reward.
 
     Args:

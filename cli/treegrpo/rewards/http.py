@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from treegrpo.rewards.base import check_batch, check_batch_size, chunks
+from treegrpo.rewards.base import RewardBase, check_batch, check_batch_size, chunks
 from treegrpo.rewards.remote import BODIES, bearer_headers, decode_scores, encode_request, post
 
 
-class HttpReward:
+class HttpReward(RewardBase):
     """Scores from a reward server.
 
     Args:

@@ -24,6 +24,7 @@ from PIL import Image
 from treegrpo.rewards.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    RewardBase,
     ScoreMLP,
     check_batch,
     check_batch_size,
@@ -146,7 +147,7 @@ def split_imagereward_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tupl
     return vision, text, mlp
 
 
-class ImageRewardReward:
+class ImageRewardReward(RewardBase):
     """ImageReward as a reward.
 
     Args:

@@ -11,10 +11,10 @@ import io
 import torch
 from PIL import Image
 
-from treegrpo.rewards.base import check_batch
+from treegrpo.rewards.base import RewardBase, check_batch
 
 
-class JpegCompressibilityReward:
+class JpegCompressibilityReward(RewardBase):
     """Negative JPEG-encoded size in kB, as in DDPO's ``jpeg_compressibility``.
 
     Args:

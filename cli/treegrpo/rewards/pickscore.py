@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards.base import (
+    RewardBase,
     check_batch,
     check_batch_size,
     clip_cosine,
@@ -22,7 +23,7 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 SCALES = ("raw", "flow_grpo", "mixgrpo")
 
 
-class PickScoreReward:
+class PickScoreReward(RewardBase):
     """PickScore as a reward.
 
     Args:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from treegrpo.rewards.base import check_batch, check_batch_size, chunks
+from treegrpo.rewards.base import RewardBase, check_batch, check_batch_size, chunks
 
 
 def import_function(spec: str) -> Callable:
@@ -85,7 +85,7 @@ def as_scores(result, n: int, spec: str) -> torch.Tensor:
     return scores
 
 
-class PythonReward:
+class PythonReward(RewardBase):
     """A reward defined by a Python function.
 
     Args:

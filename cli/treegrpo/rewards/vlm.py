@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from treegrpo.rewards.base import check_batch, check_batch_size
+from treegrpo.rewards.base import RewardBase, check_batch, check_batch_size
 from treegrpo.rewards.remote import RemoteRewardError, bearer_headers, png_bytes, post
 
 TEMPLATES = {
@@ -38,7 +38,7 @@ SCORES = ("logprobs", "parse")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
-class VlmReward:
+class VlmReward(RewardBase):
     """A VLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
     Args:

@@ -41,7 +41,7 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: l
         rows.append(values)
         if accuracy is not None:
             extras[f"{reward.name}/accuracy"] = float(accuracy)
-        for sub, sub_values in (getattr(reward, "last_subscores", None) or {}).items():
+        for sub, sub_values in reward.last_subscores.items():
             extras[f"{reward.name}/{sub}"] = float(sub_values.float().mean())
     return torch.stack(rows), extras
 
@@ -79,7 +79,7 @@ def score_reward(reward, frames: LeafFrames, prompts: list[str], metadata: list[
 
     if frames.num_frames is None:
         return score_with_accuracy(reward, frames.images, prompts, metadata)
-    reduction = getattr(reward, "frame_reduction", "mean")
+    reduction = reward.frame_reduction
     if reduction == "whole":
         return score_with_accuracy(reward, frames.videos(), prompts, metadata)
     per_video = frames.num_frames

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards import MultiReward, build_reward
+from treegrpo.rewards.base import RewardBase  # noqa: E402
 
 USER_MODULE = """
 import numpy as np
@@ -102,7 +103,7 @@ def test_configuration_errors(rewards):
 def test_a_reward_returning_the_wrong_shape_is_caught(rewards):
     named, images, prompts = rewards
 
-    class Broken:
+    class Broken(RewardBase):
         name = "broken"
 
         def __call__(self, images, prompts):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from treegrpo.commands.reward_server import make_server
 from treegrpo.rewards import build_reward
+from treegrpo.rewards.base import RewardBase  # noqa: E402
 from treegrpo.rewards.remote import RemoteRewardError
 
 
@@ -29,7 +30,7 @@ PROMPTS = ["a black square", "a dark square", "a white square"]
 METADATA = [{"target": 0.0, "tag": "colors"}, {"target": 0.2, "tag": "colors"}, {"target": 1.0, "tag": "counting"}]
 
 
-class MetadataReward:
+class MetadataReward(RewardBase):
     """Brightness minus the prompt's target (from its metadata), with the brightness as a sub-score."""
 
     name, takes_metadata = "closeness", True
@@ -140,7 +141,7 @@ def test_a_wrong_count_and_a_server_error_are_one_line():
             build_reward("http", url=url)(IMAGES, PROMPTS)
     assert one_line(error) == f"{url} returned 1 scores for 3 images"
 
-    class Broken:
+    class Broken(RewardBase):
         name = "broken"
 
         def __call__(self, images, prompts):
