@@ -138,28 +138,39 @@ def test_grid_labels_keep_the_end_of_the_prompt():
     assert short_label("a handwritten digit zero", 16) == "…digit zero"  # not "…itten digit zero"
 
 
-def test_flow_grpo_kl_scale_equals_flow_grpo_formula():
-    """exact KL × flow_grpo_kl_factor = Flow-GRPO's mean (Δμ)² / (2 s²), s = η·sqrt(σ/(1−σ)) (no √|dt|)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+def _kl_scaled_by_flow_grpo_factor(sde_type: str, eta: float, steps: torch.Tensor, seed: int):
+    """Our exact KL × flow_grpo_kl_factor for two random velocities at `steps` of a shift-3 flow schedule; returns
+    (scheduler, σ, σ', our step's mean, the reference step's mean, that product)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from diffusers_tree import TreeSDEScheduler
     from diffusers_tree.dynamics import flow_step
     from treegrpo.train.grpo import flow_grpo_kl_factor
     from treegrpo.train.loss import gaussian_mean_kl
 
-    scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type="flow_sde",
-                                                eta=0.7)
+    scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type=sde_type,
+                                                eta=eta)
     scheduler.set_timesteps(10)
-    steps = torch.tensor([1, 4, 8])
-    sigmas = scheduler.sigmas.float()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     x, v, v_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
-    sigma, sigma_next = sigmas[steps], sigmas[steps + 1]
-    out = flow_step(v, x, sigma, sigma_next, sde_type="flow_sde", eta=0.7, noise=torch.zeros_like(x))
-    ref = flow_step(v_ref, x, sigma, sigma_next, sde_type="flow_sde", eta=0.7, noise=torch.zeros_like(x))
-    ours = gaussian_mean_kl(out.mean, ref.mean, out.std) * flow_grpo_kl_factor(scheduler, steps)
+    sigma, sigma_next = scheduler.sigma_table[steps], scheduler.sigma_table[steps + 1]
+    out = flow_step(v, x, sigma, sigma_next, sde_type=sde_type, eta=eta, noise=torch.zeros_like(x))
+    ref = flow_step(v_ref, x, sigma, sigma_next, sde_type=sde_type, eta=eta, noise=torch.zeros_like(x))
+    kl = gaussian_mean_kl(out.mean, ref.mean, out.std) * flow_grpo_kl_factor(scheduler, steps)
+    return scheduler, sigma, sigma_next, out.mean, ref.mean, kl
+
+
+def test_flow_grpo_kl_scale_equals_flow_grpo_formula():
+    """exact KL × flow_grpo_kl_factor = Flow-GRPO's mean (Δμ)² / (2 s²), s = η·sqrt(σ/(1−σ)) (no √|dt|)."""
+    from diffusers import DDIMScheduler
+
+    from diffusers_tree import TreeSDEScheduler
+    from treegrpo.train.grpo import flow_grpo_kl_factor
+
+    steps = torch.tensor([1, 4, 8])
+    scheduler, sigma, _, mean, ref_mean, ours = _kl_scaled_by_flow_grpo_factor("flow_sde", 0.7, steps, seed=0)
     s = 0.7 * torch.sqrt(sigma / (1 - sigma))
-    theirs = ((out.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * s**2)
+    theirs = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * s**2)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
     # the factors of all 10 steps add up to σ_0 − σ_T = 1: on average 10x smaller than the exact KL
     assert float(flow_grpo_kl_factor(scheduler, torch.arange(10)).sum()) == pytest.approx(1.0, abs=1e-6)
@@ -175,25 +186,10 @@ def test_flow_grpo_kl_scale_with_cps_is_the_exact_kl():
     mean (Δμ)² / (2 (σ' sin(ηπ/2))²), written out here independently of flow_step's std."""
     import math
 
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from diffusers_tree import TreeSDEScheduler
-    from diffusers_tree.dynamics import flow_step
-    from treegrpo.train.grpo import flow_grpo_kl_factor
-    from treegrpo.train.loss import gaussian_mean_kl
-
-    scheduler = TreeSDEScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), sde_type="cps", eta=0.8)
-    scheduler.set_timesteps(10)
-    steps = torch.tensor([0, 3, 7])
-    sigmas = scheduler.sigma_table
-    g = torch.Generator().manual_seed(1)
-    x, v, v_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
-    sigma, sigma_next = sigmas[steps], sigmas[steps + 1]
-    out = flow_step(v, x, sigma, sigma_next, sde_type="cps", eta=0.8, noise=torch.zeros_like(x))
-    ref = flow_step(v_ref, x, sigma, sigma_next, sde_type="cps", eta=0.8, noise=torch.zeros_like(x))
-    ours = gaussian_mean_kl(out.mean, ref.mean, out.std) * flow_grpo_kl_factor(scheduler, steps)
+    _, _, sigma_next, mean, ref_mean, ours = _kl_scaled_by_flow_grpo_factor("cps", 0.8, torch.tensor([0, 3, 7]),
+                                                                            seed=1)
     std_dev_t = sigma_next * math.sin(0.8 * math.pi / 2)
-    theirs = ((out.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
+    theirs = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
 
 
