@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import fit_classifier, load_data  # noqa: E402  (the same data and training loop)
+from digits_data import fit_classifier, load_data  # noqa: E402  (the same data and training loop)
 
 from treegrpo.builtin import BUILTIN_DIGITS_DIR  # noqa: E402
 from treegrpo.rewards.digits import (  # noqa: E402
