@@ -323,7 +323,9 @@ def reward_server(
     dtype: DtypeOption = "fp32",
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
-    if dtype not in ("fp32", "bf16", "fp16"):
+    from treegrpo.commands.arguments import DTYPE_NAMES
+
+    if dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
     from treegrpo.commands.reward_server import serve_reward
     from treegrpo.errors import UsageError

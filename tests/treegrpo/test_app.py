@@ -85,3 +85,11 @@ def test_check_counts_rows_with_the_models_own_cfg_rule(tmp_path):
     line = next(x for x in guided.output.splitlines() if "rollout rows per epoch" in x)
     assert "CFG halves included: StableDiffusion3Pipeline guides with CFG at guidance 3.0" in line
     assert abs(int(line.split("│")[2].split()[0]) - 2 * rows) <= 1  # twice the (rounded) average
+
+
+def test_reward_server_bad_input_is_one_line():
+    bad_dtype = runner.invoke(app, ["reward-server", "jpeg", "--dtype", "fp8"])
+    assert bad_dtype.exit_code == 2 and "--dtype 'fp8': choose fp32, bf16 or fp16" in bad_dtype.output
+    unknown = runner.invoke(app, ["reward-server", "jpg"])
+    assert unknown.exit_code == 2 and "Unknown reward kind 'jpg'" in unknown.output
+    assert "Traceback" not in unknown.output

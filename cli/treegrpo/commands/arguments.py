@@ -9,7 +9,7 @@ from pathlib import Path
 from treegrpo.errors import UsageError
 from treegrpo.recipe.preflight import check_pretrained, prompts_from_file
 
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the keys of treegrpo.model.loading.DTYPES (that module imports torch)
 
 
 def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file: Path | None,

@@ -88,11 +88,11 @@ def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: 
     import torch
 
     from treegrpo.commands.inference import build_rewards
+    from treegrpo.model.loading import DTYPES
 
     spec = kind + (":" + ",".join(options) if options else "")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    (reward,) = build_rewards([spec], device, dtypes[dtype])
+    (reward,) = build_rewards([spec], device, DTYPES[dtype])
     server = make_server(reward, host, port)
     announce(f"serving reward {kind!r} on http://{host}:{server.server_address[1]}/score ({device}); Ctrl-C stops")
     try:
