@@ -223,7 +223,7 @@ def _setup_model(recipe: Recipe, device, reporter: Reporter):
                            device=device, text_encoders_on_cpu=recipe.model.offload_text_encoders)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)
-    check_image_size(pipe, denoiser, recipe.sampling.height, recipe.sampling.width)
+    check_image_size(pipe, recipe.sampling.height, recipe.sampling.width)
     if recipe.model.lora is not None:
         lora = recipe.model.lora
         add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
@@ -285,7 +285,7 @@ def prepare_training(accelerator, denoiser: torch.nn.Module, train: TrainRecipe
     return model, optimizer, params, ema
 
 
-def check_image_size(pipe, denoiser, height: int, width: int) -> None:
+def check_image_size(pipe, height: int, width: int) -> None:
     """Height and width must be multiples of the family's `pixels_per_patch` (its adapter knows the rule)."""
     from diffusers_tree.adapters import adapter_for
     from treegrpo.recipe.preflight import size_problem
