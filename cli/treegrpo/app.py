@@ -200,6 +200,22 @@ DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights and compute d
                                           "the memory of FLUX / SD3.5).", metavar="fp32|bf16|fp16")]
 
 
+BestOfTreeOption = Annotated[bool, typer.Option("--best-of-tree", help="Sample a TreeGRPO tree per prompt and keep "
+                                                "the leaf the --reward scores highest.")]
+ScorerOption = Annotated[str | None, typer.Option("--reward", help="Scorer for --best-of-tree: kind or kind:key=value,"
+                                                  "... (e.g. pickscore:scale=raw).", metavar="KIND[:KEY=VALUE,...]")]
+BranchFactorOption = Annotated[str, typer.Option(help="k of the tree, or the children per window step, e.g. 9,3 (the "
+                                                 "digits recipe's shape).", metavar="K|K1,K2,...")]
+WindowWidthOption = Annotated[int | None, typer.Option(min=1, help="w of the tree (default: 3, or the length of a "
+                                                       "--branch-factor list).", metavar="W")]
+WindowStartOption = Annotated[int | None, typer.Option(metavar="S", help="s of the tree (default: drawn from Eq. 7).")]
+BeamOption = Annotated[int | None, typer.Option(min=1, help="Pruned tree search: keep this many nodes per prompt at "
+                                                "each window depth.", metavar="N")]
+TailStepsOption = Annotated[int | None, typer.Option(min=1, help="Best-of-tree: integrate each leaf's ODE tail after "
+                                                     "the window with this many DPM-Solver++ steps (fewer denoiser "
+                                                     "rows; default: one per timestep).", metavar="N")]
+
+
 def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> list[str]:
     from treegrpo.commands.arguments import judge_sampling_arguments
     from treegrpo.errors import UsageError
@@ -226,23 +242,13 @@ def sample(
     width: SizeOption = None,
     seed: SeedOption = 0,
     dtype: DtypeOption = "fp32",
-    best_of_tree: Annotated[bool, typer.Option("--best-of-tree", help="Sample a TreeGRPO tree per prompt and "
-                                                "keep the leaf the --reward scores highest.")] = False,
-    reward: Annotated[str | None, typer.Option("--reward", help="Scorer for --best-of-tree: kind or "
-                                                "kind:key=value,... (e.g. pickscore:scale=raw).",
-                                                metavar="KIND[:KEY=VALUE,...]")] = None,
-    branch_factor: Annotated[str, typer.Option(help="k of the tree, or the children per "
-                                               "window step, e.g. 9,3 (the digits recipe's shape).",
-                                               metavar="K|K1,K2,...")] = "3",
-    window_width: Annotated[int | None, typer.Option(min=1, help="w of the tree (default: 3, or the "
-                                                      "length of a --branch-factor list).", metavar="W")] = None,
-    window_start: Annotated[int | None, typer.Option(metavar="S",
-                                                      help="s of the tree (default: drawn from Eq. 7).")] = None,
-    beam: Annotated[int | None, typer.Option(min=1, help="Pruned tree search: keep this many nodes per "
-                                              "prompt at each window depth.", metavar="N")] = None,
-    tail_steps: Annotated[int | None, typer.Option(min=1, help="Best-of-tree: integrate each leaf's ODE tail "
-                                                    "after the window with this many DPM-Solver++ steps (fewer "
-                                                    "denoiser rows; default: one per timestep).", metavar="N")] = None,
+    best_of_tree: BestOfTreeOption = False,
+    reward: ScorerOption = None,
+    branch_factor: BranchFactorOption = "3",
+    window_width: WindowWidthOption = None,
+    window_start: WindowStartOption = None,
+    beam: BeamOption = None,
+    tail_steps: TailStepsOption = None,
 ) -> None:
     """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
     from treegrpo.errors import UsageError

@@ -138,49 +138,38 @@ class TreeRolloutPipeline:
         """Roll out `num_trees` trees per prompt.
 
         Args:
-            prompt (`str` or `list[str]`): the prompt or prompts, one group (tree or trees) each, as in every
-                diffusers pipeline.
+            prompt (`str` or `list[str]`): the prompt or prompts, one group (tree or trees) each.
             num_trees (`int`, defaults to 1): trees per prompt.
             num_inference_steps (`int`, defaults to 10): T.
             window_start (`int`, *optional*): override the scheduler's window start (the trainer's epoch draw).
             guidance_scale (`float`, *optional*): CFG scale (FLUX: distilled guidance); the family's default.
-            num_frames (`int`, *optional*): video families only (Wan: 4k + 1 frames); the conditioning's, else the
-                pipeline's default.
+            num_frames (`int`, *optional*): video families (Wan: 4k + 1); else the conditioning's, or the default.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): draws the root noise, then one
-                branch-noise tensor per SDE step (falls back to the scheduler's `manual_seed` generator, then torch's
-                global RNG). A list of one generator per tree (`num_prompts · num_trees`, prompt-major) makes every
-                tree independent of its batch-mates, as a multi-process trainer needs.
-            latents (`torch.Tensor`, *optional*): root latents `[num_prompts · num_trees, ...]` in the pipeline's
-                own layout (packed for FLUX).
+                branch-noise tensor per SDE step (else the scheduler's `manual_seed` generator, else torch's global
+                RNG). One generator per tree (`num_prompts · num_trees`, prompt-major) makes every tree independent
+                of its batch-mates, as a multi-process trainer needs.
+            latents (`torch.Tensor`, *optional*): roots `[num_prompts · num_trees, ...]`, packed as the pipeline packs.
             conditioning ([`Conditioning`], *optional*): pre-encoded prompts from [`~TreeRolloutPipeline.encode`].
             max_batch_size (`int`, defaults to 64): most latent rows per denoiser forward, CFG halves included.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` (float `[N, 3, H, W]` in [0, 1], what
-                the trainer asks for; videos `[N, F, 3, H, W]`) or `"latent"`.
-            return_record (`bool`, defaults to `True`): build the [`RolloutRecord`] for training.
-            record_device (`str`, *optional*): keep the record's latents there (e.g. `"cpu"`) to bound GPU memory.
-            prune (`callable`, *optional*): called before each step's transition; returns the frontier rows to
-                keep (used by the pruned tree search). With pruning the record is not built.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` (float in [0, 1]) or `"latent"`.
+            return_record (`bool`, defaults to `True`): build the [`RolloutRecord`]; its latents on `record_device`.
+            prune (`callable`, *optional*): before each transition, the frontier rows to keep (tree search; no record).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         # 1. the conditioning: given (its size and frame count win) or encoded now
         if conditioning is None:
-            height, width = self._size(height, width)
             conditioning = self.encode(prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                        height=height, width=width, max_sequence_length=max_sequence_length,
                                        num_frames=num_frames)
         self.check_inputs(prompts, conditioning, height, width, num_frames, num_trees, generator, latents,
                           max_batch_size, prune)
         # 2. the roots and the schedule
-        if latents is None:
-            latents = self.prepare_roots(len(prompts) * num_trees, conditioning.height, conditioning.width, generator,
-                                         next(iter(conditioning.cond.values())).dtype,
-                                         num_frames=conditioning.num_frames)
+        latents = self._roots(len(prompts) * num_trees, conditioning, generator) if latents is None else latents
         self.adapter.set_timesteps(self.scheduler, num_inference_steps, latents)
         if window_start is not None:
             self.scheduler.set_window_start(window_start)
         # 3. the tree, every unique node once; then the leaves decoded
-        leaves, record, rows = self._expand(latents, conditioning, self.scheduler.plan, num_trees,
-                                            generator or self.scheduler.noise_generator, max_batch_size, prune,
+        leaves, record, rows = self._expand(latents, conditioning, num_trees, generator, max_batch_size, prune,
                                             return_record and prune is None, record_device)
         images = leaves if output_type == "latent" else self.decode(leaves, conditioning, max_batch_size, output_type)
         return TreeRolloutOutput(images=images, record=record, rows=rows)
@@ -242,8 +231,8 @@ class TreeRolloutPipeline:
                                                conditioning))
         return torch.cat(outputs)
 
-    def _expand(self, roots, conditioning, plan: BranchPlan, num_trees, generator, max_batch_size, prune,
-                build_record, record_device):
+    def _expand(self, roots, conditioning, num_trees, generator, max_batch_size, prune, build_record, record_device):
+        plan, generator = self.scheduler.plan, generator or self.scheduler.noise_generator
         device = roots.device
         num_roots = roots.shape[0]
         x = roots
@@ -317,6 +306,11 @@ class TreeRolloutPipeline:
                                  "num_frames is for video pipelines (Wan).")
             return None
         return self.adapter.default_num_frames if num_frames is None else num_frames
+
+    def _roots(self, num: int, conditioning: Conditioning, generator) -> torch.Tensor:
+        dtype = next(iter(conditioning.cond.values())).dtype
+        return self.prepare_roots(num, conditioning.height, conditioning.width, generator, dtype,
+                                  num_frames=conditioning.num_frames)
 
     def _size(self, height, width):
         default_height, default_width = self.adapter.default_size

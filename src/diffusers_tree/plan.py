@@ -294,3 +294,25 @@ def _shape_plan(algorithm: str, num_steps: int, branch_factor: BranchFactor, win
     if algorithm == "tree":
         return BranchPlan.tree(num_steps, factors, window_width, window_start)
     return BranchPlan.mix(num_steps, num_leaves, window_width, window_start)
+
+
+def checked_tree_shape(branch_factor: BranchFactor, window_width: int | None) -> tuple[BranchFactor, int]:
+    """(k or the per-step children as a list, w): w defaults to 3 for one k, else to the list's length."""
+    if window_width is None:
+        window_width = 3 if isinstance(branch_factor, int) else len(branch_factor)
+    if window_width < 1:
+        raise ValueError(f"window_width must be >= 1, got {window_width}.")
+    factors = window_factors(branch_factor, window_width)  # checks the counts
+    return (branch_factor if isinstance(branch_factor, int) else list(factors)), window_width
+
+
+def check_tree_settings(algorithm: str, tail_steps: int | None, tail_solver_order: int, window_ratio: float) -> None:
+    """The scheduler's settings that the plan and Eq. 7 read, judged once with messages naming the allowed values."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
+    if tail_steps is not None and tail_steps < 1:
+        raise ValueError(f"tail_steps must be >= 1 (or None for the exact ODE tail), got {tail_steps}.")
+    if tail_solver_order not in (1, 2, 3):
+        raise ValueError(f"tail_solver_order must be 1, 2 or 3 (DPM-Solver++ orders), got {tail_solver_order}.")
+    if not 0 < window_ratio <= 1:
+        raise ValueError(f"window_ratio must be in (0, 1], got {window_ratio}.")

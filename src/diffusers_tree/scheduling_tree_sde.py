@@ -26,7 +26,7 @@ from diffusers.utils import BaseOutput
 
 from .dynamics import FLOW_SDE_TYPES, StepResult, ddim_step, flow_step
 from .noise import draw_branch_noise
-from .plan import ALGORITHMS, BranchFactor, BranchPlan, build_plan, window_factors
+from .plan import BranchFactor, BranchPlan, build_plan, check_tree_settings, checked_tree_shape
 from .tail import tail_solver
 from .window import sample_window_start
 
@@ -115,26 +115,9 @@ class TreeSDEScheduler(SchedulerMixin, ConfigMixin):
             # Every DDPM-family scheduler shares ᾱ; the tree steps are DDIM steps on DDIM's timestep grid.
             base = diffusers.DDIMScheduler.from_config(base.config)
         self.base = base
-        allowed = FLOW_SDE_TYPES if self.family == "flow" else DDPM_SDE_TYPES
-        sde_type = sde_type or allowed[0]
-        if sde_type not in allowed:
-            raise ValueError(
-                f"sde_type={sde_type!r} does not apply to {type(base).__name__}; choose one of {allowed}."
-            )
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"Unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}.")
-        if window_width is None:
-            window_width = 3 if isinstance(branch_factor, int) else len(branch_factor)
-        if window_width < 1:
-            raise ValueError(f"window_width must be >= 1, got {window_width}.")
-        factors = window_factors(branch_factor, window_width)  # checks the counts
-        branch_factor = branch_factor if isinstance(branch_factor, int) else list(factors)
-        if tail_steps is not None and tail_steps < 1:
-            raise ValueError(f"tail_steps must be >= 1 (or None for the exact ODE tail), got {tail_steps}.")
-        if tail_solver_order not in (1, 2, 3):
-            raise ValueError(f"tail_solver_order must be 1, 2 or 3 (DPM-Solver++ orders), got {tail_solver_order}.")
-        if not 0 < window_ratio <= 1:
-            raise ValueError(f"window_ratio must be in (0, 1], got {window_ratio}.")
+        sde_type = _checked_sde_type(sde_type, self.family, type(base).__name__)
+        branch_factor, window_width = checked_tree_shape(branch_factor, window_width)
+        check_tree_settings(algorithm, tail_steps, tail_solver_order, window_ratio)
         eta = DEFAULT_ETA[sde_type] if eta is None else float(eta)
         base_keys = {k: v for k, v in base.config.items() if not k.startswith("_")}
         self.register_to_config(base_scheduler_class=type(base).__name__, base_config=base_keys, sde_type=sde_type,
@@ -386,3 +369,13 @@ def _family_of(scheduler: SchedulerMixin) -> str:
         "(FlowMatchEulerDiscrete: SD3, FLUX; UniPC / DPM-Solver with use_flow_sigmas: Wan, SANA) and the DDPM "
         "family (DDIM, DDPM, Euler discrete; anything with `alphas_cumprod`)."
     )
+
+
+def _checked_sde_type(sde_type: str | None, family: str, base_name: str) -> str:
+    """The SDE type (the family's first, Flow-GRPO's `sde` or DDIM's `ddim`, when not given)."""
+    allowed = FLOW_SDE_TYPES if family == "flow" else DDPM_SDE_TYPES
+    sde_type = sde_type or allowed[0]
+    if sde_type not in allowed:
+        raise ValueError(f"sde_type={sde_type!r} does not apply to {base_name}; choose one of {allowed}.")
+    return sde_type
+

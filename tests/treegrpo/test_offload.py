@@ -37,6 +37,9 @@ class LazyModelReward(RewardBase):
     def __init__(self, log):
         self.log, self._model = log, None
 
+    def modules(self):
+        return [self._model] if self._model is not None else []
+
     def __call__(self, images, prompts):
         if self._model is None:
             self._model = MovesRecorder(self.log)

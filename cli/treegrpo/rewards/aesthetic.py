@@ -71,6 +71,10 @@ class AestheticReward(RewardBase):
         self.device, self.dtype = torch.device(device), resolve_dtype(dtype)
         self._vision = None
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The loaded models (none before the first load)."""
+        return [] if self._vision is None else [self._vision, self._mlp]
+
     def load(self) -> AestheticReward:
         """Load the image processor, the CLIP vision tower and the MLP head (once)."""
         if self._vision is None:

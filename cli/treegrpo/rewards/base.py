@@ -16,7 +16,6 @@ import os
 import pickle
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -25,19 +24,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # fmt: skip
-
-
-@runtime_checkable
-class Reward(Protocol):
-    """What the trainer calls. ``name`` labels the metrics (``reward/<name>/mean``).
-
-    ``__call__(images, prompts)`` takes N 8-bit RGB PIL images and N prompts (image i was generated for prompt i)
-    and returns float32 scores of shape ``[N]`` on the CPU; higher is better.
-    """
-
-    name: str
-
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor: ...
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -58,7 +44,12 @@ class RewardBase:
     - `frame_reduction` says how video leaves are scored ("mean" | "min" | "max" | "whole"); set from the recipe.
     - `takes_metadata`: `__call__` accepts `metadata=` (a `.jsonl` prompt file's fields per image).
     - `last_subscores`: `{name: float32 [N]}` of the last call (remote rewards' sub-scores); empty by default.
-    - `score_and_accuracy`: the scores and, for rewards that judge right/wrong (digits), the accuracy."""
+    - `score_and_accuracy`: the scores and, for rewards that judge right/wrong (digits), the accuracy.
+    - `load()` loads what loads lazily and returns the reward; `modules()` lists the torch models it holds once
+      loaded (what `model.offload_rewards` moves), none by default.
+
+    `__call__(images, prompts)` takes N 8-bit RGB PIL images and N prompts (image i was generated for prompt i) and
+    returns float32 scores of shape `[N]` on the CPU; higher is better."""
 
     name: str = "reward"
     frame_reduction: str = "mean"
@@ -67,6 +58,12 @@ class RewardBase:
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def load(self) -> RewardBase:
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return []
 
     def score(self, images: list[Image.Image], prompts: list[str],
               metadata: list[dict] | None = None) -> torch.Tensor:

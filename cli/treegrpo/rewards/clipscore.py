@@ -75,6 +75,10 @@ class CLIPScoreReward(RewardBase):
         self.device, self.dtype = torch.device(device), resolve_dtype(dtype)
         self._model = None
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The loaded models (none before the first load)."""
+        return [m for m in (self._model,) if m is not None]
+
     def load(self) -> CLIPScoreReward:
         """Load the tokenizer, image processor and model (once)."""
         if self._model is None:

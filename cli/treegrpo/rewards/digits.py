@@ -218,6 +218,10 @@ class DigitsReward(RewardBase):
         self.classifier_path = classifier
         self._model: DigitClassifier | None = None
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The loaded models (none before the first load)."""
+        return [m for m in (self._model,) if m is not None]
+
     def load(self) -> DigitsReward:
         """Load the classifier now (otherwise the first call does)."""
         if self._model is None:

@@ -212,6 +212,10 @@ class HPSv2Reward(RewardBase):
             return CLIPConfig(**self.clip_config)
         return CLIPConfig.from_pretrained(str(self.clip_config))
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The loaded models (none before the first load)."""
+        return [m for m in (self._model,) if m is not None]
+
     def load(self) -> HPSv2Reward:
         """Load the tokenizer and convert the checkpoint into a `CLIPModel` (once)."""
         if self._model is None:

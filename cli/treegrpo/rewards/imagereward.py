@@ -196,6 +196,10 @@ class ImageRewardReward(RewardBase):
             return BlipVisionConfig(**self.vision_config)
         return BlipVisionConfig.from_pretrained(str(self.vision_config))
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The loaded models (none before the first load)."""
+        return [] if self._vision is None else [self._vision, self._text, self._mlp]
+
     def load(self) -> ImageRewardReward:
         """Load the tokenizer and build the BLIP towers and head from the checkpoint (once)."""
         if self._vision is None:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from treegrpo.rewards.base import Reward
+from treegrpo.rewards.base import RewardBase
+from treegrpo.rewards.registry import build_reward
 
 AGGREGATION_MODES = ("advantage", "reward")
 
@@ -45,7 +46,7 @@ class MultiReward:
     """Named, weighted rewards.
 
     Args:
-        rewards (`Mapping[str, Reward]`): name → reward; the names label metrics (``reward/<name>/mean``).
+        rewards (`Mapping[str, RewardBase]`): name → reward; the names label metrics (``reward/<name>/mean``).
         weights (`Mapping[str, float]`, *optional*): name → weight; 1.0 for each reward if not given.
         mode (`str`, *optional*, defaults to `"advantage"`): `"advantage"` (normalize each reward per group, then
             weight) or `"reward"` (weight the raw scores, then normalize).
@@ -72,7 +73,7 @@ class MultiReward:
 
     def __init__(
         self,
-        rewards: Mapping[str, Reward],
+        rewards: Mapping[str, RewardBase],
         weights: Mapping[str, float] | None = None,
         *,
         mode: str = "advantage",
@@ -109,8 +110,6 @@ class MultiReward:
         Example: ``MultiReward.from_specs({"hps": {"kind": "hpsv2", "weight": 0.8},
         "clip": {"kind": "clipscore", "weight": 0.2}}, device="cuda")``.
         """
-        from treegrpo.rewards import build_reward
-
         rewards, weights = {}, {}
         for name, spec in specs.items():
             options = dict(spec)
@@ -123,8 +122,7 @@ class MultiReward:
     def load(self) -> MultiReward:
         """Load every reward that loads lazily."""
         for reward in self.rewards.values():
-            if hasattr(reward, "load"):
-                reward.load()
+            reward.load()
         return self
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> RewardScores:

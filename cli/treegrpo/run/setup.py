@@ -89,7 +89,7 @@ class Run:
         CPU memory after it. A reward that loads lazily loads inside the block, on its own device (the accelerator),
         and leaves it on the way out like the others."""
         rewards = self.rewards if self.recipe.model.offload_rewards else []
-        return on_accelerator_inside(lambda: [m for reward in rewards for m in reward_modules(reward)],
+        return on_accelerator_inside(lambda: [m for reward in rewards for m in reward.modules()],
                                      self.accelerator.device)
 
 
@@ -113,12 +113,6 @@ def text_encoders(pipe) -> list[torch.nn.Module]:
     """The pipeline's text encoders (`text_encoder`, `text_encoder_2`, ...; the components diffusers names so)."""
     return [module for name, module in pipe.components.items()
             if is_text_encoder(name) and isinstance(module, torch.nn.Module)]
-
-
-def reward_modules(reward) -> list[torch.nn.Module]:
-    """The torch modules a reward holds as attributes (its loaded models; none before a lazy reward's first call,
-    none for rewards that are plain functions)."""
-    return [value for value in vars(reward).values() if isinstance(value, torch.nn.Module)]
 
 
 def make_accelerator(recipe: Recipe):

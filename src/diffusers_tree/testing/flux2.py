@@ -45,7 +45,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from . import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded
+from .common import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded
 
 __all__ = ["tiny_flux2_klein_pipeline", "tiny_flux2_pipeline", "tiny_mistral_tokenizer", "tiny_qwen3_tokenizer"]
 

@@ -16,7 +16,7 @@ from diffusers import (
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from . import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded
+from .common import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded
 
 __all__ = ["tiny_qwen_tokenizer", "tiny_qwenimage_pipeline"]
 

@@ -13,7 +13,7 @@ from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, 
 from tokenizers.processors import TemplateProcessing
 from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
 
-from . import TINY_VOCAB_SIZE, _finish, _seeded, tiny_tokenizer
+from .common import TINY_VOCAB_SIZE, _finish, _seeded, tiny_tokenizer
 
 __all__ = ["SANA_SCHEDULER_CONFIG", "tiny_gemma_tokenizer", "tiny_sana_pipeline"]
 

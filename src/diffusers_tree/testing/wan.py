@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from . import TINY_VOCAB_SIZE, _finish, _seeded, tiny_tokenizer
+from .common import TINY_VOCAB_SIZE, _finish, _seeded, tiny_tokenizer
 
 LATENT_CHANNELS = 4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
-from . import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded, _vae, tiny_tokenizer
+from .common import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded, _vae, tiny_tokenizer
 
 # Qwen3's chat layout (`<|im_start|>role\ncontent<|im_end|>\n`); the pipeline renders every prompt through
 # `apply_chat_template(..., add_generation_prompt=True, enable_thinking=True)`, so the tokenizer needs one

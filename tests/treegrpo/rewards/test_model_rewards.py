@@ -4,7 +4,7 @@ through the same code path as hub ids."""
 import pytest
 import torch
 
-from treegrpo.rewards import Reward, build_reward
+from treegrpo.rewards import RewardBase, build_reward
 
 MODEL_KINDS = ["pickscore", "clipscore", "hpsv2", "imagereward", "aesthetic"]
 PROMPTS = ["a photo of a cat", "a red square", "a photo of a cat", "a blue dog", "green", "a photo of a dog"]
@@ -20,7 +20,7 @@ def loaded(reward_paths):
 def test_scores_are_float32_vector_on_cpu(loaded, kind, noise_images):
     reward = loaded[kind]
     scores = reward(noise_images(len(PROMPTS)), PROMPTS)
-    assert isinstance(reward, Reward) and reward.name == kind
+    assert isinstance(reward, RewardBase) and reward.name == kind
     assert scores.shape == (len(PROMPTS),) and scores.dtype == torch.float32 and scores.device.type == "cpu"
     assert torch.isfinite(scores).all() and not scores.requires_grad
     assert scores.std() > 0  # random weights still tell the inputs apart
@@ -87,3 +87,16 @@ def test_bfloat16_weights_give_float32_scores_close_to_float32(loaded, reward_pa
     assert all(p.dtype == torch.bfloat16 for m in modules for p in m.parameters())
     reference = loaded[kind](images, PROMPTS[:3])
     torch.testing.assert_close(scores, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("kind", [*MODEL_KINDS, "digits"])
+def test_modules_lists_every_parameter_the_reward_holds(reward_paths, kind):
+    """`modules()` is what `model.offload_rewards` moves: none before the lazy load, and after it every parameter
+    tensor the reward holds (found here by walking its attributes, which the trainer no longer does)."""
+    reward = build_reward(kind, **reward_paths.get(kind, {}))
+    assert reward.modules() == []
+    reward.load()
+    held = {id(p) for value in vars(reward).values() if isinstance(value, torch.nn.Module)
+            for p in value.parameters()}
+    declared = {id(p) for module in reward.modules() for p in module.parameters()}
+    assert held and declared == held

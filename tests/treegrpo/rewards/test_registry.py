@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from treegrpo.rewards import REWARD_KINDS, Reward, build_reward, reward_options, to_pil
+from treegrpo.rewards import REWARD_KINDS, RewardBase, build_reward, reward_options, to_pil
 
 MODEL_KINDS = ["pickscore", "clipscore", "hpsv2", "imagereward", "aesthetic"]
 
@@ -62,7 +62,7 @@ def test_options_and_defaults():
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_model_rewards_build_with_hub_defaults_without_touching_the_hub(kind):
     reward = build_reward(kind, device="cpu", dtype="bfloat16")  # lazy: nothing is downloaded or read
-    assert isinstance(reward, Reward) and reward.name == kind and reward.dtype == torch.bfloat16
+    assert isinstance(reward, RewardBase) and reward.name == kind and reward.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
