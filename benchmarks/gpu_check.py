@@ -137,7 +137,7 @@ def denoiser_throughput(run, recipe, stock) -> dict:
     rows as the stock pipeline's batch) against the stock pipeline generating the same number of leaves with the
     same steps and CFG (every forward `2 · leaves` rows). Both carry the same LoRA, both after a warm-up call."""
     leaves = run.rollout.scheduler.plan.num_leaves
-    kwargs = run.sample_kwargs
+    kwargs = run.sampling.as_kwargs()
     steps = recipe.sampling.num_inference_steps
     batch_rows = 2 * leaves
 

@@ -329,7 +329,7 @@ def reward_server(
     dtype: DtypeOption = "fp32",
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
-    from treegrpo.commands.arguments import DTYPE_NAMES
+    from treegrpo.dtypes import DTYPE_NAMES
 
     if dtype not in DTYPE_NAMES:
         _fail(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")

@@ -11,8 +11,9 @@ import torch  # noqa: E402
 
 from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
+from treegrpo.run.seeds import tree_generators  # noqa: E402
 from treegrpo.run.setup import setup  # noqa: E402
-from treegrpo.train.grpo import epoch_positions, epoch_prompt_indices, process_share, tree_generators  # noqa: E402
+from treegrpo.train.grpo import epoch_positions, epoch_prompt_indices, process_share  # noqa: E402
 from treegrpo.train.trainer import train  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402

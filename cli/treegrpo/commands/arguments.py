@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from treegrpo.dtypes import DTYPE_NAMES
 from treegrpo.errors import UsageError
 from treegrpo.recipe.preflight import check_pretrained, prompts_from_file
-
-DTYPE_NAMES = ("fp32", "bf16", "fp16")  # the keys of treegrpo.model.loading.DTYPES (that module imports torch)
 
 
 def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file: Path | None,
@@ -52,3 +51,11 @@ def quiet_libraries(*, verbose: bool) -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def compute_device() -> str:
+    """Where `sample`, `eval` and the reward server compute: the first GPU when there is one (`CUDA_VISIBLE_DEVICES`
+    picks which), else the CPU. Training's device is accelerate's, not this."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

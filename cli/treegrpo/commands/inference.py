@@ -3,7 +3,6 @@ hub repo), plain ODE sampling or best-of-tree / pruned tree search with any rewa
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from collections.abc import Callable
@@ -14,12 +13,13 @@ import numpy as np
 import torch
 
 from diffusers_tree import TreeRolloutPipeline, TreeSDEScheduler
-from diffusers_tree.adapters import adapter_for, makes_videos, stock_call_kwargs
+from diffusers_tree.adapters import adapter_for, makes_videos
+from treegrpo.commands.arguments import compute_device
 from treegrpo.errors import UsageError
-from treegrpo.model.loading import ModelLoadError, load_pipeline
+from treegrpo.model.loading import ModelLoadError, load_pipeline, stock_call
 from treegrpo.rewards.base import score_with_accuracy
 from treegrpo.run.metrics import image_grid
-from treegrpo.run.seeds import derive_seed
+from treegrpo.run.seeds import sample_generators
 
 
 class InferenceError(UsageError):
@@ -76,7 +76,7 @@ def build_rewards(specs: list[str], device, dtype) -> list:
 
 
 def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", device: str | None = None):
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or compute_device()
     if lora:
         from treegrpo.hub.lora import lora_source
 
@@ -100,9 +100,7 @@ def call_kwargs(pipe, defaults: dict, settings: Settings) -> dict:
               "height": settings.height, "width": settings.width,
               "max_sequence_length": settings.max_sequence_length}
     merged = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
-    merged = stock_call_kwargs(pipe, merged)  # Qwen-Image: true_cfg_scale; SANA: no resolution binning
-    accepted = inspect.signature(pipe.__call__).parameters
-    return {k: v for k, v in merged.items() if v is not None and k in accepted}
+    return stock_call(pipe, merged)
 
 
 def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int, batch_size: int = 16,
@@ -113,7 +111,7 @@ def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int,
     for p, prompt in enumerate(prompts):
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
-            generators = [torch.Generator().manual_seed(derive_seed(seed, p, start + j)) for j in range(count)]
+            generators = sample_generators(seed, p, start, count)
             with torch.no_grad():
                 images += pipe(prompt=prompt, num_images_per_prompt=count, generator=generators, **kwargs).images
         if on_prompt is not None:
@@ -161,7 +159,7 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
         from treegrpo.hub.lora import lora_source
 
         lora_source(lora)  # a wrong --lora fails now, not after the base model has sampled
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     rewards = build_rewards(reward_specs, device, torch.float32)
     results = {}
     progress.phase(f"loading {model}", None)

@@ -85,13 +85,12 @@ def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: 
     """`treegrpo reward-server`: build the reward `kind` with `options` (`key=value`) on the GPU when there is one
     and serve it until Ctrl-C; `announce` prints where it listens. Raises `UsageError` for a bad kind or option
     and `OSError` when the address cannot be bound."""
-    import torch
-
+    from treegrpo.commands.arguments import compute_device
     from treegrpo.commands.inference import build_rewards
     from treegrpo.model.loading import DTYPES
 
     spec = kind + (":" + ",".join(options) if options else "")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     (reward,) = build_rewards([spec], device, DTYPES[dtype])
     server = make_server(reward, host, port)
     announce(f"serving reward {kind!r} on http://{host}:{server.server_address[1]}/score ({device}); Ctrl-C stops")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from treegrpo.dtypes import TORCH_NAMES
+
 if TYPE_CHECKING:
     from treegrpo.hub.summary import RunSummary
 
@@ -15,7 +17,7 @@ ALGORITHMS = {
     "flat": "flat GRPO baseline (DanceGRPO-style: independent SDE trajectories)",
     "mix": "MixGRPO-style baseline (SDE only inside the window)",
 }
-DTYPE_NAMES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+DTYPE_NAMES = {name: f"torch.{torch_name}" for name, torch_name in TORCH_NAMES.items()}  # for the snippet
 
 
 CARD_TEMPLATE = """---

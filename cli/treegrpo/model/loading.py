@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from diffusers_tree.adapters import adapter_for
+from diffusers_tree.adapters import adapter_for, stock_call_kwargs
+from treegrpo.dtypes import DTYPE_NAMES, torch_dtype
 from treegrpo.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 # Only these keys go into the LoRA metadata: extra keys from a newer peft break loading with an older one.
 LORA_METADATA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
 
@@ -127,6 +129,14 @@ def hub_load_problem(repo_id: str, revision: str | None, err: Exception) -> str:
                 f"(`hf download {repo_id}`).")
     text = str(err).replace(" Please check out the root cause in the stacktrace above.", "")
     return f"the Hub has it, but loading failed: {text}"
+
+
+def stock_call(pipe, kwargs: dict) -> dict:
+    """Keyword arguments for a call of the stock pipeline that samples as the tree does (the family's
+    `stock_call_kwargs`: Qwen-Image's `true_cfg_scale`, SANA without resolution binning, ...), keeping only the set
+    values that this pipeline's `__call__` takes (`max_sequence_length` is not one of SD1.5's)."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in stock_call_kwargs(pipe, kwargs).items() if v is not None and k in accepted}
 
 
 def default_lora_targets(pipe) -> list[str]:

@@ -20,10 +20,11 @@ from types import MappingProxyType
 import torch
 from PIL import Image
 
+from treegrpo.dtypes import DTYPE_NAMES, LONG_NAMES, torch_dtype
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # fmt: skip
+DTYPES = {name: torch_dtype(name) for name in (*LONG_NAMES, *DTYPE_NAMES)}
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -1,8 +1,20 @@
 """Every seed of a run derives from the recipe's `train.seed` and integers naming what it seeds (epoch, prompt
-position, tree, a stream number), so a resumed run repeats exactly and a tree's noise does not depend on which
-process samples it."""
+position, tree, a named stream), so a resumed run repeats exactly and a tree's noise does not depend on which
+process samples it. The stream numbers are part of every recorded run's randomness: they never change."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+
+class Stream(IntEnum):
+    """What a per-tree or per-process seed draws."""
+
+    ROLLOUT = 0  # per tree: the root noise, then one branch noise per SDE step
+    EDGE_SELECTION = 1  # per tree: which edges a flat/mix run trains (`tree.timestep_fraction`)
+    TRAINING = 7  # per process and epoch: the training micro-batch order
 
 
 def derive_seed(*parts: int) -> int:
@@ -11,3 +23,35 @@ def derive_seed(*parts: int) -> int:
     for part in parts:
         value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (2**63 - 1)
     return value
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed` (the draws are moved to the compute device, so every device agrees)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def tree_generators(seed: int, epoch: int, positions: list[int], num_trees: int, stream: Stream = Stream.ROLLOUT
+                    ) -> list[torch.Generator]:
+    """One generator per tree, slot-major, seeded by (seed, epoch, run-wide slot position, tree, stream): the same
+    whichever process samples the slot, different for every slot (even when two slots hold the same prompt)."""
+    return [seeded(derive_seed(seed, epoch, p, t, stream)) for p in positions for t in range(num_trees)]
+
+
+def training_generator(seed: int, epoch: int, process_index: int) -> torch.Generator:
+    """The training micro-batch order of one process in one epoch (the + 1 is how every recorded run drew it)."""
+    return seeded(derive_seed(seed, epoch, process_index, Stream.TRAINING) + 1)
+
+
+def prompt_order_generator(seed: int, pass_index: int) -> torch.Generator:
+    """The prompt permutation of one pass over the prompt list."""
+    return seeded(derive_seed(seed, pass_index))
+
+
+def lora_init_seed(seed: int, init_seed: int) -> int:
+    """The LoRA initialisation's seed (`model.lora.init_seed` varies it without changing the run's other draws)."""
+    return derive_seed(seed, init_seed)
+
+
+def sample_generators(seed: int, prompt_index: int, first_image: int, count: int) -> list[torch.Generator]:
+    """`sample`/`eval`: image j of prompt p draws from (seed, p, j), so one seed gives paired base and LoRA samples."""
+    return [seeded(derive_seed(seed, prompt_index, first_image + j)) for j in range(count)]

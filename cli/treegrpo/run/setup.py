@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,12 +25,29 @@ from treegrpo.recipe.schema import Recipe, TrainRecipe
 from treegrpo.run.ema import EMA
 from treegrpo.run.prompt_cache import PromptEmbeddingCache
 from treegrpo.run.reporting import Reporter
-from treegrpo.run.seeds import derive_seed
+from treegrpo.run.seeds import lora_init_seed
 from treegrpo.run.signals import StopSignals
 
 
 class SetupError(UsageError):
     """The run cannot start: bad prompts file, reward, process count, missing checkpoint. Exit code 2."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How every prompt of the run is encoded and sampled (rollouts and sample grids), resolved once from the recipe's
+    `[sampling]` and the model's stored defaults."""
+
+    guidance_scale: float
+    height: int | None
+    width: int | None
+    negative_prompt: str | None
+    max_sequence_length: int | None
+    num_frames: int | None
+
+    def as_kwargs(self) -> dict:
+        """The settings as keyword arguments of an encode or a stock pipeline call."""
+        return asdict(self)
 
 
 @dataclass
@@ -48,7 +65,7 @@ class Run:
     rewards: list
     prompts: list[str]
     window: WindowPolicy
-    sample_kwargs: dict
+    sampling: SamplingSettings
     out_dir: Path
     reporter: Reporter
     ema: EMA | None = None
@@ -72,11 +89,7 @@ class Run:
 
     def encode_with_encoders_ready(self, prompts: list[str]):
         """Encode with the run's settings; the caller has the text encoders where they run (`text_encoders_ready`)."""
-        kwargs = self.sample_kwargs
-        return self.rollout.encode(prompts, guidance_scale=kwargs["guidance_scale"],
-                                   negative_prompt=kwargs["negative_prompt"], height=kwargs["height"],
-                                   width=kwargs["width"], max_sequence_length=kwargs["max_sequence_length"],
-                                   num_frames=kwargs["num_frames"])
+        return self.rollout.encode(prompts, **self.sampling.as_kwargs())
 
     def text_encoders_ready(self):
         """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
@@ -149,16 +162,15 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
     window = WindowPolicy(s.num_inference_steps, t.window_width, kind=t.window_policy, ratio=t.window_ratio,
                           start=t.window_start, shift_step=t.shift_step, shift_every=t.shift_every) \
         if t.algorithm != "flat" else None
-    sample_kwargs = {
-        "guidance_scale": s.guidance_scale if s.guidance_scale is not None
+    sampling = SamplingSettings(
+        guidance_scale=s.guidance_scale if s.guidance_scale is not None
         else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
-        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
-        "max_sequence_length": s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
-        "num_frames": s.num_frames,
-    }
+        height=s.height, width=s.width, negative_prompt=s.negative_prompt,
+        max_sequence_length=s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
+        num_frames=s.num_frames)
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
-              sample_kwargs=sample_kwargs, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
+              sampling=sampling, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
               prompt_metadata=prompt_metadata)
     if recipe.data.cache_embeddings:
         run.prompt_cache = PromptEmbeddingCache(run.encode_with_encoders_ready, accelerator.device,
@@ -221,7 +233,7 @@ def _setup_model(recipe: Recipe, device, reporter: Reporter):
     if recipe.model.lora is not None:
         lora = recipe.model.lora
         add_lora(denoiser, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
-                 seed=derive_seed(recipe.train.seed, lora.init_seed), denoiser_name=name,
+                 seed=lora_init_seed(recipe.train.seed, lora.init_seed), denoiser_name=name,
                  default_targets=default_lora_targets(pipe))
     else:
         denoiser.requires_grad_(True)

@@ -3,16 +3,16 @@ and sample grids. Split from `trainer.py`, which drives the run."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from diffusers_tree.adapters import stock_call_kwargs
 from treegrpo.errors import TrainingError
+from treegrpo.model.loading import stock_call
 from treegrpo.run.metrics import image_grid
+from treegrpo.run.seeds import seeded
 
 if TYPE_CHECKING:
     from treegrpo.run.setup import Run
@@ -138,18 +138,16 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
     # sharded weights need every process in the forward; otherwise only the main process samples
     if not run.recipe.output.samples or not (run.accelerator.is_main_process or is_sharded(run)):
         return None
-    pipe, kwargs = run.pipe, dict(run.sample_kwargs)
+    pipe, kwargs = run.pipe, run.sampling.as_kwargs()
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad(), run.text_encoders_ready():
         # Qwen-Image: true_cfg_scale; SANA: no resolution binning; FLUX.2 klein: the negative prompt's embeddings.
         # The prompt by keyword (FLUX.2 takes `image` first), in a copy (Z-Image writes its templated prompts into
         # the list); one image per prompt (Qwen-Image's and SANA's encode_prompt mis-tile mixed-length prompts
         # that ask for several).
-        kwargs = stock_call_kwargs(pipe, {**kwargs, "prompt": list(prompts)})
-        accepted = inspect.signature(pipe.__call__).parameters
-        call = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+        call = stock_call(pipe, {**kwargs, "prompt": list(prompts)})
         result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps,
-                      generator=torch.Generator().manual_seed(seed), output_type="pil", **call)
+                      generator=seeded(seed), output_type="pil", **call)
     # video pipelines (Wan) return `frames`: one strip of evenly spaced frames per video
     images = result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
     if not run.accelerator.is_main_process:

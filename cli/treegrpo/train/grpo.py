@@ -15,7 +15,7 @@ import torch
 from diffusers_tree import RolloutRecord, aggregate_rewards, backup_advantages, effective_sample_size
 from diffusers_tree.adapters import Conditioning, guided_model_output
 from treegrpo.errors import TrainingError
-from treegrpo.run.seeds import derive_seed
+from treegrpo.run.seeds import prompt_order_generator
 from treegrpo.train.loss import LossOutput, gaussian_mean_kl, grpo_edge_loss
 
 
@@ -37,8 +37,7 @@ def epoch_prompt_indices(num_prompts: int, epoch: int, per_epoch: int, seed: int
     """Global prompt indices of `epoch`: consecutive slices of seeded permutations (a fresh one per pass)."""
     indices = []
     for position in epoch_positions(epoch, per_epoch):
-        permutation = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(
-            derive_seed(seed, position // num_prompts)))
+        permutation = torch.randperm(num_prompts, generator=prompt_order_generator(seed, position // num_prompts))
         indices.append(int(permutation[position % num_prompts]))
     return indices
 
@@ -53,15 +52,6 @@ def process_share(items: list, rank: int, world_size: int) -> list:
     """This process's contiguous share (a prompt's trees stay on one process, so Eq. 9 is local)."""
     per_rank = len(items) // world_size
     return items[rank * per_rank:(rank + 1) * per_rank]
-
-
-def tree_generators(seed: int, epoch: int, positions: list[int], num_trees: int, *, stream: int = 0
-                    ) -> list[torch.Generator]:
-    """One generator per tree, slot-major, seeded by (seed, epoch, run-wide slot position, tree, stream): the same
-    whichever process samples the slot, different for every slot (even when two slots hold the same prompt).
-    `stream` separates uses (0: rollout noise, 1: flat edge selection)."""
-    return [torch.Generator().manual_seed(derive_seed(seed, epoch, p, t, stream)) for p in positions
-            for t in range(num_trees)]
 
 
 @dataclass

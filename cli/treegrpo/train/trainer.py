@@ -26,13 +26,13 @@ from treegrpo.run.checkpoint import (
 from treegrpo.run.folder import RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
 from treegrpo.run.metrics import MetricsLog, reward_curve
 from treegrpo.run.reporting import Reporter
+from treegrpo.run.seeds import Stream, training_generator, tree_generators
 from treegrpo.run.setup import Run, SetupError, read_prompts, setup
 from treegrpo.run.signals import StopNow, StopSignals, signal_name
 from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
 from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
 from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
 from treegrpo.train.grpo import (
-    derive_seed,
     epoch_positions,
     epoch_prompt_indices,
     process_share,
@@ -40,7 +40,6 @@ from treegrpo.train.grpo import (
     stop_together,
     train_on_record,
     tree_advantages,
-    tree_generators,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,11 +56,10 @@ def run_epoch(run: Run, epoch: int) -> dict:
                                     acc.num_processes)
     local_prompts = [run.prompts[i] for i in local_indices]
     run.reporter.phase("rollout")
-    kwargs = run.sample_kwargs
     conditioning = run.encode(local_prompts)
     out = run.rollout(local_prompts, num_trees=r.tree.num_trees, num_inference_steps=r.sampling.num_inference_steps,
-                      window_start=window_start, conditioning=conditioning, height=kwargs["height"],
-                      width=kwargs["width"],
+                      window_start=window_start, conditioning=conditioning, height=run.sampling.height,
+                      width=run.sampling.width,
                       generator=tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees),
                       max_batch_size=r.sampling.max_batch_size, output_type="pt")
     record = out.record
@@ -83,13 +81,13 @@ def run_epoch(run: Run, epoch: int) -> dict:
     adv = tree_advantages(record, scores, [spec.weight for spec in r.reward], aggregation=r.advantage.aggregation,
                           eps=r.advantage.eps, weighting=r.advantage.weighting,
                           depth_normalize=r.advantage.depth_normalize)
-    seed = derive_seed(r.train.seed, epoch, acc.process_index, 7)
     mask = select_edges(record, algorithm=r.tree.algorithm, timestep_fraction=r.tree.timestep_fraction,
-                        generator=tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees, stream=1))
+                        generator=tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees,
+                                                  Stream.EDGE_SELECTION))
     stats = train_on_record(accelerator=acc, adapter=run.rollout.adapter, scheduler=run.rollout.scheduler,
                             record=record, conditioning=conditioning, edge_advantage=adv.advantage, edge_mask=mask,
                             optimizer=run.optimizer, params=run.params, train=r.train, adv_clip=r.advantage.clip,
-                            generator=torch.Generator().manual_seed(seed + 1), ema=run.ema,
+                            generator=training_generator(r.train.seed, epoch, acc.process_index), ema=run.ema,
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
     metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
