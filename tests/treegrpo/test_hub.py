@@ -380,3 +380,24 @@ def test_weight_name_constant_matches_the_exporter():
     import treegrpo.model.loading
 
     assert treegrpo.hub.summary.LORA_WEIGHT_NAME == treegrpo.model.loading.LORA_WEIGHT_NAME
+
+
+def test_the_card_reads_each_family_from_its_adapter():
+    """Family knowledge for the card lives in the adapters: every family declares its Hub tags, and a LoRA's keys
+    are claimed by at most one family (FLUX.1 by its single-stream blocks, SD3 otherwise; UNet LoRAs by none)."""
+    from diffusers_tree.adapters import registered_adapters
+    from treegrpo.hub.summary import family_of
+
+    for name, adapter in registered_adapters().items():
+        family = family_of(name)
+        assert adapter.hub_tags and family.tags == adapter.hub_tags and family.pipeline_class == name
+    assert family_of("WanPipeline").task == "text-to-video" and family_of("FluxPipeline").task == "text-to-image"
+    assert family_of("FluxPipeline").sequence_length and not family_of("StableDiffusionXLPipeline").sequence_length
+
+    def claims(keys):
+        return [name for name, adapter in registered_adapters().items() if adapter.claims_lora_keys(keys)]
+
+    block = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    assert claims([block, "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]) == ["FluxPipeline"]
+    assert claims([block]) == ["StableDiffusion3Pipeline"]
+    assert claims(["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"]) == [] and claims([]) == []

@@ -101,7 +101,7 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
     base = summary.base_model or summary.pretrained
     call = {"num_inference_steps": sampling.get("num_inference_steps"), "guidance_scale":
             sampling.get("guidance_scale"), "height": sampling.get("height"), "width": sampling.get("width")}
-    if summary.family.name not in ("sd", "sdxl"):  # the T5 / LLM text encoders' token length
+    if summary.family.sequence_length:  # the T5 / LLM text encoders' token length
         call["max_sequence_length"] = sampling.get("max_sequence_length")
     video = summary.family.task == "text-to-video"
     if video:

@@ -40,27 +40,34 @@ class LoraLoadError(HubError):
 
 @dataclass(frozen=True)
 class Family:
-    """A pipeline family as the card presents it."""
+    """A pipeline family as the card presents it; what each family says lives in its adapter (`hub_tags`,
+    `hub_task`, `claims_lora_keys`)."""
 
-    name: str  # the diffusers_tree adapter name: sd, sdxl, sd3, flux
     pipeline_class: str
-    tags: tuple[str, ...]  # Hub tags, the family's first (diffusers' own training scripts use the same)
+    tags: tuple[str, ...] = ()  # Hub tags, the family's first (diffusers' own training scripts use the same)
     task: str = "text-to-image"  # the Hub's pipeline_tag
+    sequence_length: bool = False  # the pipeline's call takes `max_sequence_length` (T5 / LLM text encoders)
 
 
-FAMILIES = {f.pipeline_class: f for f in (
-    Family("sd", "StableDiffusionPipeline", ("stable-diffusion", "stable-diffusion-diffusers")),
-    Family("sdxl", "StableDiffusionXLPipeline", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")),
-    Family("sd3", "StableDiffusion3Pipeline", ("sd3", "sd3-diffusers")),
-    Family("flux", "FluxPipeline", ("flux", "flux-diffusers")),
-    Family("flux2", "Flux2Pipeline", ("flux2", "flux2-diffusers")),
-    Family("flux2", "Flux2KleinPipeline", ("flux2", "flux2-diffusers")),
-    Family("qwenimage", "QwenImagePipeline", ("qwen-image", "qwen-image-diffusers")),
-    Family("zimage", "ZImagePipeline", ("z-image", "z-image-diffusers")),
-    Family("sana", "SanaPipeline", ("sana", "sana-diffusers")),
-    Family("wan", "WanPipeline", ("wan", "wan-diffusers"), task="text-to-video"),
-)}
-GENERIC = Family("", "DiffusionPipeline", ())  # unknown class: `DiffusionPipeline.from_pretrained` picks it
+GENERIC = Family("DiffusionPipeline")  # unknown class: `DiffusionPipeline.from_pretrained` picks it
+
+
+def family_of(pipeline_class: str) -> Family:
+    """The card's view of a pipeline class: its adapter's Hub tags and task, and whether its call takes a token
+    length (read from the diffusers class's signature)."""
+    import inspect
+
+    import diffusers
+
+    from diffusers_tree.adapters import adapter_class
+
+    adapter = adapter_class(pipeline_class)
+    pipeline = getattr(diffusers, pipeline_class, None)
+    call = inspect.signature(pipeline.__call__).parameters if isinstance(pipeline, type) else {}
+    takes_length = "max_sequence_length" in call
+    if adapter is None:
+        return Family(pipeline_class, sequence_length=takes_length)
+    return Family(pipeline_class, adapter.hub_tags, adapter.hub_task, takes_length)
 
 
 @dataclass
@@ -182,17 +189,15 @@ def _hub_id(pretrained: str) -> str | None:
 
 def _family(pretrained: str, revision: str | None, header: dict) -> Family:
     if pretrained == "builtin:digits":
-        return FAMILIES["StableDiffusion3Pipeline"]
+        return family_of("StableDiffusion3Pipeline")
     index = _model_index(pretrained, revision)
-    if index and index.get("_class_name") in FAMILIES:
-        return FAMILIES[index["_class_name"]]
     if index and index.get("_class_name"):
-        return Family("", index["_class_name"], ())
+        return family_of(index["_class_name"])
+    from diffusers_tree.adapters import registered_adapters
+
     keys = [k for k in header if k != "__metadata__"]
-    if keys and all(k.startswith("transformer.") for k in keys):  # transformer LoRAs: FLUX has single blocks
-        return FAMILIES["FluxPipeline" if any(".single_transformer_blocks." in k for k in keys)
-                        else "StableDiffusion3Pipeline"]
-    return GENERIC  # UNet LoRAs fit SD1.5 and SDXL alike: let DiffusionPipeline pick the class
+    claims = [name for name, adapter in registered_adapters().items() if adapter.claims_lora_keys(keys)]
+    return family_of(claims[0]) if len(claims) == 1 else GENERIC
 
 
 def _model_index(pretrained: str, revision: str | None) -> dict | None:

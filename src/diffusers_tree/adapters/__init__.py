@@ -16,10 +16,12 @@ from .base import (
     guided_model_output,
     makes_videos,
     register_adapter,
+    registered_adapters,
     stock_call_kwargs,
 )
 
 DenoiserAdapter = PipelineAdapter  # the base's earlier name
 
 __all__ = ["Conditioning", "DenoiserAdapter", "PipelineAdapter", "adapter_class", "adapter_for",
-           "guided_model_output", "makes_videos", "register_adapter", "stock_call_kwargs"]
+           "guided_model_output", "makes_videos", "register_adapter", "registered_adapters",
+           "stock_call_kwargs"]

@@ -81,6 +81,9 @@ class PipelineAdapter:
     # module names a LoRA targets by default (peft matches name endings): every attention's projections
     lora_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]  # noqa: RUF012 (never mutated)
     default_num_frames: int | None = None  # video families (Wan): the stock default frame count; None: images
+    # what a LoRA's Hub card says: its tags (the family's first, as diffusers' training scripts tag) and pipeline tag
+    hub_tags: tuple[str, ...] = ()
+    hub_task: str = "text-to-image"
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -115,6 +118,12 @@ class PipelineAdapter:
         raise NotImplementedError
 
     # ---- hooks with defaults ----------------------------------------------------------------------------------------
+    @classmethod
+    def claims_lora_keys(cls, keys: list[str]) -> bool:
+        """Whether a LoRA file with these keys (diffusers' `transformer.` / `unet.` prefixes) can only be this
+        family's, when nothing else names the base model. UNet LoRAs fit SD1.5 and SDXL alike: none claims them."""
+        return False
+
     @classmethod
     def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
         """Whether this family guides with CFG (two rows per node) at `guidance_scale`; `pipeline_config` is the
@@ -185,6 +194,11 @@ def adapter_for(pipe) -> PipelineAdapter:
         f"No tree-rollout adapter for {type(pipe).__name__}; supported: {sorted(_ADAPTERS)}. "
         "Add one file in diffusers_tree/adapters/ to support a new family."
     )
+
+
+def registered_adapters() -> dict[str, type[PipelineAdapter]]:
+    """Pipeline class name → its adapter class, for every registered family."""
+    return dict(_ADAPTERS)
 
 
 def adapter_class(pipeline_class_name: str) -> type[PipelineAdapter] | None:

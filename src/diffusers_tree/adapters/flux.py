@@ -11,11 +11,18 @@ from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_a
 
 @register_adapter("FluxPipeline")
 class FluxAdapter(PipelineAdapter):
+    hub_tags = ("flux", "flux-diffusers")
     default_guidance_scale = 3.5
     # the joint attention's projections of both streams (image and text)
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out"]
     prediction_type = "flow"
+
+    @classmethod
+    def claims_lora_keys(cls, keys: list[str]) -> bool:
+        """A transformer LoRA with single-stream blocks (`single_transformer_blocks`) is FLUX.1's."""
+        return bool(keys) and all(k.startswith("transformer.") for k in keys) and any(
+            ".single_transformer_blocks." in k for k in keys)
 
     @classmethod
     def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:

@@ -25,6 +25,7 @@ from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_a
 
 @register_adapter("Flux2Pipeline")
 class Flux2Adapter(PipelineAdapter):
+    hub_tags = ("flux2", "flux2-diffusers")
     default_guidance_scale = 4.0
     prediction_type = "flow"
     guidance_embedding = True  # [dev]: guidance_scale is a transformer input, not CFG

@@ -32,6 +32,7 @@ EMPTY_NEGATIVE_PROMPT = " "
 
 @register_adapter("QwenImagePipeline")
 class QwenImageAdapter(PipelineAdapter):
+    hub_tags = ("qwen-image", "qwen-image-diffusers")
     default_guidance_scale = 1.0  # the stock default call: true_cfg_scale 4 but no negative prompt, so no CFG
     prediction_type = "flow"
     # both streams' attention projections of every block, as the other MMDiT families

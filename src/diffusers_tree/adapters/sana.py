@@ -34,6 +34,7 @@ def _pipeline_default(pipe, name: str):
 
 @register_adapter("SanaPipeline")
 class SanaAdapter(PipelineAdapter):
+    hub_tags = ("sana", "sana-diffusers")
     default_guidance_scale = 4.5
     prediction_type = "flow"
     # the linear self-attention (attn1) and the cross-attention (attn2) projections of every block

@@ -7,6 +7,7 @@ from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_a
 
 @register_adapter("StableDiffusionPipeline")
 class StableDiffusionAdapter(PipelineAdapter):
+    hub_tags = ("stable-diffusion", "stable-diffusion-diffusers")
     denoiser_name = "unet"
     default_guidance_scale = 7.5
     def __init__(self, pipe):

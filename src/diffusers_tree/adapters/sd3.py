@@ -9,11 +9,19 @@ from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_a
 
 @register_adapter("StableDiffusion3Pipeline")
 class StableDiffusion3Adapter(PipelineAdapter):
+    hub_tags = ("sd3", "sd3-diffusers")
     default_guidance_scale = 7.0
     # the joint attention's projections of both streams (image and text)
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out"]
     prediction_type = "flow"
+
+    @classmethod
+    def claims_lora_keys(cls, keys: list[str]) -> bool:
+        """A transformer LoRA without single-stream blocks: SD3's (and the digits model's). A guess, taken only when
+        the base model's `model_index.json` cannot be read, which tells the other transformer families apart."""
+        return bool(keys) and all(k.startswith("transformer.") for k in keys) and not any(
+            ".single_transformer_blocks." in k for k in keys)
 
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
         pipe, do_cfg = self.pipe, self.uses_cfg(guidance_scale, self.pipe.config)

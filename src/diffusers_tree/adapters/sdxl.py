@@ -9,6 +9,7 @@ from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_a
 
 @register_adapter("StableDiffusionXLPipeline")
 class StableDiffusionXLAdapter(PipelineAdapter):
+    hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
     denoiser_name = "unet"
     default_guidance_scale = 5.0
     def __init__(self, pipe):

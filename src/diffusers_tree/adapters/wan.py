@@ -24,6 +24,8 @@ from .base import Conditioning, PipelineAdapter, register_adapter
 
 @register_adapter("WanPipeline")
 class WanAdapter(PipelineAdapter):
+    hub_tags = ("wan", "wan-diffusers")
+    hub_task = "text-to-video"
     default_guidance_scale = 5.0
     default_num_frames = 81  # marks a video family; the stock pipeline's default
     default_size = (480, 832)  # the stock pipeline's default height/width (the transformer has no sample_size)

@@ -36,6 +36,7 @@ def _padded(features: list[torch.Tensor], length: int) -> dict[str, torch.Tensor
 
 @register_adapter("ZImagePipeline")
 class ZImageAdapter(PipelineAdapter):
+    hub_tags = ("z-image", "z-image-diffusers")
     default_guidance_scale = 5.0  # the pipeline's default (Z-Image-Turbo is sampled with 0: no CFG)
     prediction_type = "flow"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]  # every block's attention (refiners included)
