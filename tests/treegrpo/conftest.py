@@ -27,6 +27,16 @@ def nan_from_second_call(images, prompts):
     CALLS[0] += 1
     return brightness(images, prompts) if CALLS[0] < 2 else nan_reward(images, prompts)
 
+RISING, FALLING = [0], [0]
+
+def rising(images, prompts):  # the same score for every leaf, one more at every call: a rollout reward that rises
+    RISING[0] += 1
+    return [float(RISING[0])] * len(images)
+
+def falling(images, prompts):  # one less at every call: an evaluation reward that falls
+    FALLING[0] += 1
+    return [-float(FALLING[0])] * len(images)
+
 def interrupt_on_second_epoch(images, prompts):
     import os, signal
     CALLS[0] += 1

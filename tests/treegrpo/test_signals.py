@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import treegrpo.app  # noqa: E402
+import treegrpo.train.export  # noqa: E402
 import treegrpo.train.trainer  # noqa: E402
 from treegrpo.app import app  # noqa: E402
 from treegrpo.run.signals import StopNow, StopSignals, exit_code  # noqa: E402
@@ -69,7 +70,8 @@ def test_sigterm_during_the_final_export_lets_it_finish(workdir, tiny_sd3_dir, m
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(treegrpo.train.trainer, "save_lora", save_lora_with_sigterm)
+    monkeypatch.setattr(treegrpo.train.trainer, "save_lora", save_lora_with_sigterm)  # checkpoints
+    monkeypatch.setattr(treegrpo.train.export, "save_lora", save_lora_with_sigterm)  # final/ (and best/)
     result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1))])
     assert result.exit_code == 0, result.output
     assert "SIGTERM arrived during the final export; the export completed" in result.output

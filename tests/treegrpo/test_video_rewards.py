@@ -85,7 +85,6 @@ def test_whole_videos_need_a_python_reward():
 
 def test_leaves_become_pil_images_once_for_all_rewards(monkeypatch):
     """Two rewards on a video batch: one conversion of every frame, both rewards scored from it."""
-    from types import SimpleNamespace
 
     import treegrpo.rewards
     from treegrpo.train.epoch_outputs import score_leaves
@@ -95,6 +94,6 @@ def test_leaves_become_pil_images_once_for_all_rewards(monkeypatch):
     frames, levels = videos()
     first, second = FrameBrightness("mean"), FrameBrightness("max")
     second.name = "brightest"
-    scores, extras = score_leaves(SimpleNamespace(rewards=[first, second]), frames, ["a cat", "a dog"])
+    scores, extras = score_leaves([first, second], frames, ["a cat", "a dog"])
     assert calls == [6] and extras == {}
     torch.testing.assert_close(scores, torch.stack([levels.mean(1), levels.amax(1)]))

@@ -61,7 +61,7 @@ def reward_server_notes(loaded: Recipe) -> list[tuple[str, str]]:
     from treegrpo.rewards.remote import connection_problem
 
     rows = []
-    for spec in loaded.reward:
+    for spec in [*loaded.reward, *loaded.eval_reward]:
         url = (spec.model_extra or {}).get("url") or (spec.model_extra or {}).get("base_url")
         if spec.kind in ("http", "vlm") and isinstance(url, str):
             problem = connection_problem(url)
@@ -69,6 +69,17 @@ def reward_server_notes(loaded: Recipe) -> list[tuple[str, str]]:
                 "accepts connections" if problem is None else f"NOT reachable now ({problem}); start it before "
                 "`treegrpo run`")))
     return rows
+
+
+def evaluation_note(loaded: Recipe) -> str:
+    """What `check` says about evaluation during training."""
+    if not loaded.eval_reward:
+        return "none (add [[eval_reward]] tables to judge the policy on ODE samples and keep best/)"
+    e = loaded.evaluation
+    names = ", ".join(r.name or r.kind for r in loaded.eval_reward)
+    best = e.best_by or (loaded.eval_reward[0].name or loaded.eval_reward[0].kind)
+    return (f"{names} every {e.every or loaded.output.eval_every} epochs, {e.images_per_prompt} images per prompt; "
+            f"best/ by {best}; collapse: {e.collapse}")
 
 
 def cfg_rows_per_node(loaded: Recipe) -> tuple[int | None, str]:
@@ -114,6 +125,7 @@ def plan_rows(loaded: Recipe, plan: RunPlan) -> list[tuple[str, str]]:
          f"{plan.independent_rows * factor}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
         ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
         ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
+        ("evaluation", evaluation_note(loaded)),
         *reward_server_notes(loaded),
         ("output", loaded.output.dir),
     ]

@@ -208,14 +208,15 @@ def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
     folder = _local_folder(recipe.model.pretrained)
     if folder is not None:
         _check_size_from_config(folder, recipe.sampling.height, recipe.sampling.width)
-    for index, spec in enumerate(recipe.reward):
-        if spec.kind == "python" and spec.function:
-            from treegrpo.rewards.python import import_function
+    for table, specs in (("reward", recipe.reward), ("eval_reward", recipe.eval_reward)):
+        for index, spec in enumerate(specs):
+            if spec.kind == "python" and spec.function:
+                from treegrpo.rewards.python import import_function
 
-            try:
-                import_function(spec.function)
-            except ValueError as err:
-                raise PreflightError(f"reward.{index}.function = {spec.function!r}: {err}") from None
+                try:
+                    import_function(spec.function)
+                except ValueError as err:
+                    raise PreflightError(f"{table}.{index}.function = {spec.function!r}: {err}") from None
     out = Path(recipe.output.dir)
     if out.exists() and not out.is_dir():
         raise PreflightError(f"output.dir = {recipe.output.dir!r} is a file, not a folder; set output.dir to a "

@@ -265,6 +265,25 @@ class TrainRecipe(_Table):
                                    "more than this.")
 
 
+class EvaluationRecipe(_Table):
+    """How the policy is judged during training with the [[eval_reward]] tables: on `data.eval_prompts`, sampled as
+    users sample (the stock pipeline's own ODE scheduler, the exported weights), not on the training rollouts."""
+
+    every: int | None = Field(None, gt=0, description="Epochs between evaluations (default: output.eval_every); the "
+                              "untrained model and the last epoch are always evaluated.")
+    images_per_prompt: int = Field(4, gt=0, description="Images per evaluation prompt (paired noise across "
+                                   "evaluations).")
+    best_by: str | None = Field(None, description="The [[eval_reward]] whose mean picks `best/` (default: the first).")
+    collapse: Literal["warn", "stop", "off"] = Field(
+        "warn", description="When the training reward rises while the evaluation reward or the evaluation "
+        "images' within-prompt diversity falls for `collapse_patience` evaluations in a row: warn, or stop the run "
+        "(checkpoint, then the final export as at the end).")
+    collapse_patience: int = Field(3, ge=1, description="Evaluations in a row that count as a collapse.")
+    collapse_tolerance: float = Field(0.02, ge=0, lt=1, description="How far the evaluation reward or the "
+                                      "diversity must fall, relative to the previous evaluation, to count "
+                                      "(0.02 = 2 %).")
+
+
 class OutputRecipe(_Table):
     dir: str = Field(..., min_length=1, description="Run folder: metrics.jsonl, checkpoints/, samples/, final/, "
                      "recipe.resolved.toml (relative to the working directory).")
@@ -287,6 +306,9 @@ class Recipe(_Table):
     sampling: SamplingRecipe = SamplingRecipe()
     tree: TreeRecipe = TreeRecipe()
     reward: list[RewardRecipe] = Field(..., min_length=1, description="One or more [[reward]] tables.")
+    eval_reward: list[RewardRecipe] = Field([], description="[[eval_reward]] tables: rewards that judge the policy "
+                                            "during training and pick `best/` (none: no evaluation).")
+    evaluation: EvaluationRecipe = EvaluationRecipe()
     advantage: AdvantageRecipe = AdvantageRecipe()
     data: DataRecipe
     train: TrainRecipe = TrainRecipe()
@@ -323,7 +345,12 @@ class Recipe(_Table):
                 f"train.kl_beta={self.train.kl_beta} needs a reference policy: the KL is taken to the model with its "
                 "LoRA disabled, and full fine-tuning (no [model.lora] table) has no LoRA to disable. Add a "
                 "[model.lora] table, or set train.kl_beta = 0.")
-        names = [r.name or r.kind for r in self.reward]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Reward names must be unique, got {names}; set `name` on repeated kinds.")
+        for table, rewards in (("reward", self.reward), ("eval_reward", self.eval_reward)):
+            names = [r.name or r.kind for r in rewards]
+            if len(set(names)) != len(names):
+                raise ValueError(f"[[{table}]] names must be unique, got {names}; set `name` on repeated kinds.")
+        judges = [r.name or r.kind for r in self.eval_reward]
+        if self.evaluation.best_by is not None and self.evaluation.best_by not in judges:
+            raise ValueError(f"evaluation.best_by = {self.evaluation.best_by!r} names no [[eval_reward]]; "
+                             f"the evaluation rewards are {judges or 'none (add an [[eval_reward]] table)'}.")
         return self

@@ -41,7 +41,10 @@ class TrainerState:
     epoch: int
     prompt_position: int
     seed: int
-    best_reward: float | None = None
+    best_reward: float | None = None  # the best evaluation's score (train/judge.py), and its epoch
+    best_epoch: int | None = None
+    evaluations: list = field(default_factory=list)  # every evaluation the collapse check compares
+    train_rewards_since_eval: list = field(default_factory=list)
     recipe: dict = field(default_factory=dict)
 
     @classmethod

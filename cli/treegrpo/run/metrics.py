@@ -157,15 +157,20 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, *, tit
     return Path(path)
 
 
-def reward_curve(history: list[dict], path: Path) -> Path:
-    """A run's `reward_curve.png`: the mean reward per epoch with its ± std band over the epoch's leaves, and any
-    accuracy a reward reports (`reward/<name>/accuracy`, e.g. the digits classifier's) on a right-hand axis."""
+def reward_curve(history: list[dict], path: Path, evaluations: list[dict] = ()) -> Path:
+    """A run's `reward_curve.png`: the mean reward per epoch with its ± std band over the epoch's leaves, each
+    evaluation reward's mean (`eval.jsonl`: ODE samples, after 0 … N epochs) beside it, and any accuracy a reward
+    reports (`reward/<name>/accuracy`, `eval/<name>/accuracy`, e.g. the digits classifiers') on a right-hand axis."""
     epochs = [m["epoch"] + 1 for m in history]  # completed epochs, as the console counts them (1 … N)
     mean = {"reward/mean": list(zip(epochs, [m["reward/mean"] for m in history], strict=True))}
     spread = {"reward/mean": [m.get("reward/std", float("nan")) for m in history]}
+    for key in sorted({k for row in evaluations for k in row if k.startswith("eval/") and k.endswith("/mean")}):
+        mean[key] = [(row["epoch"], row.get(key, float("nan"))) for row in evaluations]
     accuracy_keys = sorted({k for m in history for k in m if k.startswith("reward/") and k.endswith("/accuracy")})
     secondary = {k: [(e, m.get(k, float("nan"))) for e, m in zip(epochs, history, strict=True)]
                  for k in accuracy_keys}
-    return plot_curves(mean, path, title="reward per epoch (rollout leaves)", x_label="epoch",
-                       y_label="mean reward", spread=spread, secondary=secondary or None,
-                       secondary_label="accuracy" if secondary else "")
+    for key in sorted({k for row in evaluations for k in row if k.startswith("eval/") and k.endswith("/accuracy")}):
+        secondary[key] = [(row["epoch"], row.get(key, float("nan"))) for row in evaluations]
+    title = "reward per epoch (rollout leaves" + ("; eval: ODE samples)" if evaluations else ")")
+    return plot_curves(mean, path, title=title, x_label="epoch", y_label="mean reward", spread=spread,
+                       secondary=secondary or None, secondary_label="accuracy" if secondary else "")

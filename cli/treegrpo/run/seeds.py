@@ -14,6 +14,7 @@ class Stream(IntEnum):
 
     ROLLOUT = 0  # per tree: the root noise, then one branch noise per SDE step
     EDGE_SELECTION = 1  # per tree: which edges a flat/mix run trains (`tree.timestep_fraction`)
+    EVALUATION = 2  # per evaluation image: its noise, the same at every evaluation of the run
     TRAINING = 7  # per process and epoch: the training micro-batch order
 
 
@@ -50,6 +51,11 @@ def prompt_order_generator(seed: int, pass_index: int) -> torch.Generator:
 def lora_init_seed(seed: int, init_seed: int) -> int:
     """The LoRA initialisation's seed (`model.lora.init_seed` varies it without changing the run's other draws)."""
     return derive_seed(seed, init_seed)
+
+
+def evaluation_generators(seed: int, items: list[tuple[int, int]]) -> list[torch.Generator]:
+    """One generator per (prompt, image) evaluation item: the same noise at every evaluation of a run."""
+    return [seeded(derive_seed(seed, Stream.EVALUATION, p, j)) for p, j in items]
 
 
 def sample_generators(seed: int, prompt_index: int, first_image: int, count: int) -> list[torch.Generator]:

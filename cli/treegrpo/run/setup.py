@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +72,7 @@ class Run:
     signals: StopSignals | None = None
     prompt_cache: PromptEmbeddingCache | None = None
     prompt_metadata: list[dict] | None = None  # per prompt, from a .jsonl prompt file (empty dicts otherwise)
+    eval_rewards: list = field(default_factory=list)  # the [[eval_reward]] rewards (train/evaluation.py)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -101,7 +102,7 @@ class Run:
         """With `model.offload_rewards`, the reward models on the accelerator inside this block (scoring) and back in
         CPU memory after it. A reward that loads lazily loads inside the block, on its own device (the accelerator),
         and leaves it on the way out like the others."""
-        rewards = self.rewards if self.recipe.model.offload_rewards else []
+        rewards = [*self.rewards, *self.eval_rewards] if self.recipe.model.offload_rewards else []
         return on_accelerator_inside(lambda: [m for reward in rewards for m in reward.modules()],
                                      self.accelerator.device)
 
@@ -149,6 +150,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         _setup_cpu_threads(accelerator, recipe.train.cpu_threads, recorded_threads, reporter)
     prompts, prompt_metadata = _setup_data(recipe, accelerator.num_processes)
     rewards = _setup_rewards(recipe, accelerator.device, reporter)
+    eval_rewards = _setup_rewards(recipe, accelerator.device, reporter, "eval_reward")
     loaded = _setup_model(recipe, accelerator.device, reporter)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)
@@ -171,7 +173,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
               sampling=sampling, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
-              prompt_metadata=prompt_metadata)
+              prompt_metadata=prompt_metadata, eval_rewards=eval_rewards)
     if recipe.data.cache_embeddings:
         run.prompt_cache = PromptEmbeddingCache(run.encode_with_encoders_ready, accelerator.device,
                                                 encoders_ready=run.text_encoders_ready)
@@ -205,16 +207,19 @@ def _setup_data(recipe: Recipe, world: int) -> tuple[list[str], list[dict]]:
     return prompts, prompt_metadata
 
 
-def _setup_rewards(recipe: Recipe, device, reporter: Reporter) -> list:
+def _setup_rewards(recipe: Recipe, device, reporter: Reporter, table: str = "reward") -> list:
+    """The rewards of the recipe's [[reward]] (or [[eval_reward]]) tables, named as the metrics name them."""
     from treegrpo.rewards import build_reward
 
-    reporter.info(f"loading rewards: {', '.join(spec.name or spec.kind for spec in recipe.reward)} ...")
+    specs = recipe.reward if table == "reward" else recipe.eval_reward
+    if specs:
+        reporter.info(f"loading {table.replace('_', ' ')}s: {', '.join(spec.name or spec.kind for spec in specs)} ...")
     rewards = []
-    for spec in recipe.reward:
+    for spec in specs:
         try:
             reward = build_reward(spec.kind, device=device, dtype=DTYPES[recipe.model.dtype], **spec.options())
         except (ValueError, TypeError) as err:
-            raise SetupError(f"[[reward]] kind={spec.kind!r}: {err}") from None
+            raise SetupError(f"[[{table}]] kind={spec.kind!r}: {err}") from None
         reward.name = spec.name or spec.kind
         reward.frame_reduction = spec.frame_reduction  # how it scores video leaves (epoch_outputs.score_reward)
         rewards.append(reward)

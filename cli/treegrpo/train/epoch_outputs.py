@@ -13,12 +13,13 @@ from treegrpo.errors import TrainingError
 from treegrpo.model.loading import stock_call
 from treegrpo.run.metrics import image_grid
 from treegrpo.run.seeds import seeded
+from treegrpo.train.diagnostics import leaf_diversity, no_signal_groups
 
 if TYPE_CHECKING:
     from treegrpo.run.setup import Run
 
 
-def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+def score_leaves(rewards: list, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Every reward on every leaf: float32 `[num_rewards, num_leaves]` (non-finite scores stop the run), and
     per-reward extras to log: the leaf accuracy of rewards that can judge right/wrong (`score_and_accuracy`, as
@@ -27,7 +28,7 @@ def score_leaves(run: Run, images: torch.Tensor, prompts: list[str], metadata: l
     `metadata` is each leaf's prompt metadata. The leaves become PIL images once, for all rewards."""
     frames = leaf_frames(images)
     rows, extras = [], {}
-    for reward in run.rewards:
+    for reward in rewards:
         try:
             values, accuracy = score_reward(reward, frames, prompts, metadata)
         except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
@@ -94,28 +95,33 @@ def score_reward(reward, frames: LeafFrames, prompts: list[str], metadata: list[
     return reduced, accuracy
 
 
-def epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times) -> dict:
+def epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_rows, times,
+                  leaves: torch.Tensor, leaf_group: torch.Tensor) -> dict:
+    """The epoch's metrics, global over processes: rewards, the update's diagnostics (means over processes), row
+    counts and the collapse signs (`diagnostics.py`: sums over processes). `leaves` are this process's decoded
+    leaves in [0, 1], `leaf_group` their Eq. 9 group (prompt slot)."""
     acc, r = run.accelerator, run.recipe
     weights = torch.tensor([spec.weight for spec in r.reward]).unsqueeze(1)
     all_scores = acc.gather(scores.T.contiguous().to(acc.device)).T.cpu()  # [R, global leaves]
     total = (weights * all_scores).sum(0)
-    local = torch.tensor([rollout_rows, stats.train_rows, stats.trained_edges, stats.trained_parents],
-                         dtype=torch.float64, device=acc.device)
-    summed = acc.reduce(local, reduction="sum").cpu()
-    diag = torch.tensor([stats.ratio_mean, stats.clip_frac, stats.approx_kl, stats.loss, stats.grad_norm,
-                         stats.first_ratio_error, adv.ess_mean, stats.kl], dtype=torch.float64, device=acc.device)
-    diag = acc.reduce(diag, reduction="mean").cpu()
+    flat_groups, groups = no_signal_groups((weights * scores.cpu()).sum(0), leaf_group.cpu(), r.advantage.eps)
+    diversity, diverse_groups = leaf_diversity(leaves, leaf_group)
+    sums = reduced_over_processes(acc, "sum", {
+        "model/rollout_rows": rollout_rows, "model/train_rows": stats.train_rows,
+        "model/trained_edges": stats.trained_edges, "model/trained_parents": stats.trained_parents,
+        "flat": flat_groups, "groups": groups, "diversity": diversity, "diverse_groups": diverse_groups})
+    means = reduced_over_processes(acc, "mean", {
+        "tree/ess_mean": adv.ess_mean, "policy/ratio_mean": stats.ratio_mean, "policy/clip_frac": stats.clip_frac,
+        "policy/approx_kl": stats.approx_kl, "policy/first_ratio_error": stats.first_ratio_error,
+        "policy/kl_ref": stats.kl, "train/loss": stats.loss, "train/grad_norm": stats.grad_norm})
     t0, t1, t2, t3 = times
     metrics = {
         "epoch": epoch, "reward/mean": float(total.mean()), "reward/std": float(total.std(unbiased=False)),
-        "tree/window_start": window_start, "tree/ess_mean": float(diag[6]),
-        "policy/ratio_mean": float(diag[0]), "policy/clip_frac": float(diag[1]), "policy/approx_kl": float(diag[2]),
-        "policy/first_ratio_error": float(diag[5]), "policy/kl_ref": float(diag[7]),
-        "train/loss": float(diag[3]), "train/grad_norm": float(diag[4]),
-        "train/lr": run.optimizer.param_groups[0]["lr"],
+        "tree/window_start": window_start, **means, "train/lr": run.optimizer.param_groups[0]["lr"],
+        "tree/no_signal_frac": sums.pop("flat") / max(sums.pop("groups"), 1),
+        "tree/leaf_diversity": sums.pop("diversity") / max(sums.pop("diverse_groups"), 1),
         "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": t3 - t0,
-        "model/rollout_rows": int(summed[0]), "model/train_rows": int(summed[1]),
-        "model/trained_edges": int(summed[2]), "model/trained_parents": int(summed[3]),
+        **{name: int(value) for name, value in sums.items()},
     }
     for spec, values in zip(r.reward, all_scores, strict=True):
         name = spec.name or spec.kind
@@ -127,6 +133,12 @@ def epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_row
             f"(> {r.train.max_ratio_error}). Sampling and training disagree: likely a dtype mismatch (bf16 latents "
             "re-scored in another precision), CFG applied differently, or a stochastic layer (dropout) in train mode.")
     return metrics
+
+
+def reduced_over_processes(acc, reduction: str, values: dict[str, float]) -> dict[str, float]:
+    """`values` reduced over processes in one collective (the same names, in the same order, on every process)."""
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=acc.device)
+    return dict(zip(values, map(float, acc.reduce(tensor, reduction=reduction).cpu()), strict=True))
 
 
 def is_sharded(run: Run) -> bool:

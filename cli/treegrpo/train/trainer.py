@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,11 +26,12 @@ from treegrpo.run.folder import RunLock, fingerprint_changes, prepare_folder, re
 from treegrpo.run.metrics import MetricsLog, reward_curve
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.seeds import Stream, training_generator, tree_generators
-from treegrpo.run.setup import Run, SetupError, read_prompts, setup
+from treegrpo.run.setup import Run, SetupError, read_prompt_records, setup
 from treegrpo.run.signals import StopNow, StopSignals, signal_name
 from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
 from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
 from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
+from treegrpo.train.export import ema_applied, full_state, write_policy
 from treegrpo.train.grpo import (
     epoch_positions,
     epoch_prompt_indices,
@@ -41,6 +41,7 @@ from treegrpo.train.grpo import (
     train_on_record,
     tree_advantages,
 )
+from treegrpo.train.judge import PolicyJudge, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run_epoch(run: Run, epoch: int) -> dict:
         leaf_prompts = [int(p) for p in record.leaf_prompt_index]
         metadata = [run.prompt_metadata[local_indices[p]] for p in leaf_prompts] if run.prompt_metadata else None
         with run.rewards_ready():
-            scores, extras = score_leaves(run, out.images, [local_prompts[p] for p in leaf_prompts], metadata)
+            scores, extras = score_leaves(run.rewards, out.images, [local_prompts[p] for p in leaf_prompts], metadata)
         failure = None
     except TrainingError as err:
         failure = err
@@ -90,7 +91,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
                             generator=training_generator(r.train.seed, epoch, acc.process_index), ema=run.ema,
                             reference=_reference_context(run) if r.train.kl_beta > 0 else None)
     t3 = time.perf_counter()
-    metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3))
+    metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3), out.images,
+                            record.leaf_prompt_index)
     metrics.update(mean_over_processes(acc, extras))
     return metrics
 
@@ -186,7 +188,8 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
     run = setup(recipe, reporter, recorded_threads)
     run.signals = signals
     acc, out_dir = run.accelerator, run.out_dir
-    start = _resume(run) if resume else 0
+    state = _resume(run) if resume else None
+    start = state.epoch if state is not None else 0
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.resolved.toml").write_text(to_toml(recipe))
@@ -195,31 +198,19 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_after_epoch=start if resume else None,
                              enabled=acc.is_main_process, warn=reporter.warn)
     tracking = start_trackers(acc, recipe, reporter.warn)
-    eval_prompts = read_prompts(recipe.data.eval_prompts, "data.eval_prompts") if recipe.data.eval_prompts \
-        else run.prompts[:10]
+    eval_prompts, eval_metadata = _evaluation_prompts(run)
+    judge = PolicyJudge.start(run, eval_prompts, eval_metadata, state)
     if start == 0:
         save_samples(run, out_dir / "samples" / "before.png", eval_prompts, recipe.train.seed)
+        if judge.due(0):
+            _report_evaluation(run, judge.evaluate(0), 0)
     signals.deferred = True  # from here a first signal means: checkpoint at the next safe point
     try:
-        with reporter.epochs(recipe.train.epochs, start) as progress:
-            for epoch in range(start, recipe.train.epochs):
-                metrics = run_epoch(run, epoch)
-                metrics_log.write(metrics)
-                log_metrics(acc, metrics, epoch)
-                progress.epoch_done(metrics)
-                done = epoch + 1
-                if done % recipe.output.eval_every == 0 and done < recipe.train.epochs:
-                    with _ema_applied(run):  # samples show the weights that would be exported
-                        grid = save_samples(run, out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
-                                            recipe.train.seed)
-                    log_grid(acc, grid, done)
-                if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs:
-                    _checkpoint(run, done)
-                _check_interrupt(run, epoch, stepped=True)
+        _epochs(run, start, judge, metrics_log, eval_prompts)
     except _StopAtSafePoint as stop:
         signum, done = stop.args
         signals.deferred = False  # a further signal while this checkpoint is written stops at once
-        path = _checkpoint(run, done)
+        path = _checkpoint(run, done, judge)
         raise Interrupted(signum, f"{signal_name(signum)}: checkpoint of {done} completed epochs written to "
                                   f"{path}; continue with --resume.") from None
     finally:
@@ -227,7 +218,7 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
             for tracker in acc.trackers:
                 tracker.finish()
     try:
-        final = finish(run, metrics_log, eval_prompts)
+        final = finish(run, metrics_log, eval_prompts, judge.log.read())
     except StopNow as stop:
         raise Interrupted(stop.args[0], f"{signal_name(stop.args[0])} during the final export: {out_dir / 'final'} "
                                         f"may be incomplete; {describe_newest(out_dir)}, which redoes the "
@@ -241,8 +232,61 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
     return final
 
 
-def _resume(run: Run) -> int:
-    """Load the newest intact checkpoint written by this recipe; returns its completed epochs."""
+def _epochs(run: Run, start: int, judge: PolicyJudge, metrics_log: MetricsLog, eval_prompts: list[str]) -> None:
+    """The epochs from `start`: each one's metrics (with the evaluation's when one is due), sample grids,
+    checkpoints; a stop signal is honoured at the safe point after each epoch, a collapse (if the recipe says stop)
+    after its checkpoint."""
+    recipe, acc = run.recipe, run.accelerator
+    with run.reporter.epochs(recipe.train.epochs, start) as progress:
+        for epoch in range(start, recipe.train.epochs):
+            metrics = run_epoch(run, epoch)
+            judge.train_rewards.append(metrics["reward/mean"])
+            done = epoch + 1
+            verdict = judge.evaluate(done) if judge.due(done) else None
+            metrics.update(verdict.metrics if verdict else {})
+            metrics_log.write(metrics)
+            log_metrics(acc, metrics, epoch)
+            progress.epoch_done(metrics)
+            collapsed = verdict is not None and _report_evaluation(run, verdict, done)
+            if done % recipe.output.eval_every == 0 and done < recipe.train.epochs:
+                with ema_applied(run):  # samples show the weights that would be exported
+                    grid = save_samples(run, run.out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
+                                        recipe.train.seed)
+                log_grid(acc, grid, done)
+            if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs or collapsed:
+                _checkpoint(run, done, judge)
+            if collapsed:
+                return
+            _check_interrupt(run, epoch, stepped=True)
+
+
+def _evaluation_prompts(run: Run) -> tuple[list[str], list[dict] | None]:
+    """`data.eval_prompts` (with a .jsonl file's metadata), else the first 10 training prompts."""
+    data = run.recipe.data
+    if data.eval_prompts:
+        prompts, metadata = read_prompt_records(data.eval_prompts, "data.eval_prompts")
+        return prompts, metadata
+    return run.prompts[:10], run.prompt_metadata[:10] if run.prompt_metadata else None
+
+
+def _report_evaluation(run: Run, verdict: Verdict, done: int) -> bool:
+    """One line per evaluation; the collapse warning. True when the recipe says to stop on it."""
+    settings, judge_name = run.recipe.evaluation, run.recipe.evaluation.best_by or (
+        run.recipe.eval_reward[0].name or run.recipe.eval_reward[0].kind)
+    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in verdict.metrics.items())
+    run.reporter.info(f"evaluation after {done} epochs: {shown}{' (best so far: best/)' if verdict.best else ''}")
+    if settings.collapse == "off" or verdict.diverging < settings.collapse_patience:
+        return False
+    message = (f"possible collapse after {done} epochs: for {verdict.diverging} evaluations in a row the training "
+               f"reward rose while eval/{judge_name} or eval/diversity fell (more than "
+               f"{settings.collapse_tolerance:.0%}); the rollout reward is being gamed or the images lose variety. "
+               "best/ holds the best evaluated weights.")
+    run.reporter.warn(message + (" Stopping (evaluation.collapse = 'stop')." if settings.collapse == "stop" else ""))
+    return settings.collapse == "stop"
+
+
+def _resume(run: Run) -> TrainerState:
+    """Load the newest intact checkpoint written by this recipe; returns its trainer state."""
     current = recipe_fingerprint(run.recipe)
 
     def same_recipe(state: TrainerState) -> None:
@@ -260,19 +304,10 @@ def _resume(run: Run) -> int:
     except CheckpointError as err:
         raise SetupError(str(err)) from None
     run.reporter.info(f"resumed from {found} (epoch {state.epoch})")
-    return state.epoch
+    return state
 
 
-def _ema_applied(run: Run):
-    return run.ema.applied() if run.ema is not None else nullcontext()
-
-
-def _full_state(run: Run) -> dict | None:
-    """With FSDP the weights are sharded: gather a full state dict (every process must call this)."""
-    return run.accelerator.get_state_dict(run.model) if is_sharded(run) else None
-
-
-def _checkpoint(run: Run, completed_epochs: int) -> Path:
+def _checkpoint(run: Run, completed_epochs: int, judge: PolicyJudge) -> Path:
     recipe = run.recipe
     if not all_finite(run.params, run.accelerator):  # never publish a checkpoint that cannot be resumed
         raise TrainingError(f"non-finite trainable weights after {completed_epochs} epochs (try a lower "
@@ -282,18 +317,18 @@ def _checkpoint(run: Run, completed_epochs: int) -> Path:
         # the checkpoint's LoRA file holds what would be exported (EMA when on): captured while the EMA weights are
         # in place, since the file is written later, after they are swapped back. Without EMA (and unsharded)
         # save_lora reads the live weights.
-        with _ema_applied(run):
-            full = _full_state(run) if is_sharded(run) else \
+        with ema_applied(run):
+            full = full_state(run) if is_sharded(run) else \
                 {k: v.detach().clone() for k, v in run.denoiser.state_dict().items() if "lora_" in k}
     lora = (lambda folder: save_lora(run.pipe, run.denoiser, run.denoiser_name, folder, full)) \
         if recipe.model.lora else None
     state = TrainerState(epoch=completed_epochs, prompt_position=completed_epochs * recipe.data.prompts_per_epoch,
-                         seed=recipe.train.seed, recipe=recipe_fingerprint(recipe))
+                         seed=recipe.train.seed, recipe=recipe_fingerprint(recipe), **judge.state_fields())
     return save_checkpoint(run.accelerator, run.out_dir, state, save_lora=lora, ema=run.ema,
                            keep=recipe.output.keep_checkpoints)
 
 
-def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str]) -> Path:
+def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str], evaluations: list[dict] = ()) -> Path:
     """Final LoRA (diffusers format) or full weights, the after-training grid and the reward curve."""
     final = run.out_dir / "final"
     acc = run.accelerator
@@ -302,18 +337,12 @@ def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str]) -> Path:
         run.ema.copy_to_params()  # export (and sample) the averaged weights
     if not all_finite(run.params, acc):
         raise TrainingError("non-finite trainable weights at the end of training; nothing exported")
-    full = _full_state(run)
+    full = full_state(run)
     if acc.is_main_process:
-        try:
-            if run.recipe.model.lora is not None:
-                save_lora(run.pipe, run.denoiser, run.denoiser_name, final, full)
-            else:
-                acc.unwrap_model(run.model).save_pretrained(final / run.denoiser_name, state_dict=full)
-        except OSError as err:
-            raise CheckpointError(f"final export failed: {write_failure(final, err)}") from None
+        write_policy(run, final, full)
     save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
     if acc.is_main_process:
         history = metrics_log.read()
-        reward_curve(history, run.out_dir / "reward_curve.png")
+        reward_curve(history, run.out_dir / "reward_curve.png", evaluations)
     acc.wait_for_everyone()
     return final

@@ -1,0 +1,125 @@
+"""Judging the policy during training, not its rollouts: the [[eval_reward]] rewards on `data.eval_prompts`, sampled
+the way users sample (the stock pipeline with its own ODE scheduler and the weights that would be exported), the
+best evaluation's weights kept as `best/`, and the collapse check (training reward up while the evaluation reward
+or the within-prompt diversity goes down).
+
+Rollout rewards mislead in two ways (docs/training.md, "Rollout reward and evaluation reward"): they score SDE
+rollouts whose window start changes every epoch, and they score with the reward the policy is optimised against,
+which it learns to fool. An independent judge on ODE samples shows both."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from treegrpo.model.loading import stock_call
+from treegrpo.run.seeds import evaluation_generators
+from treegrpo.train.diagnostics import leaf_diversity
+from treegrpo.train.epoch_outputs import reduced_over_processes, score_leaves
+
+if TYPE_CHECKING:
+    from treegrpo.run.setup import Run
+
+CHUNK = 16  # images per stock-pipeline call
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One evaluation as the collapse check sees it (kept in the trainer state, so a resumed run sees the same)."""
+
+    epochs_done: int
+    score: float  # the mean of the `best_by` evaluation reward
+    diversity: float  # mean within-prompt RMS distance of the evaluation images
+    train_reward: float | None  # mean `reward/mean` over the epochs since the previous evaluation (None: before)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalPoint:
+        return cls(int(data["epochs_done"]), float(data["score"]), float(data["diversity"]),
+                   None if data.get("train_reward") is None else float(data["train_reward"]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_evaluation_epoch(epochs_done: int, every: int, epochs: int) -> bool:
+    """Evaluate the untrained model, every `every` epochs, and the last epoch."""
+    return epochs_done % every == 0 or epochs_done == epochs
+
+
+def process_prompts(num_prompts: int, rank: int, world_size: int) -> list[int | None]:
+    """This process's evaluation prompts: whole prompts (a prompt's images stay together for the diversity),
+    contiguous, padded with None so that every process samples as many images (FSDP needs every process in each
+    forward)."""
+    per_rank = -(-num_prompts // world_size)
+    share: list[int | None] = list(range(rank * per_rank, min((rank + 1) * per_rank, num_prompts)))
+    return share + [None] * (per_rank - len(share))
+
+
+def diverging_run(history: list[EvalPoint], tolerance: float) -> int:
+    """How many of the latest evaluations in a row saw the training reward rise while the evaluation reward fell
+    by more than `tolerance` (relative to |previous|) or the diversity fell by more than `tolerance` (relative)."""
+    count = 0
+    for previous, current in reversed(list(zip(history, history[1:], strict=False))):
+        if previous.train_reward is None or current.train_reward is None:
+            break
+        judged_down = current.score < previous.score - tolerance * abs(previous.score)
+        diversity_down = current.diversity < previous.diversity * (1 - tolerance)
+        if not (current.train_reward > previous.train_reward and (judged_down or diversity_down)):
+            break
+        count += 1
+    return count
+
+
+def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | None], images_per_prompt: int,
+                             seed: int) -> torch.Tensor:
+    """Float images in [0, 1] `[len(share) · images_per_prompt, ...]` from the stock pipeline (its own scheduler,
+    the current weights); image j of prompt p draws its noise from (seed, p, j), the same at every evaluation, so
+    the curve compares the weights, not the noise. Padding slots sample prompt 0 and are dropped by the caller."""
+    items = [(p if p is not None else 0, j) for p in share for j in range(images_per_prompt)]
+    pipe, kwargs = run.pipe, run.sampling.as_kwargs()
+    pipe.set_progress_bar_config(disable=True)
+    chunks = []
+    with torch.no_grad(), run.text_encoders_ready():
+        for start in range(0, len(items), CHUNK):
+            part = items[start:start + CHUNK]
+            call = stock_call(pipe, {**kwargs, "prompt": [prompts[p] for p, _ in part]})
+            result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps, output_type="pt",
+                          generator=evaluation_generators(seed, part), **call)
+            chunks.append(result.images if hasattr(result, "images") else result.frames)
+    return torch.cat([torch.as_tensor(chunk).float() for chunk in chunks])
+
+
+def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -> dict[str, float]:
+    """`eval/<name>/mean` (and `eval/<name>/accuracy` for rewards that judge right/wrong) of every evaluation reward,
+    and `eval/diversity`, over every evaluation image of every process."""
+    acc, settings = run.accelerator, run.recipe.evaluation
+    share = process_prompts(len(prompts), acc.process_index, acc.num_processes)
+    images = sample_evaluation_images(run, prompts, share, settings.images_per_prompt, run.recipe.train.seed)
+    real = [p for p in share for _ in range(settings.images_per_prompt)]
+    keep = torch.tensor([p is not None for p in real])
+    images, owners = images[keep], torch.tensor([p for p in real if p is not None], dtype=torch.long)
+    totals, scores, extras = {}, None, {}
+    if len(owners):
+        item_prompts = [prompts[int(p)] for p in owners]
+        item_metadata = [metadata[int(p)] for p in owners] if metadata else None
+        with run.rewards_ready():
+            scores, extras = score_leaves(run.eval_rewards, images, item_prompts, item_metadata)
+    for index, reward in enumerate(run.eval_rewards):
+        count = len(owners)
+        accuracy = extras.get(f"{reward.name}/accuracy") if count else None
+        totals[f"{reward.name}/sum"] = float(scores[index].double().sum()) if count else 0.0
+        totals[f"{reward.name}/accuracy_sum"] = accuracy * count if accuracy is not None else 0.0
+        totals[f"{reward.name}/accuracy_count"] = count if accuracy is not None else 0
+    diversity, groups = leaf_diversity(images, owners) if len(owners) else (0.0, 0)
+    totals |= {"images": len(owners), "diversity": diversity, "groups": groups}
+    sums = reduced_over_processes(acc, "sum", totals)
+    metrics = {}
+    for reward in run.eval_rewards:
+        metrics[f"eval/{reward.name}/mean"] = sums[f"{reward.name}/sum"] / max(sums["images"], 1)
+        if sums[f"{reward.name}/accuracy_count"]:
+            metrics[f"eval/{reward.name}/accuracy"] = (sums[f"{reward.name}/accuracy_sum"]
+                                                       / sums[f"{reward.name}/accuracy_count"])
+    metrics["eval/diversity"] = sums["diversity"] / max(sums["groups"], 1)
+    return metrics

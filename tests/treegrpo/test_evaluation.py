@@ -1,0 +1,127 @@
+"""Evaluation during training ([[eval_reward]]): metrics against an independent computation on the stock pipeline,
+`best/`, exact resume, and the collapse check."""
+
+import itertools
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from treegrpo.recipe.loading import load_recipe  # noqa: E402
+from treegrpo.run.reporting import Reporter  # noqa: E402
+from treegrpo.run.seeds import Stream, derive_seed  # noqa: E402
+from treegrpo.train.evaluation import EvalPoint, diverging_run, is_evaluation_epoch, process_prompts  # noqa: E402
+from treegrpo.train.trainer import train  # noqa: E402
+
+from .conftest import write_recipe  # noqa: E402
+
+QUIET = Reporter(enabled=False)
+PROMPTS = ["a red cat", "a blue dog", "a green tree", "a white house"]
+
+
+def eval_recipe(workdir, model, *, epochs=2, name="recipe.toml", function="red", overrides=(), **evaluation):
+    path = write_recipe(workdir, model, epochs=epochs, name=name)
+    settings = {"every": 2, "images_per_prompt": 2, **evaluation}
+    table = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
+    path.write_text(path.read_text() + f'\n[[eval_reward]]\nkind = "python"\nfunction = "test_rewards:{function}"\n'
+                    f'name = "judge"\n\n[evaluation]\n{table}\n')
+    return load_recipe(path, list(overrides))
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_process_samples_as_many_images_and_every_prompt_once():
+    for num_prompts, world in itertools.product(range(1, 8), range(1, 4)):
+        shares = [process_prompts(num_prompts, rank, world) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1  # FSDP: the same forwards on every process
+        assert sorted(p for share in shares for p in share if p is not None) == list(range(num_prompts))
+    assert [is_evaluation_epoch(d, 3, 7) for d in range(8)] == [True, False, False, True, False, False, True, True]
+
+
+def test_collapse_streak_is_the_latest_run_of_rising_train_and_falling_judge_or_diversity():
+    def points(*rows):
+        return [EvalPoint(i, score, diversity, train) for i, (score, diversity, train) in enumerate(rows)]
+
+    assert diverging_run(points((0.5, 0.2, None), (0.4, 0.2, 0.6)), 0.02) == 0  # nothing to compare the first with
+    falling_judge = points((0.5, 0.2, 0.5), (0.4, 0.2, 0.6), (0.3, 0.2, 0.7))
+    assert diverging_run(falling_judge, 0.02) == 2
+    assert diverging_run(falling_judge, 0.5) == 0  # 20 % and 25 % falls are within a 50 % tolerance
+    falling_diversity = points((0.5, 0.2, 0.5), (0.5, 0.1, 0.6))
+    assert diverging_run(falling_diversity, 0.02) == 1
+    broken = points((0.5, 0.2, 0.5), (0.4, 0.2, 0.6), (0.3, 0.2, 0.55), (0.2, 0.2, 0.7))  # the train reward dipped
+    assert diverging_run(broken, 0.02) == 1
+    assert diverging_run(points((0.5, 0.2, 0.5), (0.6, 0.3, 0.6)), 0.02) == 0  # both rising: learning
+
+
+def test_evaluation_equals_the_stock_pipeline_with_the_exported_lora(workdir, tiny_sd3_dir):
+    """eval/judge/mean and eval/diversity of the last evaluation, recomputed outside the trainer: the stock pipeline
+    from disk with final/ loaded, the evaluation noise (seed, EVALUATION, prompt, image), the reward function."""
+    from diffusers import StableDiffusion3Pipeline
+    from test_rewards import red
+
+    from treegrpo.rewards import to_pil
+
+    recipe = eval_recipe(workdir, tiny_sd3_dir, overrides=["train.learning_rate=0.05"])
+    train(recipe, reporter=QUIET)
+    rows = read_rows(workdir / "run" / "eval.jsonl")
+    assert [row["epoch"] for row in rows] == [0, 2]  # the untrained model, then every 2 epochs (= the last)
+    metrics = read_rows(workdir / "run" / "metrics.jsonl")
+    assert "eval/judge/mean" not in metrics[0] and metrics[1]["eval/judge/mean"] == rows[1]["eval/judge/mean"]
+
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    stock.load_lora_weights(workdir / "run" / "final")
+    scores, diversities = [], []
+    for p, prompt in enumerate(PROMPTS):
+        images = torch.cat([stock(prompt=prompt, num_inference_steps=5, height=32, width=32, max_sequence_length=16,
+                                  guidance_scale=3.0, output_type="pt",
+                                  generator=torch.Generator().manual_seed(derive_seed(0, Stream.EVALUATION, p, j))
+                                  ).images for j in range(2)])
+        scores += red(to_pil(images), [prompt] * 2)
+        diversities.append(math.sqrt(float(((images[0] - images[1]) ** 2).mean())))
+    assert rows[1]["eval/judge/mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
+    assert rows[1]["eval/diversity"] == pytest.approx(sum(diversities) / len(diversities), rel=1e-4)
+
+    best = json.loads((workdir / "run" / "best" / "best.json").read_text())
+    scores_by_epoch = {row["epoch"]: row["eval/judge/mean"] for row in rows}
+    assert best["epochs_done"] == max(scores_by_epoch, key=scores_by_epoch.get) and best["reward"] == "judge"
+    if best["epochs_done"] == 2:  # the best is the final model: the same LoRA
+        final = load_file(workdir / "run" / "final" / "pytorch_lora_weights.safetensors")
+        kept = load_file(workdir / "run" / "best" / "pytorch_lora_weights.safetensors")
+        assert all(torch.equal(final[k], kept[k]) for k in final)
+
+
+def test_resume_keeps_the_evaluations_and_best(workdir, tiny_sd3_dir):
+    full = eval_recipe(workdir, tiny_sd3_dir, epochs=4, name="full.toml",
+                       overrides=[f"output.dir={json.dumps(str(workdir / 'full'))}"])
+    train(full, reporter=QUIET)
+    half = eval_recipe(workdir, tiny_sd3_dir, epochs=2, name="half.toml",
+                       overrides=[f"output.dir={json.dumps(str(workdir / 'half'))}"])
+    train(half, reporter=QUIET)
+    resumed = load_recipe(workdir / "half.toml", [f"output.dir={json.dumps(str(workdir / 'half'))}", "train.epochs=4"])
+    train(resumed, resume=True, reporter=QUIET)
+    a, b = read_rows(workdir / "full" / "eval.jsonl"), read_rows(workdir / "half" / "eval.jsonl")
+    assert [row["epoch"] for row in a] == [row["epoch"] for row in b] == [0, 2, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-6)
+    assert json.loads((workdir / "full" / "best" / "best.json").read_text()) == pytest.approx(
+        json.loads((workdir / "half" / "best" / "best.json").read_text()), abs=1e-6)
+
+
+def test_collapse_stops_the_run_when_the_recipe_asks(workdir, tiny_sd3_dir, capsys):
+    """The rollout reward rises at every epoch while the judge falls: with patience 1 and `collapse = "stop"` the
+    second comparable evaluation (after epoch 2) stops the run, which still checkpoints and exports."""
+    recipe = eval_recipe(workdir, tiny_sd3_dir, epochs=6, function="falling", every=1, images_per_prompt=1,
+                         collapse="stop", collapse_patience=1,
+                         overrides=['reward=[{kind = "python", function = "test_rewards:rising"}]'])
+    final = train(recipe, reporter=Reporter())
+    assert [m["epoch"] for m in read_rows(workdir / "run" / "metrics.jsonl")] == [0, 1]
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert (workdir / "run" / "checkpoints").is_dir()
+    assert "possible collapse after 2 epochs" in capsys.readouterr().err
