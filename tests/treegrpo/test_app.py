@@ -93,3 +93,14 @@ def test_reward_server_bad_input_is_one_line():
     unknown = runner.invoke(app, ["reward-server", "jpg"])
     assert unknown.exit_code == 2 and "Unknown reward kind 'jpg'" in unknown.output
     assert "Traceback" not in unknown.output
+
+
+def test_a_warning_is_printed_once():
+    """The console shows a warning once; the `treegrpo` logger (for applications that configure logging) must not
+    reach Python's last-resort handler, which printed every warning a second time (pytest's own log handler hides
+    that in-process, so this runs a fresh interpreter)."""
+    import subprocess
+
+    code = "from treegrpo.run.reporting import Reporter; Reporter().warn('the reward is flat')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert (result.stdout + result.stderr).count("the reward is flat") == 1, result.stderr

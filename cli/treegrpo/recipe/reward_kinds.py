@@ -13,7 +13,7 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
     "aesthetic": frozenset({"pretrained", "clip_pretrained", "processor", "batch_size"}),
     "clipscore": frozenset({"pretrained", "processor", "scale", "clamp", "batch_size"}),
     "jpeg": frozenset({"quality"}),
-    "digits": frozenset({"name", "classifier"}),
+    "digits": frozenset({"name", "classifier", "strict"}),
     "python": frozenset({"function", "batch_size"}),
     "http": frozenset({"url", "body", "timeout", "retries", "backoff", "batch_size", "parallel", "headers",
                        "api_key_env"}),

@@ -184,6 +184,39 @@ def save_digit_classifier(model: DigitClassifier, path: str | Path, extra: dict 
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
+class DigitTypicality:
+    """Whether a digit image lies as close to a real digit of its class as `quantile` of the real digits do: the
+    check a blob cannot pass, whatever a classifier says about it. Real digits are scikit-learn's 1,797 (UCI,
+    CC BY 4.0; `builtin/digits/reference.npz`), upsampled as the model saw them; distance is the L2 distance of the
+    grey pixels; a class's threshold is the `quantile` of its real digits' distances to their nearest other real
+    digit of the class (leave one out)."""
+
+    def __init__(self, image_size: int = 16, quantile: float = 0.99, path: str | Path | None = None):
+        from treegrpo.builtin import BUILTIN_DIGITS_DIR
+
+        data = np.load(path or BUILTIN_DIGITS_DIR / "reference.npz")
+        pixels = upsample_digits(data["images"], image_size).flatten(1)
+        labels = torch.as_tensor(data["labels"].astype(np.int64))
+        self.image_size = image_size
+        self.real = [pixels[labels == digit] for digit in range(len(DIGIT_WORDS))]
+        thresholds = []
+        for real in self.real:
+            distances = torch.cdist(real, real)
+            distances.fill_diagonal_(float("inf"))
+            thresholds.append(torch.quantile(distances.min(dim=1).values, quantile))
+        self.thresholds = torch.stack(thresholds)
+
+    def nearest_distance(self, pixels: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        """L2 distance `[N]` of each grey image `[N, 1, S, S]` to the nearest real digit of its class `digits[i]`."""
+        flat = pixels.detach().float().cpu().flatten(1)
+        return torch.stack([torch.cdist(flat[i:i + 1], self.real[int(d)]).min() for i, d in enumerate(digits)]) \
+            if len(flat) else torch.zeros(0)
+
+    def __call__(self, pixels: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        """Bool `[N]`: image i is a typical `digits[i]`."""
+        return self.nearest_distance(pixels, digits) <= self.thresholds[digits.cpu()]
+
+
 class DigitsReward(RewardBase):
     """Probability of the prompted digit under the shipped digit classifier (independent of the generator).
 
@@ -195,6 +228,9 @@ class DigitsReward(RewardBase):
             judge (a second classifier trained on the images the default one never saw; use it to check that a
             run's accuracy is not the reward classifier's blind spots); defaults to the one
             shipped with `builtin:digits`.
+        strict (`bool`, defaults to `False`): also require every image to be a typical digit of its class
+            ([`DigitTypicality`]: as close to a real one as 99 % of real digits are). Its score is then 0 and it
+            counts as wrong otherwise, so a blob the classifier likes earns nothing: the judge for evaluation.
 
     Calling it with `(images, prompts)` returns float32 [N] in [0, 1]. On real digits the true class gets ~0.95 on
     average, so the reward tops out near that, not at 1. Loading is lazy (first call).
@@ -206,6 +242,7 @@ class DigitsReward(RewardBase):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         classifier: str | None = None,
+        strict: bool = False,
     ):
         if classifier == "judge":  # the shipped second classifier that no run trains on (scripts/train_digit_judge.py)
             from treegrpo.builtin import BUILTIN_DIGITS_DIR
@@ -216,7 +253,9 @@ class DigitsReward(RewardBase):
         self.device = torch.device(device)
         self.dtype = dtype
         self.classifier_path = classifier
+        self.strict = bool(strict)
         self._model: DigitClassifier | None = None
+        self._typicality: DigitTypicality | None = None
 
     def modules(self) -> list[torch.nn.Module]:
         """The loaded models (none before the first load)."""
@@ -253,4 +292,10 @@ class DigitsReward(RewardBase):
             raise ValueError(f"got {len(images)} images for {len(labels)} prompts; pass one prompt per image")
         probabilities = self.probabilities(images)
         scores = probabilities.gather(1, labels[:, None])[:, 0]
-        return scores, (probabilities.argmax(dim=-1) == labels).float().mean().item()
+        correct = probabilities.argmax(dim=-1) == labels
+        if self.strict:
+            if self._typicality is None:
+                self._typicality = DigitTypicality(self.model.config.image_size)
+            typical = self._typicality(images_to_pixels(images, self.model.config.image_size), labels)
+            scores, correct = scores * typical, correct & typical
+        return scores, correct.float().mean().item()

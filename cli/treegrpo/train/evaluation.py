@@ -22,7 +22,6 @@ from treegrpo.train.epoch_outputs import reduced_over_processes, score_leaves
 if TYPE_CHECKING:
     from treegrpo.run.setup import Run
 
-CHUNK = 16  # images per stock-pipeline call
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,10 @@ def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | Non
     items = [(p if p is not None else 0, j) for p in share for j in range(images_per_prompt)]
     pipe, kwargs = run.pipe, run.sampling.as_kwargs()
     pipe.set_progress_bar_config(disable=True)
-    chunks = []
+    chunks, chunk = [], max(1, run.recipe.sampling.max_batch_size // 2)  # images per call: CFG doubles the rows
     with torch.no_grad(), run.text_encoders_ready():
-        for start in range(0, len(items), CHUNK):
-            part = items[start:start + CHUNK]
+        for start in range(0, len(items), chunk):
+            part = items[start:start + chunk]
             call = stock_call(pipe, {**kwargs, "prompt": [prompts[p] for p, _ in part]})
             result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps, output_type="pt",
                           generator=evaluation_generators(seed, part), **call)
