@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 from treegrpo.recipe.loading import load_recipe  # noqa: E402
 from treegrpo.run.reporting import Reporter  # noqa: E402
 from treegrpo.run.seeds import Stream, derive_seed  # noqa: E402
-from treegrpo.train.evaluation import EvalPoint, diverging_run, is_evaluation_epoch, process_prompts  # noqa: E402
+from treegrpo.train.evaluation import EvalPoint, collapsing, is_evaluation_epoch, process_prompts  # noqa: E402
 from treegrpo.train.trainer import train  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
@@ -45,19 +45,21 @@ def test_every_process_samples_as_many_images_and_every_prompt_once():
     assert [is_evaluation_epoch(d, 3, 7) for d in range(8)] == [True, False, False, True, False, False, True, True]
 
 
-def test_collapse_streak_is_the_latest_run_of_rising_train_and_falling_judge_or_diversity():
+def test_collapse_compares_the_latest_evaluation_with_the_one_patience_before():
     def points(*rows):
         return [EvalPoint(i, score, diversity, train) for i, (score, diversity, train) in enumerate(rows)]
 
-    assert diverging_run(points((0.5, 0.2, None), (0.4, 0.2, 0.6)), 0.02) == 0  # nothing to compare the first with
-    falling_judge = points((0.5, 0.2, 0.5), (0.4, 0.2, 0.6), (0.3, 0.2, 0.7))
-    assert diverging_run(falling_judge, 0.02) == 2
-    assert diverging_run(falling_judge, 0.5) == 0  # 20 % and 25 % falls are within a 50 % tolerance
-    falling_diversity = points((0.5, 0.2, 0.5), (0.5, 0.1, 0.6))
-    assert diverging_run(falling_diversity, 0.02) == 1
-    broken = points((0.5, 0.2, 0.5), (0.4, 0.2, 0.6), (0.3, 0.2, 0.55), (0.2, 0.2, 0.7))  # the train reward dipped
-    assert diverging_run(broken, 0.02) == 1
-    assert diverging_run(points((0.5, 0.2, 0.5), (0.6, 0.3, 0.6)), 0.02) == 0  # both rising: learning
+    falling_judge = points((0.5, 0.2, 0.5), (0.45, 0.2, 0.6), (0.4, 0.2, 0.7))
+    assert collapsing(falling_judge, 2, 0.05)  # 0.5 -> 0.4 while the training reward rose
+    assert not collapsing(falling_judge, 2, 0.25)  # a 20 % fall is within a 25 % tolerance
+    assert not collapsing(falling_judge, 3, 0.05)  # not enough evaluations yet
+    assert not collapsing(points((0.5, 0.2, None), (0.4, 0.1, 0.9)), 1, 0.05)  # untrained: no train reward
+    noisy = points((0.5, 0.2, 0.5), (0.4, 0.2, 0.6), (0.52, 0.2, 0.7))  # one bad evaluation in between: no alarm
+    assert not collapsing(noisy, 2, 0.05)
+    assert collapsing(points((0.5, 0.2, 0.5), (0.5, 0.18, 0.6)), 1, 0.05)  # diversity -10 % for nothing
+    assert not collapsing(points((0.5, 0.2, 0.5), (0.6, 0.18, 0.6)), 1, 0.05)  # ... or to follow the prompt better
+    assert not collapsing(points((0.5, 0.2, 0.5), (0.5, 0.195, 0.6)), 1, 0.05)  # diversity -2.5 %: within 5 %
+    assert not collapsing(points((0.5, 0.2, 0.6), (0.4, 0.1, 0.5)), 1, 0.05)  # the training reward fell too
 
 
 def test_evaluation_equals_the_stock_pipeline_with_the_exported_lora(workdir, tiny_sd3_dir):
@@ -116,7 +118,7 @@ def test_resume_keeps_the_evaluations_and_best(workdir, tiny_sd3_dir):
 
 def test_collapse_stops_the_run_when_the_recipe_asks(workdir, tiny_sd3_dir, capsys):
     """The rollout reward rises at every epoch while the judge falls: with patience 1 and `collapse = "stop"` the
-    second comparable evaluation (after epoch 2) stops the run, which still checkpoints and exports."""
+    first comparable pair of evaluations (after epochs 1 and 2) stops the run, which still checkpoints and exports."""
     recipe = eval_recipe(workdir, tiny_sd3_dir, epochs=6, function="falling", every=1, images_per_prompt=1,
                          collapse="stop", collapse_patience=1,
                          overrides=['reward=[{kind = "python", function = "test_rewards:rising"}]'])

@@ -275,13 +275,13 @@ class EvaluationRecipe(_Table):
                                    "evaluations).")
     best_by: str | None = Field(None, description="The [[eval_reward]] whose mean picks `best/` (default: the first).")
     collapse: Literal["warn", "stop", "off"] = Field(
-        "warn", description="When the training reward rises while the evaluation reward or the evaluation "
-        "images' within-prompt diversity falls for `collapse_patience` evaluations in a row: warn, or stop the run "
+        "warn", description="When, over the last `collapse_patience` evaluations, the training reward rose while the "
+        "evaluation reward or the evaluation images' within-prompt diversity fell: warn, or stop the run "
         "(checkpoint, then the final export as at the end).")
-    collapse_patience: int = Field(3, ge=1, description="Evaluations in a row that count as a collapse.")
-    collapse_tolerance: float = Field(0.02, ge=0, lt=1, description="How far the evaluation reward or the "
-                                      "diversity must fall, relative to the previous evaluation, to count "
-                                      "(0.02 = 2 %).")
+    collapse_patience: int = Field(3, ge=1, description="Evaluations the collapse check looks back over.")
+    collapse_tolerance: float = Field(0.05, ge=0, lt=1, description="How far the evaluation reward or the "
+                                      "diversity must fall over those evaluations to count (0.05 = 5 %; one "
+                                      "evaluation of 80 images varies by a few %).")
 
 
 class OutputRecipe(_Table):

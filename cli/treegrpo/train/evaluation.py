@@ -56,19 +56,21 @@ def process_prompts(num_prompts: int, rank: int, world_size: int) -> list[int | 
     return share + [None] * (per_rank - len(share))
 
 
-def diverging_run(history: list[EvalPoint], tolerance: float) -> int:
-    """How many of the latest evaluations in a row saw the training reward rise while the evaluation reward fell
-    by more than `tolerance` (relative to |previous|) or the diversity fell by more than `tolerance` (relative)."""
-    count = 0
-    for previous, current in reversed(list(zip(history, history[1:], strict=False))):
-        if previous.train_reward is None or current.train_reward is None:
-            break
-        judged_down = current.score < previous.score - tolerance * abs(previous.score)
-        diversity_down = current.diversity < previous.diversity * (1 - tolerance)
-        if not (current.train_reward > previous.train_reward and (judged_down or diversity_down)):
-            break
-        count += 1
-    return count
+def collapsing(history: list[EvalPoint], patience: int, tolerance: float) -> bool:
+    """Over the last `patience` evaluations (the latest against the one `patience` before it, so that one noisy
+    evaluation neither raises nor hides it): the training reward rose while the evaluation reward fell by more than
+    `tolerance` × |its earlier value|, or the diversity fell by more than `tolerance` of its earlier value for no
+    gain the evaluation reward sees (a model that learns to follow its prompts draws each one less variously; that is
+    not a collapse while the judge approves)."""
+    if len(history) <= patience:
+        return False
+    then, now = history[-1 - patience], history[-1]
+    if then.train_reward is None or now.train_reward is None:
+        return False
+    judged_down = now.score < then.score - tolerance * abs(then.score)
+    judged_up = now.score > then.score + tolerance * abs(then.score)
+    diversity_down = now.diversity < then.diversity * (1 - tolerance)
+    return now.train_reward > then.train_reward and (judged_down or (diversity_down and not judged_up))
 
 
 def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | None], images_per_prompt: int,

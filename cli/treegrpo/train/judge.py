@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from treegrpo.run.metrics import MetricsLog
-from treegrpo.train.evaluation import EvalPoint, diverging_run, evaluate_policy, is_evaluation_epoch
+from treegrpo.train.evaluation import EvalPoint, collapsing, evaluate_policy, is_evaluation_epoch
 from treegrpo.train.export import ema_applied, full_state, replace_folder
 
 if TYPE_CHECKING:
@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 @dataclass
 class Verdict:
     """What one evaluation found: its metrics (merged into that epoch's metrics), whether it is the best so far,
-    and how many evaluations in a row look like a collapse."""
+    and whether the evaluations look like a collapse (`evaluation.collapsing`)."""
 
     metrics: dict[str, float]
     best: bool
-    diverging: int
+    collapsing: bool
 
 
 @dataclass
@@ -91,7 +91,8 @@ class PolicyJudge:
         self.history.append(EvalPoint(epochs_done, score, metrics["eval/diversity"], train_reward))
         self.train_rewards = []
         self.log.write({"epoch": epochs_done, **metrics, "eval/best": best})
-        return Verdict(metrics, best, diverging_run(self.history, settings.collapse_tolerance))
+        return Verdict(metrics, best,
+                       collapsing(self.history, settings.collapse_patience, settings.collapse_tolerance))
 
     def _write_best(self, epochs_done: int, score: float, full: dict | None) -> None:
         about = {"epochs_done": epochs_done, "reward": self.best_by, "score": score}

@@ -275,11 +275,11 @@ def _report_evaluation(run: Run, verdict: Verdict, done: int) -> bool:
         run.recipe.eval_reward[0].name or run.recipe.eval_reward[0].kind)
     shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in verdict.metrics.items())
     run.reporter.info(f"evaluation after {done} epochs: {shown}{' (best so far: best/)' if verdict.best else ''}")
-    if settings.collapse == "off" or verdict.diverging < settings.collapse_patience:
+    if settings.collapse == "off" or not verdict.collapsing:
         return False
-    message = (f"possible collapse after {done} epochs: for {verdict.diverging} evaluations in a row the training "
-               f"reward rose while eval/{judge_name} or eval/diversity fell (more than "
-               f"{settings.collapse_tolerance:.0%}); the rollout reward is being gamed or the images lose variety. "
+    message = (f"possible collapse after {done} epochs: over the last {settings.collapse_patience} evaluations the "
+               f"training reward rose while eval/{judge_name} or eval/diversity fell by more than "
+               f"{settings.collapse_tolerance:.0%}; the rollout reward is being gamed or the images lose variety. "
                "best/ holds the best evaluated weights.")
     run.reporter.warn(message + (" Stopping (evaluation.collapse = 'stop')." if settings.collapse == "stop" else ""))
     return settings.collapse == "stop"

@@ -1,0 +1,94 @@
+"""What a digits model draws, judged three ways, per digit: the reward's classifier, the judge (a classifier no run
+trains on) and the strict judge (the judge's class AND a typical digit of it: as close to a real digit of that
+class as 99 % of real digits are, `treegrpo.rewards.digits.DigitTypicality`), plus within-prompt diversity; and a
+grid of every digit per model, to look at.
+
+    python benchmarks/digits_judged.py --lora tuned=runs/digits/final --lora kl0=runs/digits_kl0/final \\
+        --grid-dir docs/img --samples 20
+
+The base model is always the first column. Samples are the stock pipeline's ODE with `load_lora_weights`, image j
+of digit c drawn from seed 1000·c + j, so every model is judged on the same noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from treegrpo.builtin import BUILTIN_DIGITS_DIR, load_digits_pipeline  # noqa: E402
+from treegrpo.rewards.digits import (  # noqa: E402
+    DIGIT_WORDS,
+    DigitTypicality,
+    images_to_pixels,
+    load_digit_classifier,
+    pixels_to_images,
+)
+from treegrpo.run.metrics import image_grid  # noqa: E402
+
+
+def judge_model(lora: str | None, samples: int) -> tuple[dict[int, dict[str, float]], torch.Tensor]:
+    """Per digit: the three accuracies and the diversity; and every sample's pixels `[10 · samples, 1, 16, 16]`."""
+    pipe, meta = load_digits_pipeline()
+    if lora:
+        pipe.load_lora_weights(lora)
+    reward, judge = load_digit_classifier(), load_digit_classifier(BUILTIN_DIGITS_DIR / "judge")
+    typicality = DigitTypicality()
+    table, pixels = {}, []
+    for digit, word in enumerate(DIGIT_WORDS):
+        generators = [torch.Generator().manual_seed(1000 * digit + j) for j in range(samples)]
+        with torch.no_grad():
+            images = pipe(prompt=f"a handwritten digit {word}", num_images_per_prompt=samples, generator=generators,
+                          output_type="pt", **meta["pipeline_kwargs"]).images
+            grey = images_to_pixels(images)
+            labels = torch.full((samples,), digit)
+            rewarded, judged = reward(grey).argmax(-1) == labels, judge(grey).argmax(-1) == labels
+        typical = typicality(grey, labels)
+        flat = images.flatten(1).double()
+        diversity = float(torch.cdist(flat, flat).sum() / (samples * (samples - 1)) / flat.shape[1] ** 0.5)
+        table[digit] = {"reward": rewarded.float().mean().item(), "judge": judged.float().mean().item(),
+                        "strict": (judged & typical).float().mean().item(), "diversity": diversity}
+        pixels.append(grey)
+    return table, torch.cat(pixels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="a LoRA to judge")
+    parser.add_argument("--samples", type=int, default=20, help="samples per digit")
+    parser.add_argument("--grid-dir", type=Path, default=None, help="write digits_<name>_grid.png here")
+    parser.add_argument("--grid-columns", type=int, default=8, help="samples per digit in the grid")
+    args = parser.parse_args()
+    models = [("base", None)] + [tuple(item.split("=", 1)) for item in args.lora]
+    results = {}
+    for name, lora in models:
+        results[name], pixels = judge_model(lora, args.samples)
+        if args.grid_dir:
+            shown = pixels.view(10, args.samples, 1, 16, 16)[:, :args.grid_columns].flatten(0, 1)
+            labels = [DIGIT_WORDS[d] if j == 0 else "" for d in range(10) for j in range(args.grid_columns)]
+            grid = image_grid(pixels_to_images(shown), args.grid_columns, labels, scale=4)
+            args.grid_dir.mkdir(parents=True, exist_ok=True)
+            grid.save(args.grid_dir / f"digits_{name}_grid.png")
+    names = [name for name, _ in models]
+    print(f"{args.samples} ODE samples per digit; accuracy: reward's classifier / judge / strict judge; diversity\n")
+    print("| digit | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for digit, word in enumerate(DIGIT_WORDS):
+        cells = [f"{r['reward']:.2f} / {r['judge']:.2f} / **{r['strict']:.2f}** / {r['diversity']:.3f}"
+                 for r in (results[name][digit] for name in names)]
+        print(f"| {word} | " + " | ".join(cells) + " |")
+    means = []
+    for name in names:
+        rows = results[name].values()
+        mean = {key: sum(r[key] for r in rows) / 10 for key in ("reward", "judge", "strict", "diversity")}
+        means.append(f"{mean['reward']:.3f} / {mean['judge']:.3f} / **{mean['strict']:.3f}** / "
+                     f"{mean['diversity']:.3f}")
+    print("| **all** | " + " | ".join(means) + " |")
+
+
+if __name__ == "__main__":
+    main()
