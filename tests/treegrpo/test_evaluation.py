@@ -127,3 +127,19 @@ def test_collapse_stops_the_run_when_the_recipe_asks(workdir, tiny_sd3_dir, caps
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     assert (workdir / "run" / "checkpoints").is_dir()
     assert capsys.readouterr().err.count("possible collapse after 2 epochs") == 1  # once, not again by logging
+
+
+def test_evaluating_does_not_change_what_is_learned(workdir, tiny_sd3_dir):
+    """Evaluation samples with its own noise and the stock scheduler; the training trajectory is the same with and
+    without it (same rollouts, same updates, same exported LoRA)."""
+    judged = eval_recipe(workdir, tiny_sd3_dir, epochs=3, every=1,
+                         overrides=[f"output.dir={json.dumps(str(workdir / 'judged'))}"])
+    plain = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=3, name="plain.toml"),
+                        [f"output.dir={json.dumps(str(workdir / 'plain'))}"])
+    for recipe in (judged, plain):
+        train(recipe, reporter=QUIET)
+    with_eval, without = (read_rows(workdir / name / "metrics.jsonl") for name in ("judged", "plain"))
+    assert [m["reward/mean"] for m in with_eval] == [m["reward/mean"] for m in without]
+    assert "eval/judge/mean" in with_eval[0] and not (workdir / "plain" / "eval.jsonl").exists()
+    a, b = (load_file(workdir / name / "final" / "pytorch_lora_weights.safetensors") for name in ("judged", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
