@@ -68,9 +68,10 @@ def main() -> None:
     for name, lora in models:
         results[name], pixels = judge_model(lora, args.samples)
         if args.grid_dir:
-            shown = pixels.view(10, args.samples, 1, 16, 16)[:, :args.grid_columns].flatten(0, 1)
-            labels = [DIGIT_WORDS[d] if j == 0 else "" for d in range(10) for j in range(args.grid_columns)]
-            grid = image_grid(pixels_to_images(shown), args.grid_columns, labels, scale=4)
+            columns = min(args.grid_columns, args.samples)
+            shown = pixels.view(10, args.samples, 1, 16, 16)[:, :columns].flatten(0, 1)
+            labels = [DIGIT_WORDS[d] if j == 0 else "" for d in range(10) for j in range(columns)]
+            grid = image_grid(pixels_to_images(shown), columns, labels, scale=4)
             args.grid_dir.mkdir(parents=True, exist_ok=True)
             grid.save(args.grid_dir / f"digits_{name}_grid.png")
     names = [name for name, _ in models]

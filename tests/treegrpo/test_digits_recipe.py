@@ -27,3 +27,19 @@ def test_digits_recipe_runs_from_the_builtin_model(tmp_path):
     assert metrics[0]["model/train_rows"] == 10 * 10
     assert 0.2 < metrics[0]["reward/digits/accuracy"] < 0.8  # the base model follows its prompt only partly
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # judged during training by the strict judge and the judge, on ODE samples: the untrained model and the last epoch
+    evaluations = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in evaluations] == [0, 2]
+    assert all(row["eval/strict/accuracy"] <= row["eval/judge/accuracy"] for row in evaluations)
+    assert json.loads((out / "best" / "best.json").read_text())["reward"] == "strict"
+
+    # the README's comparison command on that LoRA (2 samples per digit here)
+    import subprocess
+    import sys
+
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "digits_judged.py"), "--lora",
+                            f"recipe={out / 'final'}", "--samples", "2", "--grid-dir", str(tmp_path / "grids")],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert table.returncode == 0, table.stderr
+    assert "| digit | base | recipe |" in table.stdout and "| **all** |" in table.stdout
+    assert (tmp_path / "grids" / "digits_recipe_grid.png").is_file()
