@@ -30,6 +30,7 @@ def test_grpo_edge_loss_normalizes_by_the_update_and_reports():
     # edge losses -1 and max(-e^0.5, -(1+1e-4)) = -1.0001; summed over 2 edges, divided by the update's 4 edges
     assert abs(float(out.loss) - (-1.0 - 1.0001) / 4) < 1e-6
     assert out.clip_frac == 0.5 and abs(out.ratio_max_error - (math.exp(0.5) - 1)) < 1e-6
+    assert abs(out.ratio_drift - (math.exp(0.5) - 1) / 2) < 1e-6  # mean |ratio - 1| over the two edges
     # the gradient of a clipped edge is zero: only edge 0 contributes
     lp = torch.tensor([0.0, 0.5], requires_grad=True)
     grpo_edge_loss(lp, torch.zeros(2), torch.ones(2), clip_range=1e-4, adv_clip=5.0, normalizer=4).loss.backward()

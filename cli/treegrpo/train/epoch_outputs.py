@@ -111,7 +111,8 @@ def epoch_metrics(run: Run, epoch, window_start, scores, adv, stats, rollout_row
         "model/trained_edges": stats.trained_edges, "model/trained_parents": stats.trained_parents,
         "flat": flat_groups, "groups": groups, "diversity": diversity, "diverse_groups": diverse_groups})
     means = reduced_over_processes(acc, "mean", {
-        "tree/ess_mean": adv.ess_mean, "policy/ratio_mean": stats.ratio_mean, "policy/clip_frac": stats.clip_frac,
+        "tree/ess_mean": adv.ess_mean, "policy/ratio_mean": stats.ratio_mean, "policy/ratio_drift": stats.ratio_drift,
+        "policy/clip_frac": stats.clip_frac,
         "policy/approx_kl": stats.approx_kl, "policy/first_ratio_error": stats.first_ratio_error,
         "policy/kl_ref": stats.kl, "train/loss": stats.loss, "train/grad_norm": stats.grad_norm})
     t0, t1, t2, t3 = times

@@ -133,6 +133,7 @@ class TrainStats:
 
     loss: float
     ratio_mean: float
+    ratio_drift: float  # mean |ratio - 1|
     first_ratio_error: float  # max |ratio - 1| of the epoch's first micro-batch (must be ~0)
     clip_frac: float
     approx_kl: float
@@ -169,6 +170,7 @@ class _Sums:
 
     loss: float = 0.0  # micro-batch losses of an update sum to its mean
     ratio: float = 0.0
+    ratio_drift: float = 0.0
     clip_frac: float = 0.0
     approx_kl: float = 0.0
     kl: float = 0.0
@@ -183,6 +185,7 @@ class _Sums:
             self.first_ratio_error = out.ratio_max_error
         self.loss += float(out.loss.detach())
         self.ratio += out.ratio_mean
+        self.ratio_drift += out.ratio_drift
         self.clip_frac += out.clip_frac
         self.approx_kl += out.approx_kl
         self.kl += out.kl
@@ -227,7 +230,7 @@ def train_on_record(*, accelerator, adapter, scheduler, record: RolloutRecord, c
         if ema is not None:
             ema.update()
     n, updates = max(sums.micro_batches, 1), max(sums.updates, 1)
-    return TrainStats(loss=sums.loss / updates, ratio_mean=sums.ratio / n,
+    return TrainStats(loss=sums.loss / updates, ratio_mean=sums.ratio / n, ratio_drift=sums.ratio_drift / n,
                       first_ratio_error=sums.first_ratio_error or 0.0, clip_frac=sums.clip_frac / n,
                       approx_kl=sums.approx_kl / n, kl=sums.kl / n, grad_norm=sums.grad_norm / updates,
                       train_rows=sums.rows, trained_edges=int(edge_mask.sum()), trained_parents=int(parents.numel()))

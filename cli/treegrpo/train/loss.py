@@ -14,6 +14,7 @@ class LossOutput:
     loss: torch.Tensor  # scalar, with grad
     ratio_mean: float
     ratio_max_error: float  # max |ratio - 1|
+    ratio_drift: float  # mean |ratio - 1|: how far the policy has moved from the sampling one on these edges
     clip_frac: float
     approx_kl: float  # mean of ½ (logp_new - logp_old)², a cheap KL estimate between old and new policy
     kl: float  # the reference KL term (0 when off)
@@ -70,6 +71,7 @@ def grpo_edge_loss(
         loss=total / normalizer,
         ratio_mean=float(ratio.detach().mean()),
         ratio_max_error=float((ratio.detach() - 1).abs().max()),
+        ratio_drift=float((ratio.detach() - 1).abs().mean()),
         clip_frac=float(clipped),
         approx_kl=float(0.5 * (log_ratio.detach() ** 2).mean()),
         kl=kl_value,
