@@ -72,7 +72,9 @@ def test_sigterm_during_the_final_export_lets_it_finish(workdir, tiny_sd3_dir, m
 
     monkeypatch.setattr(treegrpo.train.trainer, "save_lora", save_lora_with_sigterm)  # checkpoints
     monkeypatch.setattr(treegrpo.train.export, "save_lora", save_lora_with_sigterm)  # final/ (and best/)
-    result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1))])
+    # no evaluation: its best/ export would be the second save_lora call
+    result = runner.invoke(app, ["run", str(write_recipe(workdir, tiny_sd3_dir, epochs=1)),
+                                 "--set", "evaluation.enabled=false"])
     assert result.exit_code == 0, result.output
     assert "SIGTERM arrived during the final export; the export completed" in result.output
     assert (workdir / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

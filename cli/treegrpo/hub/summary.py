@@ -45,6 +45,7 @@ class Family:
 
     pipeline_class: str
     tags: tuple[str, ...] = ()  # Hub tags, the family's first (diffusers' own training scripts use the same)
+    name: str = ""  # the family: its adapter's file in diffusers_tree/adapters (sd, sdxl, sd3, flux, flux2, ...)
     task: str = "text-to-image"  # the Hub's pipeline_tag
     sequence_length: bool = False  # the pipeline's call takes `max_sequence_length` (T5 / LLM text encoders)
 
@@ -67,7 +68,8 @@ def family_of(pipeline_class: str) -> Family:
     takes_length = "max_sequence_length" in call
     if adapter is None:
         return Family(pipeline_class, sequence_length=takes_length)
-    return Family(pipeline_class, adapter.hub_tags, adapter.hub_task, takes_length)
+    return Family(pipeline_class, adapter.hub_tags, name=adapter.__module__.rsplit(".", 1)[-1],
+                  task=adapter.hub_task, sequence_length=takes_length)
 
 
 @dataclass

@@ -73,11 +73,13 @@ def reward_server_notes(loaded: Recipe) -> list[tuple[str, str]]:
 
 def evaluation_note(loaded: Recipe) -> str:
     """What `check` says about evaluation during training."""
-    if not loaded.eval_reward:
-        return "none (add [[eval_reward]] tables to judge the policy on ODE samples and keep best/)"
     e = loaded.evaluation
-    names = ", ".join(r.name or r.kind for r in loaded.eval_reward)
-    best = e.best_by or (loaded.eval_reward[0].name or loaded.eval_reward[0].kind)
+    if not e.enabled:
+        return "off (evaluation.enabled = false: no eval.jsonl, no best/)"
+    judges = loaded.eval_reward or loaded.reward
+    names = ", ".join(r.name or r.kind for r in judges) + ("" if loaded.eval_reward else " (the training rewards)")
+    first = judges[0]
+    best = e.best_by or first.name or first.kind
     return (f"{names} every {e.every or loaded.output.eval_every} epochs, {e.images_per_prompt} images per prompt; "
             f"best/ by {best}; collapse: {e.collapse}")
 

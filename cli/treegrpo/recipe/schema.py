@@ -266,14 +266,18 @@ class TrainRecipe(_Table):
 
 
 class EvaluationRecipe(_Table):
-    """How the policy is judged during training with the [[eval_reward]] tables: on `data.eval_prompts`, sampled as
-    users sample (the stock pipeline's own ODE scheduler, the exported weights), not on the training rollouts."""
+    """How the policy is judged during training with the [[eval_reward]] tables (the [[reward]] tables when there are
+    none): on `data.eval_prompts`, sampled as users sample (the stock pipeline's own ODE scheduler, the exported
+    weights), not on the training rollouts."""
 
+    enabled: bool = Field(True, description="Judge the policy during training and keep the best-judged weights as "
+                          "best/. With no [[eval_reward]] table the training rewards judge (on ODE samples).")
     every: int | None = Field(None, gt=0, description="Epochs between evaluations (default: output.eval_every); the "
                               "untrained model and the last epoch are always evaluated.")
     images_per_prompt: int = Field(4, gt=0, description="Images per evaluation prompt (paired noise across "
                                    "evaluations).")
-    best_by: str | None = Field(None, description="The [[eval_reward]] whose mean picks `best/` (default: the first).")
+    best_by: str | None = Field(None, description="The evaluation reward whose mean picks `best/` (default: the "
+                                "first [[eval_reward]], else the first [[reward]]).")
     collapse: Literal["warn", "stop", "off"] = Field(
         "warn", description="When, over the last `collapse_patience` evaluations, the training reward rose while the "
         "evaluation reward or the evaluation images' within-prompt diversity fell: warn, or stop the run "
@@ -349,8 +353,9 @@ class Recipe(_Table):
             names = [r.name or r.kind for r in rewards]
             if len(set(names)) != len(names):
                 raise ValueError(f"[[{table}]] names must be unique, got {names}; set `name` on repeated kinds.")
-        judges = [r.name or r.kind for r in self.eval_reward]
+        judges = [r.name or r.kind for r in (self.eval_reward or self.reward)]
         if self.evaluation.best_by is not None and self.evaluation.best_by not in judges:
-            raise ValueError(f"evaluation.best_by = {self.evaluation.best_by!r} names no [[eval_reward]]; "
-                             f"the evaluation rewards are {judges or 'none (add an [[eval_reward]] table)'}.")
+            source = "[[eval_reward]]" if self.eval_reward else "the [[reward]] tables, as there is no [[eval_reward]]"
+            raise ValueError(f"evaluation.best_by = {self.evaluation.best_by!r} names no evaluation reward; the "
+                             f"evaluation rewards are {judges} ({source}).")
         return self

@@ -150,7 +150,9 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         _setup_cpu_threads(accelerator, recipe.train.cpu_threads, recorded_threads, reporter)
     prompts, prompt_metadata = _setup_data(recipe, accelerator.num_processes)
     rewards = _setup_rewards(recipe, accelerator.device, reporter)
-    eval_rewards = _setup_rewards(recipe, accelerator.device, reporter, "eval_reward")
+    # evaluation judges with the [[eval_reward]] tables, else with the training rewards themselves (no second load)
+    eval_rewards = [] if not recipe.evaluation.enabled else \
+        _setup_rewards(recipe, accelerator.device, reporter, "eval_reward") if recipe.eval_reward else rewards
     loaded = _setup_model(recipe, accelerator.device, reporter)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)

@@ -42,6 +42,12 @@ class EvalPoint:
         return asdict(self)
 
 
+def best_by_name(recipe) -> str:
+    """The evaluation reward whose mean picks `best/`: `evaluation.best_by`, else the first evaluation reward."""
+    first = (recipe.eval_reward or recipe.reward)[0]
+    return recipe.evaluation.best_by or first.name or first.kind
+
+
 def is_evaluation_epoch(epochs_done: int, every: int, epochs: int) -> bool:
     """Evaluate the untrained model, every `every` epochs, and the last epoch."""
     return epochs_done % every == 0 or epochs_done == epochs

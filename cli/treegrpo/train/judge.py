@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from treegrpo.run.metrics import MetricsLog
-from treegrpo.train.evaluation import EvalPoint, collapsing, evaluate_policy, is_evaluation_epoch
+from treegrpo.train.evaluation import EvalPoint, best_by_name, collapsing, evaluate_policy, is_evaluation_epoch
 from treegrpo.train.export import ema_applied, full_state, replace_folder
 
 if TYPE_CHECKING:
@@ -58,8 +58,7 @@ class PolicyJudge:
 
     @property
     def best_by(self) -> str:
-        recipe = self.run.recipe
-        return recipe.evaluation.best_by or (recipe.eval_reward[0].name or recipe.eval_reward[0].kind)
+        return best_by_name(self.run.recipe)
 
     def due(self, epochs_done: int) -> bool:
         recipe = self.run.recipe

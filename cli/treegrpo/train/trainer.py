@@ -31,6 +31,7 @@ from treegrpo.run.signals import StopNow, StopSignals, signal_name
 from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
 from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
 from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
+from treegrpo.train.evaluation import best_by_name
 from treegrpo.train.export import ema_applied, full_state, write_policy
 from treegrpo.train.grpo import (
     epoch_positions,
@@ -271,8 +272,7 @@ def _evaluation_prompts(run: Run) -> tuple[list[str], list[dict] | None]:
 
 def _report_evaluation(run: Run, verdict: Verdict, done: int) -> bool:
     """One line per evaluation; the collapse warning. True when the recipe says to stop on it."""
-    settings, judge_name = run.recipe.evaluation, run.recipe.evaluation.best_by or (
-        run.recipe.eval_reward[0].name or run.recipe.eval_reward[0].kind)
+    settings, judge_name = run.recipe.evaluation, best_by_name(run.recipe)
     shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in verdict.metrics.items())
     run.reporter.info(f"evaluation after {done} epochs: {shown}{' (best so far: best/)' if verdict.best else ''}")
     if settings.collapse == "off" or not verdict.collapsing:
