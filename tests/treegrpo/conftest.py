@@ -68,8 +68,14 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def write_recipe(folder: Path, model: Path, *, epochs: int = 2, function: str = "brightness",
-                 name: str = "recipe.toml") -> Path:
-    """A small valid recipe; tests change it with `--set`-style overrides."""
+                 name: str = "recipe.toml", evaluation: dict | None = None) -> Path:
+    """A small valid recipe; tests change it with `--set`-style overrides. Evaluation during training is off unless
+    `evaluation` gives its table (`{}`: the defaults): many tests count their reward's calls, which evaluating with
+    the training reward would change; the tests of evaluation turn it on."""
+    import json
+
+    evaluation_table = "\n".join(f"{key} = {json.dumps(value)}" for key, value in
+                                  ({"enabled": False} if evaluation is None else evaluation).items())
     text = textwrap.dedent(f"""
         [model]
         pretrained = "{model}"
@@ -101,7 +107,8 @@ def write_recipe(folder: Path, model: Path, *, epochs: int = 2, function: str = 
         eval_every = 100
         log_with = "none"
         samples = false
-    """)
+        [evaluation]
+    """) + evaluation_table + "\n"
     path = folder / name
     path.write_text(text)
     return path

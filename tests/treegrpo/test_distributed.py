@@ -22,7 +22,8 @@ def _env():
 
 
 def test_two_processes_match_one(workdir, tiny_sd3_dir):
-    one = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="one.toml")
+    # evaluated after every epoch: each process samples whole prompts and the sums are reduced
+    one = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="one.toml", evaluation={"every": 1})
     base = [sys.executable, "-m", "treegrpo", "run", str(one), "--set", "output.checkpoint_every=100"]
     single = subprocess.run(base + ["--set", f"output.dir={json.dumps(str(workdir / 'single'))}"],
                             env=_env(), capture_output=True, text=True, timeout=600)
@@ -45,6 +46,12 @@ def test_two_processes_match_one(workdir, tiny_sd3_dir):
         # the leaves are decoded in batches of 2 prompts vs 1: ~1e-7 differences in near-equal rewards, which Eq. 9's
         # division by their small std amplifies (seen: loss and grad norm agree to 8e-4 and 7e-5 relative)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
+    single_evals = [json.loads(x) for x in (workdir / "single" / "eval.jsonl").read_text().splitlines()]
+    double_evals = [json.loads(x) for x in (workdir / "double" / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in single_evals] == [e["epoch"] for e in double_evals] == [0, 1, 2]
+    for a, b in zip(single_evals, double_evals, strict=True):
+        assert a["eval/python/mean"] == pytest.approx(b["eval/python/mean"], abs=1e-4)
+        assert a["eval/diversity"] == pytest.approx(b["eval/diversity"], rel=1e-3)
     first = load_file(workdir / "single" / "final" / "pytorch_lora_weights.safetensors")
     second = load_file(workdir / "double" / "final" / "pytorch_lora_weights.safetensors")
     # lora_B starts at 0, so |lora_B| is how far training moved the weights (~3e-2 here, two Adam steps of 1e-2 × the
@@ -73,23 +80,26 @@ def test_flat_with_random_edge_selection_completes_on_two_processes(workdir, tin
     assert (workdir / "flat" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_a_reward_failing_on_one_process_stops_both(workdir, tiny_sd3_dir):
+@pytest.mark.parametrize("phase", ["scoring", "evaluation"])
+def test_a_reward_failing_on_one_process_stops_both(workdir, tiny_sd3_dir, phase):
     """Before, the healthy process died inside its next collective when the failing one exited (a long gloo
-    traceback on rank 0, or a wait until torchrun killed it); now both stop with one line."""
+    traceback on rank 0, or a wait until torchrun killed it); now both stop with one line. With evaluation on, the
+    reward first runs in the evaluation of the untrained model."""
     (workdir / "rank_rewards.py").write_text(
         "import os\n"
         "def fails_on_rank_1(images, prompts):\n"
         "    if os.environ.get('RANK') == '1':\n"
         "        raise RuntimeError('reward server down')\n"
         "    return [0.5] * len(images)\n")
-    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="failing.toml")
+    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="failing.toml",
+                          evaluation={} if phase == "evaluation" else None)
     env = dict(_env(), PYTHONPATH=os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
               "treegrpo", "run", str(recipe), "--set", 'reward.0.function="rank_rewards:fails_on_rank_1"',
               "--set", f"output.dir={json.dumps(str(workdir / 'failing'))}"]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "reward server down" in proc.stderr and "scoring failed on another process" in proc.stderr
+    assert "reward server down" in proc.stderr and f"{phase} failed on another process" in proc.stderr
     # no worker traceback (torchrun's own "ChildFailedError" report of the exit codes remains)
     assert not [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
 

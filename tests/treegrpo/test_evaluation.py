@@ -25,11 +25,10 @@ PROMPTS = ["a red cat", "a blue dog", "a green tree", "a white house"]
 
 
 def eval_recipe(workdir, model, *, epochs=2, name="recipe.toml", function="red", overrides=(), **evaluation):
-    path = write_recipe(workdir, model, epochs=epochs, name=name)
-    settings = {"every": 2, "images_per_prompt": 2, **evaluation}
-    table = "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
+    path = write_recipe(workdir, model, epochs=epochs, name=name,
+                        evaluation={"every": 2, "images_per_prompt": 2, **evaluation})
     path.write_text(path.read_text() + f'\n[[eval_reward]]\nkind = "python"\nfunction = "test_rewards:{function}"\n'
-                    f'name = "judge"\n\n[evaluation]\n{table}\n')
+                    'name = "judge"\n')
     return load_recipe(path, list(overrides))
 
 

@@ -162,7 +162,8 @@ def pushed(hub, tiny_sd3_dir, tmp_path_factory):
         patch.syspath_prepend(str(root))
         sys.modules.pop("test_rewards", None)
         for family, (overrides, _, _) in FAMILIES.items():
-            path = write_recipe(root, models[family], epochs=2, name=f"{family}.toml")
+            # evaluation as by default: the training reward judges ODE samples; eval.jsonl goes on the card
+            path = write_recipe(root, models[family], epochs=2, name=f"{family}.toml", evaluation={})
             out = json.dumps(str(root / f"run-{family}"))
             recipe = load_recipe(path, [*overrides, f"output.dir={out}", "output.samples=true"])
             state["reference"][family] = reference_outputs(train_capturing(recipe), family, root)
@@ -235,8 +236,11 @@ def test_card_names_base_model_and_reads_as_adapter(pushed, hub):
     assert f"{metrics[0]['reward/mean']:.4g} | {metrics[-1]['reward/mean']:.4g}" in card
     for image in ("samples/final.png", "samples/before.png", "reward_curve.png"):
         assert f"]({image})" in card
+    evaluations = [json.loads(x) for x in (pushed["root"] / "run-sd3" / "eval.jsonl").read_text().splitlines()]
+    judged = evaluations[0]["eval/python/mean"]  # the training reward judges when there is no [[eval_reward]]
+    assert f"| `eval/python/mean` | {judged:.4g} | {evaluations[-1]['eval/python/mean']:.4g} |" in card
     files = hub.files("user/sd3-lora")
-    assert {"README.md", LORA_WEIGHT_NAME, "recipe.resolved.toml", "metrics.jsonl", "samples/final.png",
+    assert {"README.md", LORA_WEIGHT_NAME, "recipe.resolved.toml", "metrics.jsonl", "eval.jsonl", "samples/final.png",
             "samples/before.png", "reward_curve.png"} <= set(files)
     assert hub.file("user/sd3-lora", LORA_WEIGHT_NAME) == \
         (pushed["root"] / "run-sd3" / "final" / LORA_WEIGHT_NAME).read_bytes()

@@ -50,7 +50,8 @@ Fuse the LoRA into the weights for faster inference with `pipe.fuse_lora()`; `pi
 |---|---|
 {% for key, value in training %}| {{ key }} | {{ value }} |
 {% endfor %}
-{% if results %}### Results (from `metrics.jsonl`)
+{% if results %}### Results (from `metrics.jsonl`: rollout leaves; `eval/…` from `eval.jsonl`: ODE samples, its first
+column the untrained model)
 
 | metric | first epoch | last epoch | best |
 |---|---|---|---|
@@ -84,7 +85,7 @@ def model_card(summary: RunSummary, repo_id: str):
         base_line=_base_line(summary), algorithm=ALGORITHMS.get(recipe.get("tree", {}).get("algorithm", "tree"),
                                                                "TreeGRPO"),
         reward_names=_reward_names(recipe), images=images, snippet=usage_snippet(summary, repo_id),
-        training=_training_rows(summary), results=_results(summary.metrics, recipe))
+        training=_training_rows(summary), results=_results(summary.metrics, recipe, summary.evaluations))
 
 
 def usage_snippet(summary: RunSummary, repo_id: str) -> str:
@@ -162,7 +163,7 @@ def _training_rows(summary: RunSummary) -> list[tuple[str, str]]:
     return rows
 
 
-def _results(metrics: list[dict], recipe: dict) -> list[tuple[str, str, str, str]]:
+def _results(metrics: list[dict], recipe: dict, evaluations: list[dict] = ()) -> list[tuple[str, str, str, str]]:
     if not metrics:
         return []
     rewards = [r.get("name") or r.get("kind") for r in recipe.get("reward", [])]
@@ -171,6 +172,12 @@ def _results(metrics: list[dict], recipe: dict) -> list[tuple[str, str, str, str
     rows = []
     for name in dict.fromkeys(names):
         values = [m[name] for m in metrics if isinstance(m.get(name), (int, float))]
+        if values:
+            rows.append((f"`{name}`", f"{values[0]:.4g}", f"{values[-1]:.4g}", f"{max(values):.4g}"))
+    judged = [key for key in dict.fromkeys(k for row in evaluations for k in row)
+              if key.startswith("eval/") and key != "eval/best"]
+    for name in judged:
+        values = [row[name] for row in evaluations if isinstance(row.get(name), (int, float))]
         if values:
             rows.append((f"`{name}`", f"{values[0]:.4g}", f"{values[-1]:.4g}", f"{max(values):.4g}"))
     return rows

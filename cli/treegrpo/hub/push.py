@@ -44,9 +44,9 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
 
     Creates `repo_id` if needed (`private` only applies then) and, with `revision`, that branch. Uploads
     `pytorch_lora_weights.safetensors`, a model card (README.md: base model, `base_model_relation: adapter`, how it
-    was trained, samples, reward curve, a usage snippet), the sample grids, the reward curve, `recipe.resolved.toml`
-    and `metrics.jsonl`. Pushing again updates all of them. `base_model` names the Hub id of the base model when
-    the run used a local folder. Raises `PushError` with what to do.
+    was trained, samples, reward curve, a usage snippet), the sample grids, the reward curve, `recipe.resolved.toml`,
+    `metrics.jsonl` and `eval.jsonl`. Pushing again updates all of them. `base_model` names the Hub id of the base
+    model when the run used a local folder. Raises `PushError` with what to do.
     """
     _check_repo_id(repo_id)
     summary = read_run(run_dir, base_model=base_model)
@@ -59,8 +59,9 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = False, revisi
 
     files = {"README.md": str(card).encode(), LORA_WEIGHT_NAME: summary.lora_file,
              "recipe.resolved.toml": dict_to_toml(summary.recipe).encode(), **summary.images}
-    if (summary.run_dir / "metrics.jsonl").is_file():
-        files["metrics.jsonl"] = summary.run_dir / "metrics.jsonl"
+    for log in ("metrics.jsonl", "eval.jsonl"):  # the rollout rewards per epoch; the evaluations (ODE samples)
+        if (summary.run_dir / log).is_file():
+            files[log] = summary.run_dir / log
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=value if isinstance(value, bytes)
                                      else str(value)) for name, value in files.items()]
     api = HfApi(token=token)

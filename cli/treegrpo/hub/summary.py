@@ -83,6 +83,7 @@ class RunSummary:
     base_model: str | None  # Hub id of the base model, if there is one
     family: Family
     metrics: list[dict] = field(default_factory=list)  # metrics.jsonl
+    evaluations: list[dict] = field(default_factory=list)  # eval.jsonl: ODE samples judged during training
     images: dict[str, Path] = field(default_factory=dict)  # path in the repo → local file
     lora_rank: int | None = None
     example_prompt: str = "a photo of a cat"  # the first training prompt (read from the local prompt file)
@@ -118,6 +119,7 @@ def read_run(run_dir: str | Path, *, base_model: str | None = None) -> RunSummar
                          family=_family(pretrained, revision, header), lora_rank=_lora_rank(header),
                          example_prompt=_example_prompt(recipe, run_dir))
     summary.metrics = _read_metrics(run_dir / "metrics.jsonl")
+    summary.evaluations = _read_metrics(run_dir / "eval.jsonl")
     for in_repo, local in (("samples/final.png", run_dir / "samples" / "final.png"),
                            ("samples/before.png", run_dir / "samples" / "before.png"),
                            ("reward_curve.png", run_dir / "reward_curve.png")):

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from treegrpo.errors import TrainingError
 from treegrpo.model.loading import stock_call
 from treegrpo.run.seeds import evaluation_generators
 from treegrpo.train.diagnostics import leaf_diversity
 from treegrpo.train.epoch_outputs import reduced_over_processes, score_leaves
+from treegrpo.train.grpo import stop_together
 
 if TYPE_CHECKING:
     from treegrpo.run.setup import Run
@@ -107,12 +109,16 @@ def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -
     real = [p for p in share for _ in range(settings.images_per_prompt)]
     keep = torch.tensor([p is not None for p in real])
     images, owners = images[keep], torch.tensor([p for p in real if p is not None], dtype=torch.long)
-    totals, scores, extras = {}, None, {}
-    if len(owners):
-        item_prompts = [prompts[int(p)] for p in owners]
-        item_metadata = [metadata[int(p)] for p in owners] if metadata else None
-        with run.rewards_ready():
-            scores, extras = score_leaves(run.eval_rewards, images, item_prompts, item_metadata)
+    totals, scores, extras, failure = {}, None, {}, None
+    try:  # a failing reward stops every process at the same point (as scoring does), not one of them
+        if len(owners):
+            item_prompts = [prompts[int(p)] for p in owners]
+            item_metadata = [metadata[int(p)] for p in owners] if metadata else None
+            with run.rewards_ready():
+                scores, extras = score_leaves(run.eval_rewards, images, item_prompts, item_metadata)
+    except TrainingError as err:
+        failure = TrainingError(f"evaluation: {err}")
+    stop_together(acc, failure, "evaluation")
     for index, reward in enumerate(run.eval_rewards):
         count = len(owners)
         accuracy = extras.get(f"{reward.name}/accuracy") if count else None
