@@ -253,7 +253,9 @@ class DigitsReward(RewardBase):
         self.device = torch.device(device)
         self.dtype = dtype
         self.classifier_path = classifier
-        self.strict = bool(strict)
+        if not isinstance(strict, bool):  # `strict = "false"` in a recipe would otherwise read as true
+            raise ValueError(f"strict must be true or false, got {strict!r}.")
+        self.strict = strict
         self._model: DigitClassifier | None = None
         self._typicality: DigitTypicality | None = None
 

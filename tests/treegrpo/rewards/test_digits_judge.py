@@ -50,3 +50,8 @@ def test_strict_scores_are_the_judge_scores_of_typical_digits_and_zero_otherwise
     assert accuracy == pytest.approx(float(judged[:20].sum()) / 24)
     assert plain_accuracy == pytest.approx(float(judged.float().mean()))
     assert real_correct == 20
+
+
+def test_strict_must_be_a_boolean():
+    with pytest.raises(ValueError, match="strict must be true or false, got 'false'"):
+        build_reward("digits", strict="false")
