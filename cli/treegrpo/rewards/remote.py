@@ -30,11 +30,17 @@ import torch
 from PIL import Image
 
 BODIES = ("json", "multipart")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image; a larger one is refused before it is decoded (decompression bombs)
 RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # worth another try; other 4xx will fail again
 
 
 class RemoteRewardError(RuntimeError):
     """A remote reward call failed; the message is one line naming the URL and what happened."""
+
+
+class RequestTooLarge(ValueError):
+    """A request the server refuses by its size (answered 413), judged before anything is decoded."""
 
 
 def bearer_headers(api_key_env: str | None, kind: str) -> dict[str, str]:
@@ -72,26 +78,61 @@ def encode_request(images: list[Image.Image], prompts: list[str], metadata: list
     return data + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
 
 
-def decode_request(data: bytes, content_type: str) -> tuple[list[Image.Image], list[str], list[dict]]:
-    """The server side of `encode_request`: (images, prompts, metadata); ValueError for a malformed body."""
+def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAGE_PIXELS
+                   ) -> tuple[list[Image.Image], list[str], list[dict]]:
+    """The server side of `encode_request`: (images, prompts, metadata). ValueError for a malformed body (the
+    message names the field, never an object's address); `RequestTooLarge` for an image over `max_pixels`, judged
+    from its PNG header before it is decoded. Only PNG is accepted, as the protocol says."""
     if content_type.startswith("application/json"):
         payload = json.loads(data)
-        images = [Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB") for text in payload["images"]]
+        if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+            raise ValueError('the body must be a JSON object with an "images" list of base64 PNGs')
+        encoded = [base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+                   for text in payload["images"]]
     elif content_type.startswith("multipart/form-data"):
         message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data)
         fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
                   for part in message.iter_parts()}
+        if "request" not in fields:
+            raise ValueError('the multipart body has no "request" part (the JSON with prompts and metadata)')
         payload = json.loads(fields["request"])
-        count = sum(1 for name in fields if name.startswith("image_"))
-        images = [Image.open(io.BytesIO(fields[f"image_{i}"])).convert("RGB") for i in range(count)]
+        count = sum(1 for name in fields if str(name).startswith("image_"))
+        encoded = [fields.get(f"image_{i}") or b"" for i in range(count)]
     else:
         raise ValueError(f"unsupported content type {content_type!r}; send application/json or multipart/form-data")
-    prompts = [str(p) for p in payload["prompts"]]
-    metadata = payload.get("metadata") or [{} for _ in prompts]
-    if not (len(images) == len(prompts) == len(metadata)):
-        raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries; "
+    prompts, metadata = _checked_texts(payload, len(encoded))
+    return [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(encoded)], prompts, metadata
+
+
+def _checked_texts(payload, count: int) -> tuple[list[str], list[dict]]:
+    """The request's prompts (a list of strings) and metadata (a list of objects, or absent)."""
+    prompts = payload.get("prompts") if isinstance(payload, dict) else None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError('"prompts" must be a list of strings, one per image')
+    metadata = payload.get("metadata")
+    if metadata is None:
+        metadata = [{} for _ in prompts]
+    if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
+        raise ValueError('"metadata" must be a list of objects, one per image (or absent)')
+    if not (count == len(prompts) == len(metadata)):
+        raise ValueError(f"{count} images, {len(prompts)} prompts and {len(metadata)} metadata entries; "
                          "send one of each per image")
-    return images, prompts, metadata
+    return prompts, metadata
+
+
+def _decoded_png(blob: bytes, index: int, max_pixels: int) -> Image.Image:
+    """One PNG, its size read from the IHDR chunk (bytes 16-24) and refused above `max_pixels` before decoding."""
+    if not blob.startswith(PNG_SIGNATURE) or len(blob) < 24 or blob[12:16] != b"IHDR":
+        raise ValueError(f"image {index} is not a PNG (the protocol sends PNG only)")
+    width, height = int.from_bytes(blob[16:20], "big"), int.from_bytes(blob[20:24], "big")
+    if width * height > max_pixels:
+        raise RequestTooLarge(f"image {index} is {width}×{height} pixels; this server takes at most {max_pixels:,} "
+                              "pixels per image")
+    try:
+        with Image.open(io.BytesIO(blob), formats=["PNG"]) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"image {index} is not a readable PNG ({type(err).__name__})") from None
 
 
 def decode_scores(data: bytes, count: int, url: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,189 @@
+"""The reward server under abuse and load: limits answered before decoding, malformed requests one line each, no
+request smuggled past a refusal, a bearer token, sub-scores that belong to their own request, a connection cap,
+IPv6. Real sockets on the loopback interface."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from treegrpo.commands.reward_server import exposed_without_token, make_server
+from treegrpo.rewards import build_reward
+from treegrpo.rewards.base import RewardBase
+from treegrpo.rewards.remote import encode_request
+
+from .test_remote import IMAGES, PROMPTS, serving
+
+
+class Brightness(RewardBase):
+    """Mean brightness, also returned as a sub-score. Reading `last_subscores` is slow on purpose: a server that reads
+    them after releasing its lock hands out another request's."""
+
+    name = "brightness"
+
+    def __init__(self):
+        self._subscores = {}
+
+    @property
+    def last_subscores(self):
+        time.sleep(0.005)
+        return self._subscores
+
+    def __call__(self, images, prompts):
+        values = torch.tensor([float(np.asarray(i, dtype=np.float32).mean()) / 255 for i in images])
+        self._subscores = {"same": values.clone()}
+        return values
+
+
+def post(url, body: bytes, content_type="application/json", headers=None):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def json_body(images=None, prompts=None, metadata=None, **override):
+    payload = {"prompts": PROMPTS if prompts is None else prompts,
+               "images": [base64.b64encode(blob).decode() for blob in (images or [png(i) for i in IMAGES])]}
+    if metadata is not None:
+        payload["metadata"] = metadata
+    return json.dumps({**payload, **override}).encode()
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width × height` pixels (its data is tiny and never decoded)."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+
+
+@pytest.fixture
+def server_url():
+    with serving(make_server(build_reward("jpeg"), port=0, max_body_bytes=200_000, max_pixels=64 * 64)) as url:
+        yield url
+
+
+def test_malformed_requests_are_one_line_400s_naming_the_field(server_url):
+    jpeg = io.BytesIO()
+    IMAGES[0].save(jpeg, format="JPEG")
+    cases = [
+        (json_body(prompts="abc"), '"prompts" must be a list of strings'),
+        (json_body(metadata={"a": 1}), '"metadata" must be a list of objects'),
+        (json_body(images=[jpeg.getvalue(), png(IMAGES[1]), png(IMAGES[2])]), "image 0 is not a PNG"),
+        (json_body(images=[b"\x89PNG\r\n\x1a\n" + b"\0" * 40] * 3), "image 0 is not a PNG"),
+        (b"[1, 2]", 'a JSON object with an "images" list'),
+        (json_body(prompts=PROMPTS[:2]), "3 images, 2 prompts"),
+    ]
+    for body, message in cases:
+        status, answer = post(f"{server_url}/score", body)
+        assert status == 400 and message in answer["error"], (message, answer)
+        assert "0x" not in answer["error"] and "\n" not in answer["error"]  # no object addresses, one line
+
+
+def test_limits_are_413_before_anything_is_decoded(server_url):
+    status, answer = post(f"{server_url}/score", json_body(images=[huge_png_header(12000, 12000)] * 3))
+    assert status == 413 and "image 0 is 12000×12000 pixels" in answer["error"]
+    status, answer = post(f"{server_url}/score", b"x" * 300_000)
+    assert status == 413 and "1 to 200,000 bytes" in answer["error"]
+    status, answer = post(f"{server_url}/score", json_body())  # within the limits: scored
+    assert status == 200 and len(answer["scores"]) == 3
+
+
+def raw_exchange(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def test_bad_lengths_close_the_connection_so_no_request_is_smuggled(server_url):
+    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    for length, status in ((b"abc", b"400"), (b"-5", b"400"), (b"999999999", b"413")):
+        answer = raw_exchange(server_url, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+                              + b"\r\n\r\n" + smuggled)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+        assert answer.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answer  # the GET was never answered
+    answer = raw_exchange(server_url, b"POST /score HTTP/1.1\r\nHost: x\r\n\r\n" + smuggled)
+    assert answer.startswith(b"HTTP/1.1 411") and answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_token_is_required_when_set(monkeypatch):
+    with serving(make_server(build_reward("jpeg"), port=0, token="s3cret")) as url:
+        assert post(f"{url}/score", json_body())[0] == 401
+        assert post(f"{url}/score", json_body(), headers={"Authorization": "Bearer wrong"})[0] == 401
+        status, answer = post(f"{url}/score", json_body(), headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and len(answer["scores"]) == 3
+        monkeypatch.setenv("REWARD_TOKEN", "s3cret")  # the http reward sends it from api_key_env
+        scores = build_reward("http", url=f"{url}/score", api_key_env="REWARD_TOKEN")(IMAGES, PROMPTS)
+        torch.testing.assert_close(scores, build_reward("jpeg")(IMAGES, PROMPTS))
+    assert exposed_without_token("0.0.0.0", None) and exposed_without_token("::", None)
+    assert not exposed_without_token("127.0.0.1", None) and not exposed_without_token("::1", None)
+    assert not exposed_without_token("0.0.0.0", "s3cret") and not exposed_without_token("localhost", None)
+
+
+def test_each_answer_carries_its_own_subscores_under_concurrency():
+    levels = list(range(0, 240, 20))
+    failures = []
+    with serving(make_server(Brightness(), port=0)) as url:
+        def client(level):
+            for _ in range(5):
+                body, content_type = encode_request([Image.new("RGB", (8, 8), (level,) * 3)], ["p"], [{}])
+                status, answer = post(f"{url}/score", body, content_type)
+                if status != 200 or answer["subscores"]["same"] != answer["scores"]:
+                    failures.append((level, answer))
+
+        threads = [threading.Thread(target=client, args=(level,)) for level in levels]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+
+
+def test_connections_beyond_the_cap_get_503_at_once():
+    with serving(make_server(build_reward("jpeg"), port=0, max_connections=1)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        idle = socket.create_connection((host, int(port)), timeout=10)  # holds the only slot, sends nothing
+        try:
+            time.sleep(0.2)
+            answer = raw_exchange(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
+        finally:
+            idle.close()
+        time.sleep(0.2)
+        assert raw_exchange(url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+            b"HTTP/1.1 200")
+
+
+def test_ipv6_loopback():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        server = make_server(build_reward("jpeg"), host="::1", port=0)
+    except OSError as err:
+        pytest.skip(f"IPv6 loopback unavailable: {err}")
+    with serving(server):
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://[::1]:{port}/health", timeout=10) as response:
+            assert json.loads(response.read())["ok"] is True
