@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import treegrpo
+from treegrpo import options as opt  # the parameters' Typer annotations
 from treegrpo.commands.envinfo import collect_env, package_version
 
 app = typer.Typer(
@@ -184,38 +185,6 @@ def _lock_output_folder(loaded, resume: bool, overwrite: bool):
         _fail(str(err))
 
 
-ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, or builtin:digits.", metavar="MODEL")]
-LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: run folder's final/, a file, "
-                                                "or a hub repo id.", metavar="LORA")]
-PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).", metavar="TEXT")]
-PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", metavar="FILE",
-                                                       help="A prompt file, one prompt per line.")]
-StepsOption = Annotated[int | None, typer.Option("--steps", metavar="N",
-                                                 help="Denoising steps (default: the model's).")]
-GuidanceOption = Annotated[float | None, typer.Option("--guidance", metavar="SCALE",
-                                                     help="Guidance scale (default: the model's).")]
-SizeOption = Annotated[int | None, typer.Option(help="Image size in pixels (default: the model's).", metavar="PIXELS")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed; the same seed gives paired samples.", metavar="N")]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights and compute dtype: fp32, bf16 or fp16 (bf16 halves "
-                                          "the memory of FLUX / SD3.5).", metavar="fp32|bf16|fp16")]
-
-
-BestOfTreeOption = Annotated[bool, typer.Option("--best-of-tree", help="Sample a TreeGRPO tree per prompt and keep "
-                                                "the leaf the --reward scores highest.")]
-ScorerOption = Annotated[str | None, typer.Option("--reward", help="Scorer for --best-of-tree: kind or kind:key=value,"
-                                                  "... (e.g. pickscore:scale=raw).", metavar="KIND[:KEY=VALUE,...]")]
-BranchFactorOption = Annotated[str, typer.Option(help="k of the tree, or the children per window step, e.g. 9,3 (the "
-                                                 "digits recipe's shape).", metavar="K|K1,K2,...")]
-WindowWidthOption = Annotated[int | None, typer.Option(min=1, help="w of the tree (default: 3, or the length of a "
-                                                       "--branch-factor list).", metavar="W")]
-WindowStartOption = Annotated[int | None, typer.Option(metavar="S", help="s of the tree (default: drawn from Eq. 7).")]
-BeamOption = Annotated[int | None, typer.Option(min=1, help="Pruned tree search: keep this many nodes per prompt at "
-                                                "each window depth.", metavar="N")]
-TailStepsOption = Annotated[int | None, typer.Option(min=1, help="Best-of-tree: integrate each leaf's ODE tail after "
-                                                     "the window with this many DPM-Solver++ steps (fewer denoiser "
-                                                     "rows; default: one per timestep).", metavar="N")]
-
-
 def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> list[str]:
     from treegrpo.commands.arguments import judge_sampling_arguments
     from treegrpo.errors import UsageError
@@ -228,27 +197,27 @@ def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> 
 
 @app.command()
 def sample(
-    model: ModelArg,
-    lora: LoraOption = None,
-    prompt: PromptOption = None,
-    prompts_file: PromptsFileOption = None,
+    model: opt.ModelArg,
+    lora: opt.LoraOption = None,
+    prompt: opt.PromptOption = None,
+    prompts_file: opt.PromptsFileOption = None,
     out: Annotated[Path, typer.Option("--out", metavar="FOLDER",
                                       help="Folder for the images and grid.png.")] = Path("runs/samples"),
     num_images: Annotated[int, typer.Option("--num-images", min=1, metavar="N",
                                             help="Images per prompt (plain sampling).")] = 4,
-    steps: StepsOption = None,
-    guidance: GuidanceOption = None,
-    height: SizeOption = None,
-    width: SizeOption = None,
-    seed: SeedOption = 0,
-    dtype: DtypeOption = "fp32",
-    best_of_tree: BestOfTreeOption = False,
-    reward: ScorerOption = None,
-    branch_factor: BranchFactorOption = "3",
-    window_width: WindowWidthOption = None,
-    window_start: WindowStartOption = None,
-    beam: BeamOption = None,
-    tail_steps: TailStepsOption = None,
+    steps: opt.StepsOption = None,
+    guidance: opt.GuidanceOption = None,
+    height: opt.SizeOption = None,
+    width: opt.SizeOption = None,
+    seed: opt.SeedOption = 0,
+    dtype: opt.DtypeOption = "fp32",
+    best_of_tree: opt.BestOfTreeOption = False,
+    reward: opt.ScorerOption = None,
+    branch_factor: opt.BranchFactorOption = "3",
+    window_width: opt.WindowWidthOption = None,
+    window_start: opt.WindowStartOption = None,
+    beam: opt.BeamOption = None,
+    tail_steps: opt.TailStepsOption = None,
 ) -> None:
     """Generate images (plain ODE sampling, or best-of-tree with a reward as scorer); writes images and a grid."""
     from treegrpo.errors import UsageError
@@ -283,17 +252,17 @@ def sample(
 
 @app.command("eval")
 def evaluate_command(
-    model: ModelArg,
+    model: opt.ModelArg,
     reward: Annotated[list[str], typer.Option("--reward", metavar="KIND[:KEY=VALUE,...]",
                                               help="Reward kind or kind:key=value,... (repeatable).")],
-    lora: LoraOption = None,
-    prompt: PromptOption = None,
-    prompts_file: PromptsFileOption = None,
+    lora: opt.LoraOption = None,
+    prompt: opt.PromptOption = None,
+    prompts_file: opt.PromptsFileOption = None,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.", metavar="N")] = 4,
-    steps: StepsOption = None,
-    guidance: GuidanceOption = None,
-    seed: SeedOption = 0,
-    dtype: DtypeOption = "fp32",
+    steps: opt.StepsOption = None,
+    guidance: opt.GuidanceOption = None,
+    seed: opt.SeedOption = 0,
+    dtype: opt.DtypeOption = "fp32",
     json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE",
                                                   help="Also write the results as JSON here.")] = None,
 ) -> None:
@@ -326,7 +295,9 @@ def reward_server(
     host: Annotated[str, typer.Option(metavar="ADDRESS",
                                       help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.", metavar="PORT")] = 8000,
-    dtype: DtypeOption = "fp32",
+    dtype: opt.DtypeOption = "fp32",
+    devices: opt.ServerDevicesOption = None,
+    max_batch: opt.ServerBatchOption = 64,
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
     from treegrpo.dtypes import DTYPE_NAMES
@@ -338,7 +309,8 @@ def reward_server(
 
     _quiet_libraries()
     try:
-        serve_reward(kind, option or [], host=host, port=port, dtype=dtype, announce=console.print)
+        serve_reward(kind, option or [], host=host, port=port, dtype=dtype, announce=console.print, devices=devices,
+                     max_batch=max_batch)
     except (UsageError, OSError) as err:
         _fail(str(err))
 

@@ -7,9 +7,10 @@ dependencies that conflict with training's.
     kind = "http"
     url = "http://reward-machine:8000/score"
 
-`POST /score` scores a batch; `GET /health` answers ``{"ok": true, "kind": ...}``. Requests are scored one at a
-time (a reward model on one device gains nothing from running two batches at once); the server threads only so a
-slow client cannot block the health check. Python rewards whose function takes ``metadata`` get the request's.
+`POST /score` scores a batch; `GET /health` says what is served. Concurrent requests are scored together
+(`BatchingScorer`: one reward call for every request waiting, up to `max_batch` images) by one model per device;
+the server threads only so a slow client cannot hold up the others. Python rewards whose function takes
+``metadata`` get the request's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import socket
 import threading
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from treegrpo.rewards.remote import MAX_IMAGE_PIXELS, RequestTooLarge, decode_request
@@ -32,16 +35,98 @@ MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 at onc
 IDLE_TIMEOUT_S = 60  # a connection that sends nothing (or a body slower than this per read) is closed
 
 
+@dataclass
+class _Job:
+    """One request waiting to be scored, and what it gets back."""
+
+    images: list
+    prompts: list[str]
+    metadata: list[dict]
+    done: threading.Event = field(default_factory=threading.Event)
+    scores: list[float] | None = None
+    subscores: dict[str, list[float]] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+class BatchingScorer:
+    """Scores concurrent requests together: a request waits in one queue; each reward instance (one per device) has
+    a worker thread that takes every waiting request up to `max_batch` images, scores them in one call and hands each
+    request its own scores and sub-scores. A reward instance is only ever called by its own worker, so its
+    `last_subscores` always belong to the batch it just scored."""
+
+    def __init__(self, rewards: list, max_batch: int = 64):
+        self.max_batch, self.calls, self._workers = max_batch, 0, len(rewards)
+        self._queue: queue.Queue = queue.Queue()
+        for reward in rewards:
+            threading.Thread(target=self._work, args=(reward,), daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the workers once the requests already queued are scored."""
+        for _ in range(self._workers):
+            self._queue.put(None)
+
+    def score(self, images, prompts, metadata) -> tuple[list[float], dict[str, list[float]]]:
+        job = _Job(images, prompts, metadata)
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.scores, job.subscores
+
+    def _work(self, reward) -> None:
+        carried = None
+        while True:
+            first = carried or self._queue.get()
+            if first is None:  # close()
+                return
+            jobs, carried, count = [first], None, len(first.images)
+            while count < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)  # for the next round of this worker
+                    break
+                if count + len(job.images) > self.max_batch:
+                    carried = job  # it starts the next batch
+                    break
+                jobs.append(job)
+                count += len(job.images)
+            self._score(reward, jobs)
+
+    def _score(self, reward, jobs: list[_Job]) -> None:
+        try:
+            self.calls += 1
+            scores = [float(x) for x in reward.score([i for j in jobs for i in j.images],
+                                                     [p for j in jobs for p in j.prompts],
+                                                     [m for j in jobs for m in j.metadata])]
+            subscores = {name: [float(x) for x in values] for name, values in reward.last_subscores.items()}
+            start = 0
+            for job in jobs:
+                end = start + len(job.images)
+                job.scores = scores[start:end]
+                job.subscores = {name: values[start:end] for name, values in subscores.items()}
+                start = end
+        except Exception as err:  # noqa: BLE001 (every request of the batch gets the reason)
+            logger.exception("scoring failed")
+            for job in jobs:
+                job.error = err
+        for job in jobs:
+            job.done.set()
+
+
 def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
                 max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-                max_connections: int = MAX_CONNECTIONS) -> ThreadingHTTPServer:
-    """A threading HTTP server scoring with `reward` (a built `treegrpo.rewards` reward). `port=0` picks a free port
+                max_connections: int = MAX_CONNECTIONS, max_batch: int = 64) -> ThreadingHTTPServer:
+    """A threading HTTP server scoring with `reward` (a built `treegrpo.rewards` reward, or a list of them: one per
+    device, concurrent requests spread over them and batched up to `max_batch` images). `port=0` picks a free port
     (`server.server_address[1]`); an IPv6 `host` ("::", "::1") listens on IPv6. With `token`, POST /score answers 401
     unless the request carries `Authorization: Bearer <token>`. Bodies over `max_body_bytes` and images over
     `max_pixels` are refused (413) before they are decoded. Call `serve_forever()` (or run it in a thread) and
     `shutdown()`."""
-    lock = threading.Lock()
-    kind = reward.name
+    rewards = list(reward) if isinstance(reward, list | tuple) else [reward]
+    scorer, kind = BatchingScorer(rewards, max_batch), rewards[0].name
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -61,8 +146,9 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             if self.path.rstrip("/") == "/health":
-                self._answer(200, {"ok": True, "kind": kind, "auth": token is not None,
-                                   "max_body_bytes": max_body_bytes, "max_pixels": max_pixels})
+                self._answer(200, {"ok": True, "kind": kind, "auth": token is not None, "models": len(rewards),
+                                   "max_batch": max_batch, "max_body_bytes": max_body_bytes,
+                                   "max_pixels": max_pixels})
             else:
                 self._answer(404, {"error": f"no such path {self.path!r}; POST /score, GET /health"})
 
@@ -92,22 +178,18 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str
                 self._answer(400, {"error": f"bad request: {err}"})
                 return
             try:
-                with lock:  # the sub-scores belong to this call: read them before another request scores
-                    scores = reward.score(images, prompts, metadata)
-                    payload = {"scores": [float(x) for x in scores]}
-                    if reward.last_subscores:
-                        payload["subscores"] = {name: [float(x) for x in values]
-                                                for name, values in reward.last_subscores.items()}
+                scores, subscores = scorer.score(images, prompts, metadata)
             except Exception as err:  # noqa: BLE001 (the client gets the reason, the server keeps serving)
-                logger.exception("scoring failed")
                 self._answer(500, {"error": f"scoring failed: {type(err).__name__}: {err}"})
                 return
-            self._answer(200, payload)
+            self._answer(200, {"scores": scores, **({"subscores": subscores} if subscores else {})})
 
         def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
             logger.info("%s %s", self.address_string(), format % args)
 
-    return _BoundedServer((host, port), Handler, max_connections)
+    server = _BoundedServer((host, port), Handler, max_connections)
+    server.scorer = scorer
+    return server
 
 
 def _content_length(value: str | None) -> int | None:
@@ -123,6 +205,12 @@ class _BoundedServer(ThreadingHTTPServer):
     a cap let 500 slow clients hold 500 threads)."""
 
     request_queue_size = 1024
+    scorer: BatchingScorer | None = None
+
+    def server_close(self):
+        super().server_close()
+        if self.scorer is not None:
+            self.scorer.close()
 
     def __init__(self, address, handler, max_connections: int):
         if ":" in address[0]:
@@ -159,7 +247,8 @@ def exposed_without_token(host: str, token: str | None) -> bool:
         return host != "localhost"
 
 
-def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: str, announce) -> None:
+def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: str, announce,
+                 devices: str | None = None, max_batch: int = 64) -> None:
     """`treegrpo reward-server`: build the reward `kind` with `options` (`key=value`) on the GPU when there is one
     and serve it until Ctrl-C; `announce` prints where it listens. Raises `UsageError` for a bad kind or option
     and `OSError` when the address cannot be bound."""
@@ -168,10 +257,11 @@ def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: 
     from treegrpo.model.loading import DTYPES
 
     spec = kind + (":" + ",".join(options) if options else "")
-    device = compute_device()
-    (reward,) = build_rewards([spec], device, DTYPES[dtype])
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else [compute_device()]
+    rewards = [build_rewards([spec], d, DTYPES[dtype])[0] for d in device_list]  # one model per device
+    device = ", ".join(device_list)
     token = os.environ.get(TOKEN_ENV) or None
-    server = make_server(reward, host, port, token=token)
+    server = make_server(rewards, host, port, token=token, max_batch=max_batch)
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving reward {kind!r} on http://{shown}:{server.server_address[1]}/score ({device}; "
              f"{'bearer token from ' + TOKEN_ENV if token else 'no auth'}); Ctrl-C stops")

@@ -250,8 +250,9 @@ def test_reward_server_command_serves_a_builtin_kind():
         assert match, line
         base = f"http://127.0.0.1:{match.group(1)}"
         with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-            assert json.loads(response.read()) == {"ok": True, "kind": "jpeg", "auth": False,
-                                                   "max_body_bytes": 256 << 20, "max_pixels": 4096 * 4096}
+            assert json.loads(response.read()) == {"ok": True, "kind": "jpeg", "auth": False, "models": 1,
+                                                   "max_batch": 64, "max_body_bytes": 256 << 20,
+                                                   "max_pixels": 4096 * 4096}
         remote = build_reward("http", url=f"{base}/score")(IMAGES, PROMPTS)
         torch.testing.assert_close(remote, build_reward("jpeg", quality=90)(IMAGES, PROMPTS))
     finally:

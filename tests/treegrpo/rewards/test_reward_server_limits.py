@@ -187,3 +187,39 @@ def test_ipv6_loopback():
         port = server.server_address[1]
         with urllib.request.urlopen(f"http://[::1]:{port}/health", timeout=10) as response:
             assert json.loads(response.read())["ok"] is True
+
+
+class SlowBrightness(Brightness):
+    """Brightness that takes 50 ms a call and records which instance (device) scored how many images."""
+
+    def __init__(self, label, log):
+        super().__init__()
+        self.label, self.log = label, log
+
+    def __call__(self, images, prompts):
+        time.sleep(0.05)
+        self.log.append((self.label, len(images)))
+        return super().__call__(images, prompts)
+
+
+def test_concurrent_requests_are_batched_over_one_model_per_device():
+    log = []
+    server = make_server([SlowBrightness("cuda:0", log), SlowBrightness("cuda:1", log)], port=0, max_batch=4)
+    levels = list(range(0, 240, 20))  # 12 clients, one image each, all at once
+    answers = {}
+    with serving(server) as url:
+        def client(level):
+            body, content_type = encode_request([Image.new("RGB", (8, 8), (level,) * 3)], ["p"], [{}])
+            answers[level] = post(f"{url}/score", body, content_type)
+
+        threads = [threading.Thread(target=client, args=(level,)) for level in levels]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for level, (status, answer) in answers.items():
+        assert status == 200 and answer["scores"] == pytest.approx([level / 255], abs=1e-6)
+        assert answer["subscores"]["same"] == answer["scores"]
+    assert sum(n for _, n in log) == 12 and all(n <= 4 for _, n in log)  # every image once, batches of at most 4
+    assert len(log) < 12  # requests waiting together were scored together
+    assert {label for label, _ in log} == {"cuda:0", "cuda:1"}  # both models worked
