@@ -101,7 +101,8 @@ def test_every_reported_error_is_one_of_three():
 
     internal = {"StopNow": "the signal handler's stop-at-once, turned into Interrupted by the trainer",
                 "_StopAtSafePoint": "the loop's own stop at a safe point, turned into Interrupted",
-                "RemoteRewardError": "a remote reward's failure, reported as a TrainingError by the scoring"}
+                "RemoteRewardError": "a remote reward's failure, reported as a TrainingError by the scoring",
+                "RequestTooLarge": "a request the reward server refuses, answered 413 to its client"}
     trainer = ROOT / "cli" / "treegrpo"
     found = {}
     for path in trainer.rglob("*.py"):

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import treegrpo
-from treegrpo import options as opt  # the parameters' Typer annotations
+import treegrpo.options as opt  # the parameters' Typer annotations
 from treegrpo.commands.envinfo import collect_env, package_version
 
 app = typer.Typer(

@@ -116,6 +116,18 @@ class BatchingScorer:
             job.done.set()
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """What a reward server serves and the limits it enforces (its `/health` answer)."""
+
+    kind: str
+    models: int
+    token: str | None
+    max_batch: int
+    max_body_bytes: int
+    max_pixels: int
+
+
 def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,
                 max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
                 max_connections: int = MAX_CONNECTIONS, max_batch: int = 64) -> ThreadingHTTPServer:
@@ -126,70 +138,75 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str
     `max_pixels` are refused (413) before they are decoded. Call `serve_forever()` (or run it in a thread) and
     `shutdown()`."""
     rewards = list(reward) if isinstance(reward, list | tuple) else [reward]
-    scorer, kind = BatchingScorer(rewards, max_batch), rewards[0].name
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # the answer goes out at once, not after the client's delayed ACK (~40 ms)
-        timeout = IDLE_TIMEOUT_S
-
-        def _answer(self, status: int, payload: dict, *, close: bool = False) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if close:  # the rest of the request was not read: it must not be parsed as the next request
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            if self.path.rstrip("/") == "/health":
-                self._answer(200, {"ok": True, "kind": kind, "auth": token is not None, "models": len(rewards),
-                                   "max_batch": max_batch, "max_body_bytes": max_body_bytes,
-                                   "max_pixels": max_pixels})
-            else:
-                self._answer(404, {"error": f"no such path {self.path!r}; POST /score, GET /health"})
-
-        def do_POST(self):  # noqa: N802
-            if self.path.rstrip("/") != "/score":
-                self._answer(404, {"error": f"no such path {self.path!r}; POST /score"}, close=True)
-                return
-            if token is not None and not hmac.compare_digest(self.headers.get("Authorization", ""),
-                                                             f"Bearer {token}"):
-                self._answer(401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                             close=True)
-                return
-            length = _content_length(self.headers.get("Content-Length"))
-            if length is None or not 0 < length <= max_body_bytes:
-                status = 411 if length is None else 413 if length > 0 else 400
-                self._answer(status, {"error": f"Content-Length {self.headers.get('Content-Length')!r}: send a "
-                                               f"body of 1 to {max_body_bytes:,} bytes"}, close=True)
-                return
-            try:
-                images, prompts, metadata = decode_request(self.rfile.read(length),
-                                                           self.headers.get("Content-Type", ""),
-                                                           max_pixels=max_pixels)
-            except RequestTooLarge as err:
-                self._answer(413, {"error": str(err)})
-                return
-            except (ValueError, KeyError, TypeError) as err:
-                self._answer(400, {"error": f"bad request: {err}"})
-                return
-            try:
-                scores, subscores = scorer.score(images, prompts, metadata)
-            except Exception as err:  # noqa: BLE001 (the client gets the reason, the server keeps serving)
-                self._answer(500, {"error": f"scoring failed: {type(err).__name__}: {err}"})
-                return
-            self._answer(200, {"scores": scores, **({"subscores": subscores} if subscores else {})})
-
-        def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
-            logger.info("%s %s", self.address_string(), format % args)
-
-    server = _BoundedServer((host, port), Handler, max_connections)
-    server.scorer = scorer
+    server = _BoundedServer((host, port), _Handler, max_connections)
+    server.scorer = BatchingScorer(rewards, max_batch)
+    server.config = ServerConfig(rewards[0].name, len(rewards), token, max_batch, max_body_bytes, max_pixels)
     return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """`GET /health` and `POST /score`; what it serves and its limits are the server's (`_BoundedServer.config`)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # the answer goes out at once, not after the client's delayed ACK (~40 ms)
+    timeout = IDLE_TIMEOUT_S
+
+    def _answer(self, status: int, payload: dict, *, close: bool = False) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if close:  # the rest of the request was not read: it must not be parsed as the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") == "/health":
+            config = self.server.config
+            self._answer(200, {"ok": True, "kind": config.kind, "auth": config.token is not None,
+                               "models": config.models, "max_batch": config.max_batch,
+                               "max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels})
+        else:
+            self._answer(404, {"error": f"no such path {self.path!r}; POST /score, GET /health"})
+
+    def do_POST(self):  # noqa: N802
+        config = self.server.config
+        token, max_body_bytes, max_pixels = config.token, config.max_body_bytes, config.max_pixels
+        if self.path.rstrip("/") != "/score":
+            self._answer(404, {"error": f"no such path {self.path!r}; POST /score"}, close=True)
+            return
+        if token is not None and not hmac.compare_digest(self.headers.get("Authorization", ""),
+                                                         f"Bearer {token}"):
+            self._answer(401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                         close=True)
+            return
+        length = _content_length(self.headers.get("Content-Length"))
+        if length is None or not 0 < length <= max_body_bytes:
+            status = 411 if length is None else 413 if length > 0 else 400
+            self._answer(status, {"error": f"Content-Length {self.headers.get('Content-Length')!r}: send a "
+                                           f"body of 1 to {max_body_bytes:,} bytes"}, close=True)
+            return
+        try:
+            images, prompts, metadata = decode_request(self.rfile.read(length),
+                                                       self.headers.get("Content-Type", ""),
+                                                       max_pixels=max_pixels)
+        except RequestTooLarge as err:
+            self._answer(413, {"error": str(err)})
+            return
+        except (ValueError, KeyError, TypeError) as err:
+            self._answer(400, {"error": f"bad request: {err}"})
+            return
+        try:
+            scores, subscores = self.server.scorer.score(images, prompts, metadata)
+        except Exception as err:  # noqa: BLE001 (the client gets the reason, the server keeps serving)
+            self._answer(500, {"error": f"scoring failed: {type(err).__name__}: {err}"})
+            return
+        self._answer(200, {"scores": scores, **({"subscores": subscores} if subscores else {})})
+
+    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
+        logger.info("%s %s", self.address_string(), format % args)
 
 
 def _content_length(value: str | None) -> int | None:
@@ -206,6 +223,7 @@ class _BoundedServer(ThreadingHTTPServer):
 
     request_queue_size = 1024
     scorer: BatchingScorer | None = None
+    config: ServerConfig | None = None
 
     def server_close(self):
         super().server_close()
