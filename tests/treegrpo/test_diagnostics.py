@@ -28,3 +28,13 @@ def test_leaf_diversity_is_the_mean_pairwise_rms_distance_per_group():
     assert counted == 2 and math.isclose(total, sum(expected), rel_tol=1e-5)
     same = images[:1].repeat(4, 1, 1, 1)
     assert leaf_diversity(same, torch.tensor([0, 0, 1, 2])) == (0.0, 1)  # singletons are not counted
+
+
+def test_reward_by_window_start_groups_the_later_epochs():
+    from treegrpo.run.metrics import reward_by_window_start
+
+    history = [{"epoch": e, "tree/window_start": s, "reward/mean": r}
+               for e, (s, r) in enumerate([(0, 0.1), (1, 0.2), (0, 0.5), (1, 0.3), (0, 0.7), (2, 0.9)])]
+    assert reward_by_window_start(history, since_epoch=2) == {0: ((0.5 + 0.7) / 2, 2), 1: (0.3, 1), 2: (0.9, 1)}
+    mean, count = reward_by_window_start(history)[0]
+    assert count == 3 and abs(mean - (0.1 + 0.5 + 0.7) / 3) < 1e-12

@@ -157,6 +157,17 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, *, tit
     return Path(path)
 
 
+def reward_by_window_start(history: list[dict], since_epoch: int = 0) -> dict[int, tuple[float, int]]:
+    """window start → (mean `reward/mean`, epochs) over the epochs from `since_epoch` on. The rollout reward of an
+    epoch depends on where its window started (on digits late in training: 0.97 at s = 0, 0.87 at s = 1 with the
+    3-step tail), so a curve that jumps between epochs may be the window, not the policy."""
+    groups: dict[int, list[float]] = {}
+    for row in history:
+        if row.get("epoch", -1) >= since_epoch and "tree/window_start" in row and "reward/mean" in row:
+            groups.setdefault(int(row["tree/window_start"]), []).append(float(row["reward/mean"]))
+    return {start: (sum(values) / len(values), len(values)) for start, values in sorted(groups.items())}
+
+
 def reward_curve(history: list[dict], path: Path, evaluations: list[dict] = ()) -> Path:
     """A run's `reward_curve.png`: the mean reward per epoch with its ± std band over the epoch's leaves, each
     evaluation reward's mean (`eval.jsonl`: ODE samples, after 0 … N epochs) beside it, and any accuracy a reward

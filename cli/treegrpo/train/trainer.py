@@ -23,7 +23,7 @@ from treegrpo.run.checkpoint import (
     write_failure,
 )
 from treegrpo.run.folder import RunLock, fingerprint_changes, prepare_folder, recipe_fingerprint
-from treegrpo.run.metrics import MetricsLog, reward_curve
+from treegrpo.run.metrics import MetricsLog, reward_by_window_start, reward_curve
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.seeds import Stream, training_generator, tree_generators
 from treegrpo.run.setup import Run, SetupError, read_prompt_records, setup
@@ -344,5 +344,10 @@ def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str], evaluatio
     if acc.is_main_process:
         history = metrics_log.read()
         reward_curve(history, run.out_dir / "reward_curve.png", evaluations)
+        by_start = reward_by_window_start(history, since_epoch=len(history) // 2)
+        if len(by_start) > 1:  # tree and mix runs: one line, so a jumpy rollout curve is read correctly
+            run.reporter.info("rollout reward by window start, second half of training: " + ", ".join(
+                f"s={start} {mean:.3g} ({count} epoch{'s' if count != 1 else ''})"
+                for start, (mean, count) in by_start.items()))
     acc.wait_for_everyone()
     return final
