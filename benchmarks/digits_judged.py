@@ -1,6 +1,7 @@
 """What a digits model draws, judged three ways, per digit: the reward's classifier, the judge (a classifier no run
 trains on) and the strict judge (the judge's class AND a typical digit of it: as close to a real digit of that
-class as 99 % of real digits are, `treegrpo.rewards.digits.DigitTypicality`), plus within-prompt diversity; and a
+class as 99 % of real digits are: the `digits` reward with `strict = true`), plus within-prompt diversity (the
+trainer's `leaf_diversity`); and a
 grid of every digit per model, to look at.
 
     python benchmarks/digits_judged.py --lora tuned=runs/digits/final --lora kl0=runs/digits_kl0/final \\
@@ -20,39 +21,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from treegrpo.builtin import BUILTIN_DIGITS_DIR, load_digits_pipeline  # noqa: E402
-from treegrpo.rewards.digits import (  # noqa: E402
-    DIGIT_WORDS,
-    DigitTypicality,
-    images_to_pixels,
-    load_digit_classifier,
-    pixels_to_images,
-)
+from treegrpo.builtin import load_digits_pipeline  # noqa: E402
+from treegrpo.rewards import build_reward  # noqa: E402
+from treegrpo.rewards.digits import DIGIT_WORDS, images_to_pixels, pixels_to_images  # noqa: E402
 from treegrpo.run.metrics import image_grid  # noqa: E402
+from treegrpo.train.diagnostics import leaf_diversity  # noqa: E402
 
 
 def judge_model(lora: str | None, samples: int) -> tuple[dict[int, dict[str, float]], torch.Tensor]:
-    """Per digit: the three accuracies and the diversity; and every sample's pixels `[10 · samples, 1, 16, 16]`."""
+    """Per digit: the three accuracies (the `digits` reward as the trainer builds it) and the diversity; and every
+    sample's pixels `[10 · samples, 1, 16, 16]`."""
     pipe, meta = load_digits_pipeline()
     if lora:
         pipe.load_lora_weights(lora)
-    reward, judge = load_digit_classifier(), load_digit_classifier(BUILTIN_DIGITS_DIR / "judge")
-    typicality = DigitTypicality()
+    judges = {"reward": build_reward("digits"), "judge": build_reward("digits", classifier="judge"),
+              "strict": build_reward("digits", classifier="judge", strict=True)}
     table, pixels = {}, []
     for digit, word in enumerate(DIGIT_WORDS):
         generators = [torch.Generator().manual_seed(1000 * digit + j) for j in range(samples)]
+        prompt = f"a handwritten digit {word}"
         with torch.no_grad():
-            images = pipe(prompt=f"a handwritten digit {word}", num_images_per_prompt=samples, generator=generators,
-                          output_type="pt", **meta["pipeline_kwargs"]).images
-            grey = images_to_pixels(images)
-            labels = torch.full((samples,), digit)
-            rewarded, judged = reward(grey).argmax(-1) == labels, judge(grey).argmax(-1) == labels
-        typical = typicality(grey, labels)
-        flat = images.flatten(1).double()
-        diversity = float(torch.cdist(flat, flat).sum() / (samples * (samples - 1)) / flat.shape[1] ** 0.5)
-        table[digit] = {"reward": rewarded.float().mean().item(), "judge": judged.float().mean().item(),
-                        "strict": (judged & typical).float().mean().item(), "diversity": diversity}
-        pixels.append(grey)
+            images = pipe(prompt=prompt, num_images_per_prompt=samples, generator=generators, output_type="pt",
+                          **meta["pipeline_kwargs"]).images
+        table[digit] = {name: judge.score_and_accuracy(images, [prompt] * samples)[1]
+                        for name, judge in judges.items()}
+        diversity, _ = leaf_diversity(images, torch.zeros(samples, dtype=torch.long))  # one group: this digit
+        table[digit]["diversity"] = diversity
+        pixels.append(images_to_pixels(images))
     return table, torch.cat(pixels)
 
 

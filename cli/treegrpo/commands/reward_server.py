@@ -55,7 +55,7 @@ class BatchingScorer:
     `last_subscores` always belong to the batch it just scored."""
 
     def __init__(self, rewards: list, max_batch: int = 64):
-        self.max_batch, self.calls, self._workers = max_batch, 0, len(rewards)
+        self.max_batch, self._workers = max_batch, len(rewards)
         self._queue: queue.Queue = queue.Queue()
         for reward in rewards:
             threading.Thread(target=self._work, args=(reward,), daemon=True).start()
@@ -97,7 +97,6 @@ class BatchingScorer:
 
     def _score(self, reward, jobs: list[_Job]) -> None:
         try:
-            self.calls += 1
             scores = [float(x) for x in reward.score([i for j in jobs for i in j.images],
                                                      [p for j in jobs for p in j.prompts],
                                                      [m for j in jobs for m in j.metadata])]
@@ -284,9 +283,6 @@ def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: 
     announce(f"serving reward {kind!r} on http://{shown}:{server.server_address[1]}/score ({device}; "
              f"{'bearer token from ' + TOKEN_ENV if token else 'no auth'}); Ctrl-C stops")
     if exposed_without_token(host, token):
-        logger.warning(f"--host {host} listens beyond this machine with no authentication: anyone who can reach "
-                       f"port {server.server_address[1]} can use this reward model. Set {TOKEN_ENV} to require a "
-                       f"bearer token (clients: api_key_env = \"{TOKEN_ENV}\").")
         announce(f"WARNING: --host {host} without {TOKEN_ENV}: anyone who reaches the port can score; set it to "
                  "require a bearer token.")
     try:

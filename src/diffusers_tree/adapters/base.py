@@ -3,7 +3,7 @@ the trainer call, each with its default, the per-prompt `Conditioning`, and the 
 
 A family file (`sd3.py`, `flux.py`, ...) subclasses `PipelineAdapter`, registers it for its pipeline class names
 with `@register_adapter`, implements the five required methods and overrides only the hooks where its pipeline
-differs. Nothing reads an adapter with `getattr(adapter, "hook", None)`: a hook that is not overridden is the default
+differs. No caller probes an adapter for a hook it may lack: a hook that is not overridden is the default
 below (diffusers' `scheduling_utils.py` beside its schedulers is the model).
 """
 
