@@ -70,8 +70,9 @@ class LoraRecipe(_Table):
 
 
 class ModelRecipe(_Table):
-    pretrained: str = Field(..., description="Hub id, local diffusers folder, or `builtin:digits` (the shipped tiny "
-                            "model).")
+    pretrained: str = Field(..., description="Hub id, local diffusers folder, or a shipped tiny model: "
+                            "`builtin:digits` (SD3-style, handwritten digits) or `builtin:shapes` (FLUX-style, "
+                            "GenEval-style scenes of coloured shapes).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `pretrained`.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Dtype of the frozen weights and of the "
                                                     "mixed-precision forwards; trainable weights stay fp32.")
@@ -165,7 +166,8 @@ class RewardRecipe(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     kind: str = Field(..., description="Reward kind: pickscore, hpsv2, imagereward, aesthetic, clipscore, jpeg, "
-                      "digits, python, http (a reward server), vlm (an OpenAI-compatible VLM judge).")
+                      "digits, geneval (GenEval's judgement on a GenEval .jsonl), ocr (text rendering, Tesseract), "
+                      "python, http (a reward server), vlm (an OpenAI-compatible VLM judge).")
     weight: float = Field(1.0, description="Weight in the aggregation.")
     name: str | None = Field(None, description="Name in metrics (default: the kind).")
     function: str | None = Field(None, description="python kind: `module:function` taking (images, prompts).")

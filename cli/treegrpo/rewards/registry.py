@@ -11,10 +11,12 @@ from treegrpo.rewards.aesthetic import AestheticReward
 from treegrpo.rewards.base import RewardBase, resolve_dtype
 from treegrpo.rewards.clipscore import CLIPScoreReward
 from treegrpo.rewards.digits import DigitsReward
+from treegrpo.rewards.geneval import GenEvalReward
 from treegrpo.rewards.hpsv2 import HPSv2Reward
 from treegrpo.rewards.http import HttpReward
 from treegrpo.rewards.imagereward import ImageRewardReward
 from treegrpo.rewards.jpeg import JpegCompressibilityReward
+from treegrpo.rewards.ocr import OcrReward
 from treegrpo.rewards.pickscore import PickScoreReward
 from treegrpo.rewards.python import PythonReward
 from treegrpo.rewards.vlm import VlmReward
@@ -28,6 +30,8 @@ REWARD_KINDS: dict[str, Callable[..., RewardBase]] = {
     "clipscore": CLIPScoreReward,
     "jpeg": JpegCompressibilityReward,
     "digits": DigitsReward,
+    "geneval": GenEvalReward,
+    "ocr": OcrReward,
     "python": PythonReward,
     "http": HttpReward,
     "vlm": VlmReward,
@@ -70,6 +74,10 @@ def build_reward(
       ``scale`` (1.0), ``clamp`` (False).
     - ``jpeg``: ``quality`` (95).
     - ``digits``: the toy digit classifier of ``builtin:digits`` (see `treegrpo.rewards.digits`).
+    - ``geneval``: GenEval's judgement against each prompt's metadata (a GenEval ``.jsonl``): ``detector``
+      ("shapes" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint), ``threshold`` (0.3).
+    - ``ocr``: 1 - normalised edit distance to the prompt's quoted text, read by Tesseract: ``psm`` (6), ``lang``
+      ("eng"), ``tesseract_cmd`` ("tesseract"), ``parallel`` (4), ``timeout`` (60).
     - ``python``: ``function`` (required, "module:function" or "file.py:function"), ``batch_size`` (all at once).
     - ``http``: ``url`` (required), ``body`` ("json" | "multipart"), ``timeout`` (120), ``retries`` (2),
       ``backoff`` (1.0), ``batch_size`` (32), ``parallel`` (1), ``headers``, ``api_key_env`` (see
@@ -90,7 +98,7 @@ def build_reward(
         >>> build_reward("jpg")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: Unknown reward kind 'jpg'; known kinds: aesthetic, clipscore, digits, hpsv2, imagereward, ...
+        ValueError: Unknown reward kind 'jpg'; known kinds: aesthetic, clipscore, digits, geneval, hpsv2, ...
         ```
     """
     factory = _check_kind(kind)

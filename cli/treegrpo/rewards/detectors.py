@@ -1,0 +1,208 @@
+"""Object detectors for the `geneval` reward: each maps one image and the class names a prompt asks about to a list
+of `Detection`s (class, colour name, centre, size, score).
+
+- `ShapesDetector` ("shapes"): the deterministic detector of `builtin:shapes`: no learned weights. Every pixel is
+  explained as paper blended with one palette colour (the renderer's anti-aliasing is exactly such a blend), the
+  inked pixels of each colour are split into connected components, and each component is named by the ideal shape
+  (circle, square, triangle, drawn by the world's own renderer at the component's box) it overlaps best. A component
+  that no ideal shape overlaps by `min_iou` (a blob, a smear, two touching objects) is not an object: a reward built
+  on it cannot be won by blobs.
+- `Owlv2Detector` ("owlv2"): transformers' open-vocabulary OWLv2 for real models, queried with "a photo of a
+  <class>"; the colour of a detection is the palette colour nearest to the median of its box's central pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from treegrpo.builtin.shapes_world import COLORS, PAPER, SHAPES, Thing, as_array, render
+
+# GenEval's colour names with typical sRGB values, for detectors that see real photos (OWLv2).
+NAMED_COLORS = {"red": (200, 30, 30), "orange": (240, 140, 20), "yellow": (240, 210, 40), "green": (40, 150, 60),
+                "blue": (40, 80, 210), "purple": (120, 50, 160), "pink": (240, 150, 190), "brown": (120, 75, 40),
+                "black": (20, 20, 20), "white": (245, 245, 245)}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: class name, colour name, centre (x, y) and box side in pixels, confidence in [0, 1]."""
+
+    cls: str
+    color: str
+    x: float
+    y: float
+    size: float
+    score: float
+
+
+class Detector:
+    """Base of the `geneval` detectors: `detect(image, classes)` returns the objects of those classes it finds."""
+
+    name = "detector"
+
+    def detect(self, image: Image.Image, classes: list[str]) -> list[Detection]:
+        raise NotImplementedError
+
+    def detect_batch(self, images: list[Image.Image], classes: list[list[str]]) -> list[list[Detection]]:
+        """`detect` on each image with its own classes (a detector with a batched model overrides this)."""
+        return [self.detect(image, names) for image, names in zip(images, classes, strict=True)]
+
+    def load(self) -> Detector:
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return []
+
+
+class ShapesDetector(Detector):
+    """The deterministic detector of `builtin:shapes` (see the module docstring).
+
+    Args:
+        min_ink (`float`, defaults to 0.5): blend weight of a palette colour above which a pixel is ink.
+        sides (`tuple`, defaults to (6, 16)): the box sides, in pixels, of an object (the world draws 9-12);
+            smaller components are specks or smears, larger ones merged objects.
+        min_iou (`float`, defaults to 0.6): the overlap with an ideal shape a component needs to count as one.
+    """
+
+    name = "shapes"
+
+    def __init__(self, min_ink: float = 0.5, sides: tuple[int, int] = (6, 16), min_iou: float = 0.6):
+        self.min_ink, self.sides, self.min_iou = min_ink, sides, min_iou
+        paper = np.array(PAPER, dtype=np.float32) / 255
+        self._paper = paper
+        self._directions = np.stack([np.array(c, dtype=np.float32) / 255 - paper for c in COLORS.values()])  # [C, 3]
+        self._color_names = list(COLORS)
+
+    def detect(self, image: Image.Image, classes: list[str] | None = None) -> list[Detection]:
+        pixels = as_array(image)
+        ink, color_index = self.explain_pixels(pixels)
+        size = pixels.shape[0]
+        found = []
+        for c, name in enumerate(self._color_names):
+            labels = connected_components(ink & (color_index == c))
+            for label in range(1, labels.max() + 1):
+                detection = self.name_component(labels == label, name, size)
+                if detection is not None and (classes is None or detection.cls in classes):
+                    found.append(detection)
+        return found
+
+    def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ink mask [H, W], palette index [H, W]): each pixel as `paper + a * (colour - paper)`, the colour whose
+        least-squares fit leaves the smallest residual; ink where that blend weight `a` is at least `min_ink`."""
+        offset = pixels - self._paper  # [H, W, 3]
+        d = self._directions  # [C, 3]
+        weight = np.einsum("hwk,ck->hwc", offset, d) / (d * d).sum(-1)  # least-squares blend weight per colour
+        residual = ((offset[:, :, None, :] - weight[..., None] * d) ** 2).sum(-1)  # [H, W, C]
+        best = residual.argmin(-1)
+        blend = np.take_along_axis(weight, best[..., None], -1)[..., 0]
+        return blend >= self.min_ink, best
+
+    def name_component(self, mask: np.ndarray, color: str, size: int) -> Detection | None:
+        """The ideal shape that best overlaps the component, drawn at the component's box; None below `min_iou`."""
+        ys, xs = np.nonzero(mask)
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        side = float(max(x1 - x0, y1 - y0))
+        if not self.sides[0] <= side <= self.sides[1]:
+            return None
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        best, best_iou = None, 0.0
+        # The thresholded box is up to a pixel smaller than the drawn object (its anti-aliased rim is under half
+        # ink): try both sides, or a large circle's box would fit a square better.
+        for shape, drawn in itertools.product(SHAPES, (side, side + 1)):
+            ideal = self.explain_pixels(as_array(render([Thing(shape, color, cx, cy, drawn)], size)))[0]
+            iou = (mask & ideal).sum() / max((mask | ideal).sum(), 1)
+            if iou > best_iou:
+                best, best_iou = shape, float(iou)
+        if best is None or best_iou < self.min_iou:
+            return None
+        return Detection(best, color, float(cx), float(cy), side, best_iou)
+
+
+def connected_components(mask: np.ndarray) -> np.ndarray:
+    """4-connected component labels of a boolean [H, W] mask: 0 off the mask, 1..n on it (numpy only: label
+    propagation to the smallest index, a few dozen vectorised sweeps for the small images here)."""
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
+                                        padded[1:-1, :-2], padded[1:-1, 2:]])
+        updated = np.where(mask, neighbours, big)
+        if np.array_equal(updated, labels):
+            break
+        labels = updated
+    _, dense = np.unique(np.where(mask, labels, 0), return_inverse=True)
+    return dense.reshape(h, w) if mask.any() else np.zeros((h, w), dtype=np.int64)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """GenEval colour name nearest to an sRGB triple in [0, 255]."""
+    names = list(NAMED_COLORS)
+    table = np.array([NAMED_COLORS[n] for n in names], dtype=np.float32)
+    return names[int(((table - rgb[None].astype(np.float32)) ** 2).sum(-1).argmin())]
+
+
+class Owlv2Detector(Detector):
+    """transformers' OWLv2 (`Owlv2ForObjectDetection`), loaded from the Hub or a local folder at the first call.
+
+    Args:
+        pretrained (`str`, defaults to "google/owlv2-base-patch16-ensemble"): hub id or folder.
+        threshold (`float`, defaults to 0.3): box confidence to count a detection (GenEval uses 0.3).
+        device (`str`, defaults to "cpu") / dtype (`torch.dtype`, defaults to float32).
+    """
+
+    name = "owlv2"
+
+    def __init__(self, pretrained: str = "google/owlv2-base-patch16-ensemble", threshold: float = 0.3,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.pretrained, self.threshold, self.device, self.dtype = pretrained, threshold, device, dtype
+        self._model = self._processor = None
+
+    def load(self) -> Owlv2Detector:
+        if self._model is None:
+            from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+            self._processor = Owlv2Processor.from_pretrained(self.pretrained)
+            model = Owlv2ForObjectDetection.from_pretrained(self.pretrained)
+            self._model = model.to(self.device, self.dtype).eval().requires_grad_(False)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [] if self._model is None else [self._model]
+
+    @torch.no_grad()
+    def detect(self, image: Image.Image, classes: list[str]) -> list[Detection]:
+        self.load()
+        image = image.convert("RGB")
+        inputs = self._processor(text=[[f"a photo of a {c}" for c in classes]], images=image, return_tensors="pt")
+        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                  for k, v in inputs.items()}
+        outputs = self._model(**inputs)
+        side = max(image.size)  # OWLv2 pads to a square; boxes are relative to the padded side
+        result = self._processor.image_processor.post_process_object_detection(
+            outputs=outputs, threshold=self.threshold, target_sizes=torch.tensor([[side, side]]))[0]
+        array = np.asarray(image)
+        found = []
+        for box, score, label in zip(result["boxes"].float().tolist(), result["scores"].float().tolist(),
+                                     result["labels"].tolist(), strict=True):
+            x0, y0, x1, y1 = box
+            found.append(Detection(classes[label], box_color(array, box), (x0 + x1) / 2, (y0 + y1) / 2,
+                                   max(x1 - x0, y1 - y0), score))
+        return found
+
+
+def box_color(array: np.ndarray, box: list[float]) -> str:
+    """The named colour of a box's central half (the object, mostly, not its background)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    crop = array[max(int(y0 + h / 4), 0): max(int(y1 - h / 4), int(y0 + h / 4) + 1),
+                 max(int(x0 + w / 4), 0): max(int(x1 - w / 4), int(x0 + w / 4) + 1)]
+    if crop.size == 0:
+        return "unknown"
+    return nearest_color(np.median(crop.reshape(-1, 3), axis=0))
