@@ -185,7 +185,7 @@ def _lock_output_folder(loaded, resume: bool, overwrite: bool):
         _fail(str(err))
 
 
-def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> list[str]:
+def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> tuple[list[str], list[dict]]:
     from treegrpo.commands.arguments import judge_sampling_arguments
     from treegrpo.errors import UsageError
 
@@ -230,7 +230,7 @@ def sample(
         factors = branch_factor_argument(branch_factor)
     except UsageError as err:
         _fail(str(err))
-    prompts = _judged_sampling_arguments(model, prompt, prompts_file, dtype)
+    prompts, _ = _judged_sampling_arguments(model, prompt, prompts_file, dtype)
     from treegrpo.commands.inference import SampleRequest, Settings, sample_images
 
     _quiet_libraries()
@@ -266,8 +266,10 @@ def evaluate_command(
     json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE",
                                                   help="Also write the results as JSON here.")] = None,
 ) -> None:
-    """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise."""
-    prompts = _judged_sampling_arguments(model, prompt, prompts_file, dtype)  # before the slow imports
+    """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise. With a
+    GenEval .jsonl (--prompts) and a reward that judges right/wrong (geneval), also GenEval's table: accuracy per
+    category and overall (the mean of the categories)."""
+    prompts, metadata = _judged_sampling_arguments(model, prompt, prompts_file, dtype)  # before the slow imports
     from treegrpo.commands.inference import EvalBar, Settings, eval_table, evaluate, write_json
     from treegrpo.errors import UsageError
 
@@ -278,7 +280,8 @@ def evaluate_command(
     try:
         with EvalBar() as bar:
             data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
-                            settings=Settings(steps=steps, guidance_scale=guidance, seed=seed), progress=bar)
+                            settings=Settings(steps=steps, guidance_scale=guidance, seed=seed), progress=bar,
+                            metadata=metadata)
     except (UsageError, ValueError) as err:
         _fail(str(err))
     console.print(eval_table(data))

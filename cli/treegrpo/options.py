@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, or builtin:digits.", metavar="MODEL")]
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, builtin:digits or builtin:shapes.",
+                                         metavar="MODEL")]
 LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: run folder's final/, a file, "
                                                 "or a hub repo id.", metavar="LORA")]
 PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).", metavar="TEXT")]

@@ -27,11 +27,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BUILTIN_DIGITS_DIR", "BUILTIN_PREFIX", "BUILTIN_MODELS", "load_digits_pipeline", "resolve_pretrained"]
+__all__ = ["BUILTIN_DIGITS_DIR", "BUILTIN_SHAPES_DIR", "BUILTIN_PREFIX", "BUILTIN_MODELS", "builtin_metadata",
+           "load_digits_pipeline", "load_shapes_pipeline", "resolve_pretrained"]
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIGITS_DIR = Path(__file__).resolve().parent / "digits"
-BUILTIN_MODELS = {"digits": BUILTIN_DIGITS_DIR / "pipeline"}
+BUILTIN_SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
+BUILTIN_MODELS = {"digits": BUILTIN_DIGITS_DIR / "pipeline", "shapes": BUILTIN_SHAPES_DIR / "pipeline"}
+BUILD_SCRIPTS = {"digits": "scripts/train_digits.py", "shapes": "scripts/train_shapes.py"}
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -46,14 +49,38 @@ def resolve_pretrained(pretrained: str) -> str:
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{pretrained} is missing from this install ({folder} has no model_index.json); "
-            "reinstall the package or rebuild it with `python scripts/train_digits.py`."
+            f"reinstall the package or rebuild it with `python {BUILD_SCRIPTS[name]}`."
         )
     return str(folder)
 
 
+def builtin_metadata(pretrained: str) -> dict[str, Any]:
+    """The metadata of a shipped model (`builtin:<name>`: `<name>/<name>.json`): how to call it
+    (`pipeline_kwargs`), how it was trained, what was measured; `{}` for any other model string."""
+    name = pretrained.removeprefix(BUILTIN_PREFIX)
+    if not pretrained.startswith(BUILTIN_PREFIX) or name not in BUILTIN_MODELS:
+        return {}
+    path = BUILTIN_MODELS[name].parent / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}  # a missing model is reported by its loader
+
+
 def digits_metadata() -> dict[str, Any]:
     """The shipped `digits.json`: call kwargs (`pipeline_kwargs`), prompt template, measured accuracies."""
-    return json.loads((BUILTIN_DIGITS_DIR / "digits.json").read_text())
+    return builtin_metadata("builtin:digits")
+
+
+def load_shapes_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load `builtin:shapes` as a `FluxPipeline` on `device`/`dtype` (default float32; eval mode, progress bar
+    off). Returns `(pipe, metadata)`; call it with `pipe(prompts, **metadata["pipeline_kwargs"])`. Its prompts, in
+    GenEval's `.jsonl` schema: `treegrpo.builtin.shapes_world.split_prompts()` (in a checkout also
+    `recipes/prompts/shapes_train.jsonl` and `shapes_test.jsonl`)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(resolve_pretrained("builtin:shapes"))  # fp32 on disk
+    pipe.to(device, torch.float32 if dtype is None else dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, builtin_metadata("builtin:shapes")
 
 
 def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -8,23 +8,27 @@ from pathlib import Path
 
 from treegrpo.dtypes import DTYPE_NAMES
 from treegrpo.errors import UsageError
-from treegrpo.recipe.preflight import check_pretrained, prompts_from_file
+from treegrpo.recipe.preflight import check_pretrained, prompt_records
 
 
 def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file: Path | None,
-                             dtype: str) -> list[str]:
-    """The prompts of `sample` / `eval` (`--prompt` and `--prompts`), after checking `--dtype` and the MODEL
-    argument as far as that is possible without loading (a local folder's files, a built-in name, an uncached Hub
-    id on an offline machine). Messages name the arguments, not recipe keys."""
+                             dtype: str) -> tuple[list[str], list[dict]]:
+    """The prompts of `sample` / `eval` (`--prompt` and `--prompts`) and each one's metadata (a `.jsonl` file's
+    fields, e.g. GenEval's; `{}` for the others), after checking `--dtype` and the MODEL argument as far as that is
+    possible without loading (a local folder's files, a built-in name, an uncached Hub id on an offline machine).
+    Messages name the arguments, not recipe keys."""
     found = list(prompt or [])
+    metadata: list[dict] = [{} for _ in found]
     if prompts_file is not None:
-        found += prompts_from_file(str(prompts_file), "--prompts")
+        from_file, file_metadata = prompt_records(str(prompts_file), "--prompts")
+        found += from_file
+        metadata += file_metadata
     if not found:
         raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE.")
     if dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
     check_pretrained(model, key="MODEL", about_to_load=True)
-    return found
+    return found, metadata
 
 
 def use_free_cpu_threads() -> None:

@@ -150,10 +150,12 @@ def save_images(images, prompts_per_image: list[str], out_dir: Path, columns: in
 
 
 def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: str | None, num_images: int,
-             settings: Settings, dtype: str = "fp32", progress: EvalProgress | None = None) -> dict:
+             settings: Settings, dtype: str = "fp32", progress: EvalProgress | None = None,
+             metadata: list[dict] | None = None) -> dict:
     """Mean ± std of every reward over `num_images` samples per prompt, for the base model and (if given) the base
-    with the LoRA, on paired noise. Rewards that can judge right/wrong (digits) also report accuracy. `progress`
-    hears of each phase and prompt (the CLI draws a bar from it)."""
+    with the LoRA, on paired noise. Rewards that can judge right/wrong (digits, geneval) also report accuracy, and
+    per GenEval category (`tag`) when the prompts' `metadata` has tags. `progress` hears of each phase and prompt
+    (the CLI draws a bar from it)."""
     progress = progress or EvalProgress()
     if lora:
         from treegrpo.hub.lora import lora_source
@@ -165,6 +167,8 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
     progress.phase(f"loading {model}", None)
     loaded = load_for_inference(model, None, dtype=dtype, device=device)  # loaded once; the LoRA is added after
     kwargs = call_kwargs(loaded.pipe, loaded.defaults, settings)
+    image_prompts = [p for p in prompts for _ in range(num_images)]
+    image_metadata = [m for m in (metadata or [{} for _ in prompts]) for _ in range(num_images)]
     for label in ["base"] + (["lora"] if lora else []):
         if label == "lora":
             from treegrpo.hub.lora import load_lora_into
@@ -173,14 +177,7 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
         progress.phase(f"sampling {label}", len(prompts))
         images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed, on_prompt=progress.advance)
         progress.phase(f"scoring {label}", None)
-        image_prompts = [p for p in prompts for _ in range(num_images)]
-        scores = {}
-        for reward in rewards:
-            values, accuracy = score_with_accuracy(reward, images, image_prompts)
-            scores[reward.name] = {"mean": float(values.mean()), "std": float(values.std(unbiased=False)),
-                                   "n": values.numel()}
-            if accuracy is not None:
-                scores[reward.name]["accuracy"] = float(accuracy)
+        scores = {reward.name: reward_summary(reward, images, image_prompts, image_metadata) for reward in rewards}
         if num_images > 1:
             per_prompt = within_prompt_diversity(images, num_images)
             scores["diversity"] = {"mean": float(per_prompt.mean()), "std": float(per_prompt.std(unbiased=False)),
@@ -188,6 +185,29 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
         results[label] = scores
     return {"model": model, "lora": lora, "dtype": dtype, "prompts": len(prompts), "images_per_prompt": num_images,
             "seed": settings.seed, "results": results}
+
+
+def reward_summary(reward, images: list, prompts: list[str], metadata: list[dict]) -> dict:
+    """Mean, std and n of one reward; its accuracy if it judges right/wrong; and, when the metadata carries
+    GenEval tags, the accuracy per tag and GenEval's overall score (the unweighted mean over tags)."""
+    tags = [m.get("tag") for m in metadata]
+    groups = {tag: [i for i, t in enumerate(tags) if t == tag] for tag in dict.fromkeys(tags)}
+    values = torch.empty(len(images))
+    correct_by_tag, total = {}, 0.0
+    for tag, index in groups.items():  # scored group by group: the per-tag accuracy comes with no extra pass
+        group_values, accuracy = score_with_accuracy(reward, [images[i] for i in index], [prompts[i] for i in index],
+                                                     [metadata[i] for i in index])
+        values[index] = group_values
+        if accuracy is not None:
+            correct_by_tag[tag] = float(accuracy)
+            total += accuracy * len(index)
+    summary = {"mean": float(values.mean()), "std": float(values.std(unbiased=False)), "n": values.numel()}
+    if len(correct_by_tag) == len(groups):
+        summary["accuracy"] = total / len(images)
+        if None not in groups:
+            summary["by_tag"] = correct_by_tag
+            summary["overall"] = sum(correct_by_tag.values()) / len(correct_by_tag)
+    return summary
 
 
 class EvalProgress:
@@ -282,20 +302,26 @@ def sample_images(request: SampleRequest) -> list[str]:
 
 
 def eval_table(data: dict):
-    """`treegrpo eval`'s results as a rich table: a row per reward (and diversity), a column per model variant."""
+    """`treegrpo eval`'s results as a rich table: a row per reward (and diversity), a column per model variant; for
+    rewards scored per GenEval category, a row per category and GenEval's overall score."""
     from rich.table import Table
 
     table = Table(title=f"{data['model']}: {data['prompts']} prompts × {data['images_per_prompt']} images")
     table.add_column("reward")
     for label in data["results"]:
         table.add_column(label)
-    for name in next(iter(data["results"].values())):
+    variants = list(data["results"].values())
+    for name in variants[0]:
         cells = []
-        for scores in data["results"].values():
+        for scores in variants:
             entry = scores[name]
             text = f"{entry['mean']:.4f} ± {entry['std']:.4f}"
             if "accuracy" in entry:
                 text += f"  (acc {entry['accuracy']:.1%})"
             cells.append(text)
         table.add_row(name, *cells)
+        if "by_tag" in variants[0][name]:
+            for tag in variants[0][name]["by_tag"]:
+                table.add_row(f"  {tag}", *[f"{scores[name]['by_tag'][tag]:.1%}" for scores in variants])
+            table.add_row("  GenEval overall", *[f"{scores[name]['overall']:.1%}" for scores in variants])
     return table

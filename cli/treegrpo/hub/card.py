@@ -19,6 +19,8 @@ ALGORITHMS = {
 }
 DTYPE_NAMES = {name: f"torch.{torch_name}" for name, torch_name in TORCH_NAMES.items()}  # for the snippet
 
+# shipped models: the loader of `treegrpo.builtin` a card's snippet calls
+BUILTIN_LOADERS = {"builtin:digits": "load_digits_pipeline", "builtin:shapes": "load_shapes_pipeline"}
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -93,11 +95,12 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
     recipe = summary.recipe
     sampling = recipe.get("sampling", {})
     prompt = summary.example_prompt
-    if summary.pretrained == "builtin:digits" and not summary.base_model:
+    if summary.pretrained in BUILTIN_LOADERS and not summary.base_model:
+        loader = BUILTIN_LOADERS[summary.pretrained]
         return "\n".join([
             "# the base model ships with treegrpo: in a checkout of diffusers-tree, `pip install -e .`",
-            "from treegrpo.builtin import load_digits_pipeline",
-            "", "pipe, meta = load_digits_pipeline()", f'pipe.load_lora_weights("{repo_id}")',
+            f"from treegrpo.builtin import {loader}",
+            "", f"pipe, meta = {loader}()", f'pipe.load_lora_weights("{repo_id}")',
             f"images = pipe([{json.dumps(prompt)}] * 8, **meta[\"pipeline_kwargs\"]).images"])
     base = summary.base_model or summary.pretrained
     call = {"num_inference_steps": sampling.get("num_inference_steps"), "guidance_scale":
@@ -120,6 +123,9 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
 
 
 def _base_line(summary: RunSummary) -> str:
+    if summary.pretrained == "builtin:shapes":
+        return ("`builtin:shapes`, the tiny FLUX-style model (a real `FluxPipeline`, 32x32 scenes of coloured "
+                "shapes for GenEval-style prompts) shipped with treegrpo")
     if summary.pretrained == "builtin:digits":
         return ("`builtin:digits`, the tiny SD3-style model (a real `StableDiffusion3Pipeline`, 16x16 handwritten "
                 "digits) shipped with treegrpo")

@@ -192,8 +192,12 @@ def _hub_id(pretrained: str) -> str | None:
 
 
 def _family(pretrained: str, revision: str | None, header: dict) -> Family:
-    if pretrained == "builtin:digits":
-        return family_of("StableDiffusion3Pipeline")
+    if pretrained.startswith("builtin:"):
+        from treegrpo.builtin import BUILTIN_MODELS
+
+        name = pretrained.removeprefix("builtin:")
+        if name in BUILTIN_MODELS:
+            return family_of(json.loads((BUILTIN_MODELS[name] / "model_index.json").read_text())["_class_name"])
     index = _model_index(pretrained, revision)
     if index and index.get("_class_name"):
         return family_of(index["_class_name"])

@@ -52,15 +52,14 @@ def load_pipeline(pretrained: str, *, dtype: str = "fp32", revision: str | None 
     torch_dtype = DTYPES[dtype]
     defaults: dict = {}
     if pretrained.startswith("builtin:"):
-        from treegrpo.builtin import digits_metadata, resolve_pretrained
+        from treegrpo.builtin import builtin_metadata, resolve_pretrained
 
         try:
             folder = resolve_pretrained(pretrained)
         except (ValueError, FileNotFoundError) as err:
             raise ModelLoadError(f"{key} = {pretrained!r}: {err}") from None
         pipe = _from_pretrained(folder, torch_dtype, None, key)
-        if pretrained == "builtin:digits":
-            defaults = dict(digits_metadata().get("pipeline_kwargs", {}))
+        defaults = dict(builtin_metadata(pretrained).get("pipeline_kwargs", {}))
     else:
         pipe = _from_pretrained(pretrained, torch_dtype, revision, key)
     if text_encoders_on_cpu:  # from_pretrained loaded everything to the CPU; move the rest only

@@ -94,10 +94,10 @@ def cfg_rows_per_node(loaded: Recipe) -> tuple[int | None, str]:
     pipeline = str(config.get("_class_name", ""))
     adapter = adapter_class(pipeline) if pipeline else None
     guidance = loaded.sampling.guidance_scale
-    if guidance is None and loaded.model.pretrained == "builtin:digits":  # the model's stored call defaults
-        from treegrpo.builtin import digits_metadata
+    if guidance is None:  # a shipped model's stored call defaults
+        from treegrpo.builtin import builtin_metadata
 
-        guidance = digits_metadata().get("pipeline_kwargs", {}).get("guidance_scale")
+        guidance = builtin_metadata(loaded.model.pretrained).get("pipeline_kwargs", {}).get("guidance_scale")
     if adapter is None:
         return None, (f"per CFG half: x2 if the model guides with CFG at guidance "
                       f"{guidance if guidance is not None else 'its default'} (it is not on this machine yet)")

@@ -125,11 +125,15 @@ def check_pretrained(pretrained: str, key: str = "model.pretrained", *, about_to
     messages (`MODEL` for the command line's argument). `about_to_load`: also refuse a Hub id that an offline
     machine (HF_HUB_OFFLINE=1) has not cached."""
     if pretrained.startswith("builtin:"):
-        from treegrpo.builtin import BUILTIN_MODELS
+        from treegrpo.builtin import BUILTIN_MODELS, resolve_pretrained
 
         if pretrained.removeprefix("builtin:") not in BUILTIN_MODELS:
             known = ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_MODELS))
             raise PreflightError(f"{key} = {pretrained!r}: unknown built-in model; known: {known}.")
+        try:
+            resolve_pretrained(pretrained)  # shipped, but missing from a broken install
+        except FileNotFoundError as err:
+            raise PreflightError(f"{key} = {pretrained!r}: {err}") from None
         return
     path = Path(pretrained).expanduser()
     if not looks_local(pretrained):
