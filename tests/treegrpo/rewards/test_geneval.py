@@ -100,6 +100,10 @@ def test_connected_components_against_a_hand_count():
     assert labels.max() == 5 and (labels > 0).sum() == mask.sum()
     assert len(set(labels[0, 0:3]) | {labels[1, 2]}) == 1
     assert connected_components(np.zeros((3, 3), dtype=bool)).max() == 0
+    groups = np.zeros((6, 7), dtype=np.int64)
+    groups[0, 2] = groups[1, 2] = 1  # the L's corner in another colour: the L splits in two
+    split = connected_components(mask, groups)
+    assert split.max() == 6 and split[0, 1] != split[0, 2] and split[0, 2] == split[1, 2]
 
 
 def test_colour_names_of_real_photos():
