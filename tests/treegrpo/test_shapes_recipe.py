@@ -1,0 +1,79 @@
+"""The shipped shapes model (builtin:shapes, a real FluxPipeline) and its recipe, shortened to 2 epochs: it runs
+from the builtin model with no downloads, rewards with GenEval's rules on the deterministic detector, is judged on
+the held-out test prompts, and `treegrpo eval` prints GenEval's table for the LoRA."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from treegrpo.app import app
+from treegrpo.builtin import builtin_metadata, load_shapes_pipeline
+from treegrpo.builtin.shapes_world import CATEGORIES, split_prompts
+from treegrpo.rewards import build_reward
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_shipped_prompt_files_are_the_worlds_splits():
+    for name, records in split_prompts().items():
+        assert read_jsonl(ROOT / "recipes" / "prompts" / f"shapes_{name}.jsonl") == records
+
+
+def test_base_model_follows_its_prompts_only_partly():
+    """The issue's bar: overall well below 70 %, counting and position weaker than single objects (recorded at
+    build time on 8 images per prompt), and a fresh sample of the test split agrees roughly."""
+    meta = builtin_metadata("builtin:shapes")
+    recorded = meta["base_geneval"]["test"]
+    assert recorded["overall"] < 0.7
+    for split in meta["base_geneval"].values():
+        assert split["counting"] < split["single_object"] and split["position"] < split["single_object"]
+    pipe, meta = load_shapes_pipeline()
+    records = split_prompts()["test"]
+    prompts = [r["prompt"] for r in records for _ in range(2)]
+    metadata = [{k: v for k, v in r.items() if k != "prompt"} for r in records for _ in range(2)]
+    import torch
+
+    images = pipe(prompts, generator=torch.Generator().manual_seed(5), **meta["pipeline_kwargs"]).images
+    assert images[0].size == (32, 32)
+    _, accuracy = build_reward("geneval").score_and_accuracy(images, prompts, metadata)
+    assert 0.05 < accuracy < 0.7
+
+
+def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "shapes"
+    result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "shapes.toml"), "--set", "train.epochs=2",
+                                      "--set", "data.prompts_per_epoch=3", "--set", "evaluation.images_per_prompt=1",
+                                      "--set", f"output.dir={json.dumps(str(out))}", "--set", "output.samples=false"])
+    assert result.exit_code == 0, result.output
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 2
+    s = metrics[0]["tree/window_start"]  # 3 prompts, one 27-leaf tree each, (9, 3) children, 3-step tail, no CFG
+    assert metrics[0]["model/rollout_rows"] == 3 * (s + 10 + 27 * min(3, 10 - s - 2))
+    assert 0.0 <= metrics[0]["reward/geneval/mean"] <= 1.0
+    evaluations = read_jsonl(out / "eval.jsonl")
+    assert [row["epoch"] for row in evaluations] == [0, 2]
+    assert all(0.0 <= row["eval/geneval/mean"] <= 1.0 for row in evaluations)
+    assert json.loads((out / "best" / "best.json").read_text())["reward"] == "geneval"
+
+    table = CliRunner().invoke(app, ["eval", "builtin:shapes", "--lora", str(out / "final"), "--prompts",
+                                     str(ROOT / "recipes" / "prompts" / "shapes_test.jsonl"), "--reward", "geneval",
+                                     "--num-images", "1", "--json", str(tmp_path / "eval.json")])
+    assert table.exit_code == 0, table.output
+    assert "GenEval overall" in table.output and all(tag in table.output for tag in CATEGORIES)
+    data = json.loads((tmp_path / "eval.json").read_text())
+    for label in ("base", "lora"):
+        entry = data["results"][label]["geneval"]
+        by_tag = entry["by_tag"]
+        assert set(by_tag) == set(CATEGORIES)
+        assert entry["overall"] == pytest.approx(sum(by_tag.values()) / len(by_tag))  # GenEval's: mean of categories
+        counts = {tag: sum(r["tag"] == tag for r in split_prompts()["test"]) for tag in CATEGORIES}
+        weighted = sum(by_tag[t] * counts[t] for t in CATEGORIES) / sum(counts.values())
+        assert entry["accuracy"] == pytest.approx(weighted)
