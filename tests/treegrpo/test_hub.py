@@ -311,19 +311,23 @@ def test_push_errors_exit_2_with_one_line(pushed, tmp_path, case, message):
     assert "Traceback" not in done.stderr
 
 
-def test_read_run_for_builtin_digits_names_the_shipped_model(pushed, tmp_path):
+@pytest.mark.parametrize(("builtin", "pipeline_class", "loader"), [
+    ("builtin:digits", "StableDiffusion3Pipeline", "load_digits_pipeline"),
+    ("builtin:shapes", "FluxPipeline", "load_shapes_pipeline"),
+])
+def test_read_run_for_a_builtin_model_names_the_shipped_model(pushed, tmp_path, builtin, pipeline_class, loader):
     import shutil
 
-    run = tmp_path / "digits-run"
+    run = tmp_path / "builtin-run"
     shutil.copytree(pushed["root"] / "run-sd3", run, ignore=shutil.ignore_patterns("checkpoints"))
     recipe = (run / "recipe.resolved.toml").read_text()
-    (run / "recipe.resolved.toml").write_text(recipe.replace(f'"{pushed["models"]["sd3"]}"', '"builtin:digits"'))
+    (run / "recipe.resolved.toml").write_text(recipe.replace(f'"{pushed["models"]["sd3"]}"', f'"{builtin}"'))
     summary = read_run(run)
-    assert summary.family.pipeline_class == "StableDiffusion3Pipeline" and summary.base_model is None
+    assert summary.family.pipeline_class == pipeline_class and summary.base_model is None
     from treegrpo.hub.card import model_card
 
-    card = str(model_card(summary, "user/digits"))
-    assert "builtin:digits" in card and "shipped with treegrpo" in card and "load_digits_pipeline" in card
+    card = str(model_card(summary, "user/tiny"))
+    assert builtin in card and "shipped with treegrpo" in card and loader in card
 
 
 def test_load_lora_into_accepts_folders_files_and_rejects_junk(pushed, tmp_path):
