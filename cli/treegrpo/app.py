@@ -230,7 +230,7 @@ def sample(
         factors = branch_factor_argument(branch_factor)
     except UsageError as err:
         _fail(str(err))
-    prompts, _ = _judged_sampling_arguments(model, prompt, prompts_file, dtype)
+    prompts, metadata = _judged_sampling_arguments(model, prompt, prompts_file, dtype)
     from treegrpo.commands.inference import SampleRequest, Settings, sample_images
 
     _quiet_libraries()
@@ -241,7 +241,8 @@ def sample(
                             settings=Settings(steps=steps, guidance_scale=guidance, height=height, width=width,
                                               seed=seed),
                             reward=reward if (best_of_tree or beam) else None, branch_factor=factors,
-                            window_width=window_width, window_start=window_start, beam=beam, tail_steps=tail_steps)
+                            window_width=window_width, window_start=window_start, beam=beam, tail_steps=tail_steps,
+                            metadata=metadata)
     try:
         lines = sample_images(request)
     except (UsageError, ValueError) as err:

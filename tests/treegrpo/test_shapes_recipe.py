@@ -77,3 +77,15 @@ def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
         counts = {tag: sum(r["tag"] == tag for r in split_prompts()["test"]) for tag in CATEGORIES}
         weighted = sum(by_tag[t] * counts[t] for t in CATEGORIES) / sum(counts.values())
         assert entry["accuracy"] == pytest.approx(weighted)
+
+
+def test_best_of_tree_scores_each_leaf_against_its_prompts_geneval_metadata(tmp_path):
+    records = [r for r in split_prompts()["test"] if r["tag"] in ("colors", "counting")][:2]
+    prompts_file = tmp_path / "two.jsonl"
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(app, ["sample", "builtin:shapes", "--prompts", str(prompts_file), "--best-of-tree",
+                                      "--reward", "geneval", "--out", str(tmp_path / "best")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip().endswith(tuple(r["prompt"] for r in records))]
+    assert len(lines) == 2 and all(0.0 <= float(line.split()[0]) <= 1.0 for line in lines)
+    assert (tmp_path / "best" / "grid.png").is_file()

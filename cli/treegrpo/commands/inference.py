@@ -279,6 +279,7 @@ class SampleRequest:
     window_start: int | None
     beam: int | None
     tail_steps: int | None
+    metadata: list[dict] | None = None  # per prompt (a .jsonl's fields): what rewards like geneval score against
 
 
 def sample_images(request: SampleRequest) -> list[str]:
@@ -292,7 +293,12 @@ def sample_images(request: SampleRequest) -> list[str]:
         grid = save_images(images, [p for p in prompts for _ in range(request.num_images)], request.out,
                            columns=request.num_images)
         return [f"wrote {len(images)} images and {grid}"]
-    (scorer,) = build_rewards([request.reward], loaded.pipe.device, torch.float32)
+    (reward,) = build_rewards([request.reward], loaded.pipe.device, torch.float32)
+    by_prompt = dict(zip(prompts, request.metadata or [{} for _ in prompts], strict=True))
+
+    def scorer(images, leaf_prompts):  # each leaf is scored with its prompt's metadata (GenEval's objects, ...)
+        return reward.score(images, leaf_prompts, [by_prompt[p] for p in leaf_prompts])
+
     result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=request.branch_factor,
                                  window_width=request.window_width, window_start=request.window_start,
                                  beam=request.beam, seed=seed, tail_steps=request.tail_steps)
