@@ -196,6 +196,11 @@ class Owlv2Detector(Detector):
 
     def load(self) -> Owlv2Detector:
         if self._model is None:
+            import importlib.util
+
+            if importlib.util.find_spec("scipy") is None and importlib.util.find_spec("torchvision") is None:
+                raise ImportError("the geneval reward's owlv2 detector needs scipy (or torchvision) for OWLv2's image "
+                                  "processor: pip install scipy, or install this package with its [owlv2] extra.")
             from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
             self._processor = Owlv2Processor.from_pretrained(self.pretrained)
