@@ -78,3 +78,13 @@ def test_geneval_reward_runs_on_the_owlv2_detector(tiny_owlv2):
 def test_box_colour_reads_the_object_not_the_margin():
     array = __import__("numpy").asarray(scene())
     assert box_color(array, [6.0, 6.0, 26.0, 26.0]) == "red"
+
+
+def test_owlv2_without_scipy_or_torchvision_names_the_extra(tiny_owlv2, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("scipy", "torchvision") else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs scipy .* \[owlv2\] extra"):
+        Owlv2Detector(pretrained=tiny_owlv2).load()
