@@ -40,12 +40,14 @@ def test_edit_distance_and_similarity_against_hand_counts():
     assert text_similarity("", "") == 1.0
 
 
-def text_image(text: str, size: int = 48) -> Image.Image:
-    font = ImageFont.load_default(size=size)
+def text_image(text: str, scale: int = 4) -> Image.Image:
+    """Black text on white in Pillow's default font, upscaled 4x (a 10-11 px font is too small for Tesseract).
+    `load_default()` without a size: Pillow 10.0, the lowest allowed, has no sized default font."""
+    font = ImageFont.load_default()
     left, top, right, bottom = font.getbbox(text)
-    image = Image.new("RGB", (right - left + 40, bottom - top + 40), "white")
-    ImageDraw.Draw(image).text((20 - left, 20 - top), text, fill="black", font=font)
-    return image
+    image = Image.new("RGB", (right - left + 10, bottom - top + 10), "white")
+    ImageDraw.Draw(image).text((5 - left, 5 - top), text, fill="black", font=font)
+    return image.resize((image.width * scale, image.height * scale), Image.LANCZOS)
 
 
 @needs_tesseract
