@@ -192,12 +192,13 @@ def _hub_id(pretrained: str) -> str | None:
 
 
 def _family(pretrained: str, revision: str | None, header: dict) -> Family:
-    if pretrained.startswith("builtin:"):
-        from treegrpo.builtin import BUILTIN_MODELS
+    if pretrained.startswith("builtin:"):  # a shipped model: its folder's model_index.json like any local one
+        from treegrpo.builtin import resolve_pretrained
 
-        name = pretrained.removeprefix("builtin:")
-        if name in BUILTIN_MODELS:
-            return family_of(json.loads((BUILTIN_MODELS[name] / "model_index.json").read_text())["_class_name"])
+        try:
+            pretrained = resolve_pretrained(pretrained)
+        except (ValueError, FileNotFoundError):
+            pass  # unknown or missing: the LoRA keys decide below
     index = _model_index(pretrained, revision)
     if index and index.get("_class_name"):
         return family_of(index["_class_name"])
