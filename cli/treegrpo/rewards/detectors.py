@@ -29,6 +29,9 @@ NAMED_COLORS = {"red": (200, 30, 30), "orange": (240, 140, 20), "yellow": (240, 
                 "black": (20, 20, 20), "white": (245, 245, 245)}
 
 
+OWLV2_BATCH = 16  # images per OWLv2 forward
+
+
 @dataclass(frozen=True)
 class Detection:
     """One detected object: class name, colour name, centre (x, y) and box side in pixels, confidence in [0, 1]."""
@@ -74,9 +77,6 @@ class ShapesDetector(Detector):
 
     def __init__(self, min_ink: float = 0.5, sides: tuple[int, int] = (6, 16), min_iou: float = 0.6):
         self.min_ink, self.sides, self.min_iou = min_ink, sides, min_iou
-        paper = np.array(PAPER, dtype=np.float32) / 255
-        self._paper = paper
-        self._directions = np.stack([np.array(c, dtype=np.float32) / 255 - paper for c in COLORS.values()])  # [C, 3]
         self._color_names = list(COLORS)
 
     def detect(self, image: Image.Image, classes: list[str] | None = None) -> list[Detection]:
@@ -96,11 +96,9 @@ class ShapesDetector(Detector):
     def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ink mask [H, W], palette index [H, W]): each pixel as `paper + a * (colour - paper)`, the colour whose
         least-squares fit leaves the smallest residual; ink where that blend weight `a` is at least `min_ink`."""
-        offset = pixels - self._paper  # [H, W, 3]
-        d = self._directions  # [C, 3]
-        weight = np.einsum("hwk,ck->hwc", offset, d) / (d * d).sum(-1)  # least-squares blend weight per colour
-        residual = ((offset[:, :, None, :] - weight[..., None] * d) ** 2).sum(-1)  # [H, W, C]
-        best = residual.argmin(-1)
+        weight = blend_weights(pixels)
+        residual = ((pixels - _PAPER)[:, :, None, :] - weight[..., None] * _DIRECTIONS) ** 2  # [H, W, C, 3]
+        best = residual.sum(-1).argmin(-1)
         blend = np.take_along_axis(weight, best[..., None], -1)[..., 0]
         return blend >= self.min_ink, best
 
@@ -125,6 +123,16 @@ class ShapesDetector(Detector):
         return Detection(best, color, float(cx), float(cy), side, best_iou)
 
 
+_PAPER = np.array(PAPER, dtype=np.float32) / 255
+_DIRECTIONS = np.stack([np.array(c, dtype=np.float32) / 255 - _PAPER for c in COLORS.values()])  # [C, 3]
+
+
+def blend_weights(pixels: np.ndarray) -> np.ndarray:
+    """[H, W, C]: for each pixel (RGB in [0, 1]) and palette colour, the least-squares weight `a` of
+    `pixel = paper + a * (colour - paper)`."""
+    return np.einsum("hwk,ck->hwc", pixels - _PAPER, _DIRECTIONS) / (_DIRECTIONS * _DIRECTIONS).sum(-1)
+
+
 def ideal_mask(shape: str, side: float, cx: float, cy: float, size: int, min_ink: float) -> np.ndarray:
     """The ink mask [size, size] of the ideal `shape` of box `side` centred at (cx, cy): rendered once per shape,
     side and sub-pixel phase on a double-size canvas and shifted by whole pixels (the speed of the reward on a
@@ -138,9 +146,7 @@ def ideal_mask(shape: str, side: float, cx: float, cy: float, size: int, min_ink
 @functools.lru_cache(maxsize=4096)
 def _ideal_canvas(shape: str, side: float, phase_x: float, phase_y: float, size: int, min_ink: float) -> np.ndarray:
     image = render([Thing(shape, "red", size + phase_x, size + phase_y, side)], 2 * size)
-    paper, ink = np.array(PAPER, np.float32) / 255, np.array(COLORS["red"], np.float32) / 255
-    coverage = ((as_array(image) - paper) @ (ink - paper)) / ((ink - paper) ** 2).sum()
-    mask = coverage >= min_ink
+    mask = blend_weights(as_array(image))[..., list(COLORS).index("red")] >= min_ink
     mask.setflags(write=False)
     return mask
 
@@ -211,24 +217,44 @@ class Owlv2Detector(Detector):
     def modules(self) -> list[torch.nn.Module]:
         return [] if self._model is None else [self._model]
 
-    @torch.no_grad()
     def detect(self, image: Image.Image, classes: list[str]) -> list[Detection]:
+        return self.detect_batch([image], [classes])[0]
+
+    @torch.no_grad()
+    def detect_batch(self, images: list[Image.Image], classes: list[list[str]]) -> list[list[Detection]]:
+        """One forward per chunk of images that ask for the same classes (a prompt's leaves do): OWLv2 pads a
+        shorter query list with a blank query that is not masked, so mixing query lists would change the result."""
         self.load()
-        image = image.convert("RGB")
-        inputs = self._processor(text=[[f"a photo of a {c}" for c in classes]], images=image, return_tensors="pt")
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, names in enumerate(classes):
+            groups.setdefault(tuple(names), []).append(i)
+        found: list[list[Detection]] = [[] for _ in images]
+        for names, index in groups.items():
+            for start in range(0, len(index), OWLV2_BATCH):
+                chunk = index[start:start + OWLV2_BATCH]
+                for i, detections in zip(chunk, self._detect_same([images[i] for i in chunk], list(names)),
+                                         strict=True):
+                    found[i] = detections
+        return found
+
+    def _detect_same(self, images: list[Image.Image], classes: list[str]) -> list[list[Detection]]:
+        images = [image.convert("RGB") for image in images]
+        queries = [f"a photo of a {c}" for c in classes]
+        inputs = self._processor(text=[queries] * len(images), images=images, return_tensors="pt")
         inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
                   for k, v in inputs.items()}
         outputs = self._model(**inputs)
-        side = max(image.size)  # OWLv2 pads to a square; boxes are relative to the padded side
-        result = self._processor.image_processor.post_process_object_detection(
-            outputs=outputs, threshold=self.threshold, target_sizes=torch.tensor([[side, side]]))[0]
-        array = np.asarray(image)
+        sides = [[max(image.size)] * 2 for image in images]  # OWLv2 pads to a square: boxes are relative to it
+        results = self._processor.image_processor.post_process_object_detection(
+            outputs=outputs, threshold=self.threshold, target_sizes=torch.tensor(sides))
         found = []
-        for box, score, label in zip(result["boxes"].float().tolist(), result["scores"].float().tolist(),
-                                     result["labels"].tolist(), strict=True):
-            x0, y0, x1, y1 = box
-            found.append(Detection(classes[label], box_color(array, box), (x0 + x1) / 2, (y0 + y1) / 2,
-                                   max(x1 - x0, y1 - y0), score))
+        for image, result in zip(images, results, strict=True):
+            array = np.asarray(image)
+            found.append([
+                Detection(classes[label], box_color(array, box), (box[0] + box[2]) / 2, (box[1] + box[3]) / 2,
+                          max(box[2] - box[0], box[3] - box[1]), score)
+                for box, score, label in zip(result["boxes"].float().tolist(), result["scores"].float().tolist(),
+                                             result["labels"].tolist(), strict=True)])
         return found
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
 from treegrpo.rewards import build_reward
-from treegrpo.rewards.detectors import Owlv2Detector, box_color
+from treegrpo.rewards.detectors import Owlv2Detector
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,19 @@ def test_geneval_reward_runs_on_the_owlv2_detector(tiny_owlv2):
         build_reward("geneval", detector="shapes", pretrained=tiny_owlv2)
 
 
-def test_box_colour_reads_the_object_not_the_margin():
-    array = __import__("numpy").asarray(scene())
-    assert box_color(array, [6.0, 6.0, 26.0, 26.0]) == "red"
+def test_a_batch_equals_one_image_at_a_time_with_mixed_class_lists(tiny_owlv2):
+    detector = Owlv2Detector(pretrained=tiny_owlv2, threshold=0.5)
+    other = Image.new("RGB", (40, 40), "white")
+    other.paste((30, 60, 200), (20, 4, 36, 20))
+    images, classes = [scene(), other, scene()], [["circle", "square"], ["square"], ["circle", "square"]]
+    batched = detector.detect_batch(images, classes)
+    single = [detector.detect(image, names) for image, names in zip(images, classes, strict=True)]
+    assert len(batched) == 3 and any(batched)
+    for got, want in zip(batched, single, strict=True):
+        assert [(d.cls, d.color) for d in got] == [(d.cls, d.color) for d in want]
+        flat = [v for d in got for v in (d.x, d.y, d.size, d.score)]
+        assert flat == pytest.approx([v for d in want for v in (d.x, d.y, d.size, d.score)], abs=1e-4)
+    assert all(d.cls == "square" for d in batched[1])  # never the label of another image's query list
 
 
 def test_owlv2_without_scipy_or_torchvision_names_the_extra(tiny_owlv2, monkeypatch):
