@@ -14,6 +14,7 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
     "clipscore": frozenset({"pretrained", "processor", "scale", "clamp", "batch_size"}),
     "jpeg": frozenset({"quality"}),
     "digits": frozenset({"name", "classifier", "strict"}),
+    "diversity": frozenset({"size"}),
     "geneval": frozenset({"detector", "score", "pretrained", "threshold"}),
     "ocr": frozenset({"psm", "lang", "tesseract_cmd", "parallel", "timeout"}),
     "python": frozenset({"function", "batch_size"}),

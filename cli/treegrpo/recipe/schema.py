@@ -166,7 +166,8 @@ class RewardRecipe(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     kind: str = Field(..., description="Reward kind: pickscore, hpsv2, imagereward, aesthetic, clipscore, jpeg, "
-                      "digits, geneval (GenEval's judgement on a GenEval .jsonl), ocr (text rendering, Tesseract), "
+                      "digits, diversity (within-prompt variety, against collapse), geneval (GenEval's judgement on "
+                      "a GenEval .jsonl), ocr (text rendering, Tesseract), "
                       "python, http (a reward server), vlm (an OpenAI-compatible VLM judge).")
     weight: float = Field(1.0, description="Weight in the aggregation.")
     name: str | None = Field(None, description="Name in metrics (default: the kind).")

@@ -11,6 +11,7 @@ from treegrpo.rewards.aesthetic import AestheticReward
 from treegrpo.rewards.base import RewardBase, resolve_dtype
 from treegrpo.rewards.clipscore import CLIPScoreReward
 from treegrpo.rewards.digits import DigitsReward
+from treegrpo.rewards.diversity import DiversityReward
 from treegrpo.rewards.geneval import GenEvalReward
 from treegrpo.rewards.hpsv2 import HPSv2Reward
 from treegrpo.rewards.http import HttpReward
@@ -30,6 +31,7 @@ REWARD_KINDS: dict[str, Callable[..., RewardBase]] = {
     "clipscore": CLIPScoreReward,
     "jpeg": JpegCompressibilityReward,
     "digits": DigitsReward,
+    "diversity": DiversityReward,
     "geneval": GenEvalReward,
     "ocr": OcrReward,
     "python": PythonReward,
@@ -74,6 +76,8 @@ def build_reward(
       ``scale`` (1.0), ``clamp`` (False).
     - ``jpeg``: ``quality`` (95).
     - ``digits``: the toy digit classifier of ``builtin:digits`` (see `treegrpo.rewards.digits`).
+    - ``diversity``: each image's mean pixel distance to the other images of its prompt in the batch, against mode
+      collapse (see `treegrpo.rewards.diversity`): ``size`` (64).
     - ``geneval``: GenEval's judgement against each prompt's metadata (a GenEval ``.jsonl``): ``detector``
       ("shapes" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint), ``threshold`` (0.3).
     - ``ocr``: 1 - normalised edit distance to the prompt's quoted text, read by Tesseract: ``psm`` (6), ``lang``
@@ -98,7 +102,7 @@ def build_reward(
         >>> build_reward("jpg")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: Unknown reward kind 'jpg'; known kinds: aesthetic, clipscore, digits, geneval, hpsv2, ...
+        ValueError: Unknown reward kind 'jpg'; known kinds: aesthetic, clipscore, digits, diversity, geneval, ...
         ```
     """
     factory = _check_kind(kind)
