@@ -199,6 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             scores, subscores = self.server.scorer.score(images, prompts, metadata)
+        except (ValueError, KeyError, TypeError) as err:  # the request's fault (a prompt the reward cannot read)
+            self._answer(422, {"error": f"scoring failed: {type(err).__name__}: {err}", "retry": False})
+            return
         except Exception as err:  # noqa: BLE001 (the client gets the reason, the server keeps serving)
             self._answer(500, {"error": f"scoring failed: {type(err).__name__}: {err}"})
             return
@@ -240,7 +243,7 @@ class _BoundedServer(ThreadingHTTPServer):
             try:
                 body = b'{"error": "server busy: too many connections; retry"}'
                 head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                        b"Retry-After: 1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
                 request.sendall(head + body)
             finally:
                 self.shutdown_request(request)

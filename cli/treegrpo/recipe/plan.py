@@ -63,9 +63,11 @@ def reward_server_notes(loaded: Recipe) -> list[tuple[str, str]]:
     rows = []
     for spec in [*loaded.reward, *loaded.eval_reward]:
         url = (spec.model_extra or {}).get("url") or (spec.model_extra or {}).get("base_url")
-        if spec.kind in ("http", "vlm") and isinstance(url, str):
-            problem = connection_problem(url)
-            rows.append((f"{spec.name or spec.kind} server", f"{url}: " + (
+        if spec.kind not in ("http", "vlm") or not url:
+            continue
+        for one in (url.split(",") if isinstance(url, str) else url):  # one URL, several, or a list
+            problem = connection_problem(str(one).strip())
+            rows.append((f"{spec.name or spec.kind} server", f"{str(one).strip()}: " + (
                 "accepts connections" if problem is None else f"NOT reachable now ({problem}); start it before "
                 "`treegrpo run`")))
     return rows

@@ -11,19 +11,24 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards.base import RewardBase, check_batch, check_batch_size, chunks
-from treegrpo.rewards.remote import BODIES, bearer_headers, decode_scores, encode_request, post
+from treegrpo.rewards.remote import BODIES, bearer_headers, decode_scores, encode_request
+from treegrpo.rewards.transport import Transport, parse_urls
 
 
 class HttpReward(RewardBase):
     """Scores from a reward server.
 
     Args:
-        url (`str`): the server's scoring endpoint, e.g. ``"http://gpu-box:8000/score"``.
+        url (`str` or `list[str]`): the server's scoring endpoint, e.g. ``"http://gpu-box:8000/score"``; several
+            (a list, or separated by commas) are used in turn, each batch starting at the next and each retry
+            going to the next (`treegrpo.rewards.transport`).
         body (`str`, *optional*, defaults to `"json"`): ``"json"`` (images as base64 PNG) or ``"multipart"`` (PNG
             parts, a third smaller on the wire).
-        timeout (`float`, *optional*, defaults to 120): seconds to wait for one batch's answer.
+        timeout (`float`, *optional*, defaults to 120): seconds for one batch's whole answer (connecting, sending,
+            reading all of it).
         retries (`int`, *optional*, defaults to 2): more attempts after a connection error, a timeout, HTTP 408,
-            429 or 5xx, with `backoff` · 2^attempt seconds between them; other errors fail at once.
+            429 or 5xx (unless the server's error says `"retry": false`), with `backoff` · 2^attempt seconds, or
+            the server's `Retry-After` when longer, between them; other errors and redirects fail at once.
         backoff (`float`, *optional*, defaults to 1.0): the first wait between attempts, in seconds.
         batch_size (`int`, *optional*, defaults to 32): images per request.
         parallel (`int`, *optional*, defaults to 1): requests in flight at once (for servers that batch or
@@ -44,21 +49,21 @@ class HttpReward(RewardBase):
 
     takes_metadata = True
 
-    def __init__(self, *, url: str, body: str = "json", timeout: float = 120.0, retries: int = 2,
+    def __init__(self, *, url: str | list[str], body: str = "json", timeout: float = 120.0, retries: int = 2,
                  backoff: float = 1.0, batch_size: int = 32, parallel: int = 1, headers: dict | None = None,
                  api_key_env: str | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32):
-        if not str(url).startswith(("http://", "https://")):
-            raise ValueError(f"http reward url must start with http:// or https://; got {url!r}.")
+        urls = parse_urls(url, "http")
         if body not in BODIES:
             raise ValueError(f"http reward body must be one of {BODIES}; got {body!r}.")
         if not timeout > 0 or retries < 0 or backoff < 0:
             raise ValueError(f"http reward needs timeout > 0, retries >= 0, backoff >= 0; got timeout={timeout!r}, "
                              f"retries={retries!r}, backoff={backoff!r}.")
-        self.url, self.body, self.timeout, self.retries, self.backoff = str(url), body, float(timeout), int(
-            retries), float(backoff)
+        self.url, self.body = ", ".join(urls), body
         self.batch_size, self.parallel = check_batch_size(batch_size), check_batch_size(parallel)
-        self.headers = {**{str(k): str(v) for k, v in (headers or {}).items()}, **bearer_headers(api_key_env, "http")}
+        headers = {**{str(k): str(v) for k, v in (headers or {}).items()}, **bearer_headers(api_key_env, "http")}
+        self.transport = Transport(urls, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
+        self._pool: ThreadPoolExecutor | None = None  # kept, so its threads' connections live across calls
         self.name = "http"
         self.last_subscores: dict[str, torch.Tensor] = {}
 
@@ -68,9 +73,8 @@ class HttpReward(RewardBase):
 
     def _score(self, images, prompts, metadata):
         data, content_type = encode_request(images, prompts, metadata, self.body)
-        answer = post(self.url, data, content_type, timeout=self.timeout, retries=self.retries,
-                      backoff=self.backoff, headers=self.headers)
-        return decode_scores(answer, len(images), self.url)
+        answer, url = self.transport.post(data, content_type)
+        return decode_scores(answer, len(images), url)
 
     def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None
                  ) -> torch.Tensor:
@@ -79,8 +83,9 @@ class HttpReward(RewardBase):
         parts = list(chunks(n, self.batch_size))
         jobs = [(images[part], list(prompts[part]), metadata[part]) for part in parts]
         if self.parallel > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(max_workers=min(self.parallel, len(jobs))) as pool:
-                results = list(pool.map(lambda job: self._score(*job), jobs))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="http-reward")
+            results = list(self._pool.map(lambda job: self._score(*job), jobs))
         else:
             results = [self._score(*job) for job in jobs]
         names = results[0][1].keys() if results else ()

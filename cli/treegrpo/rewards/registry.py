@@ -76,8 +76,7 @@ def build_reward(
       ``scale`` (1.0), ``clamp`` (False).
     - ``jpeg``: ``quality`` (95).
     - ``digits``: the toy digit classifier of ``builtin:digits`` (see `treegrpo.rewards.digits`).
-    - ``diversity``: each image's mean pixel distance to the other images of its prompt in the batch, against mode
-      collapse (see `treegrpo.rewards.diversity`): ``size`` (64).
+    - ``diversity``: mean pixel distance to the prompt's other images in the batch (anti-collapse): ``size`` (64).
     - ``geneval``: GenEval's judgement against each prompt's metadata (a GenEval ``.jsonl``): ``detector``
       ("shapes" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint), ``threshold`` (0.3).
     - ``ocr``: 1 - normalised edit distance to the prompt's quoted text, read by Tesseract: ``psm`` (6), ``lang``
@@ -91,8 +90,7 @@ def build_reward(
       ``retries``, ``backoff``, ``parallel`` (8), ``api_key_env``.
 
     Raises:
-        ValueError: for an unknown kind or option, a missing required option, or a bad option value; the message
-            lists what is allowed.
+        ValueError: an unknown kind or option, a missing required option or a bad value; it says what is allowed.
 
     Example:
         ```py

@@ -8,8 +8,10 @@ A request is one HTTP POST of a batch, in either body:
 
 The answer is JSON: ``{"scores": [float, ...]}`` with one score per image, in order, and optionally
 ``"subscores": {"name": [float, ...], ...}`` (each the same length; the trainer logs their means). Nothing is
-pickled in either direction: a compromised server can send wrong numbers, never code. Only the standard library is
-used (``urllib``, ``http.server``), so a reward server needs no extra dependency.
+pickled in either direction: a compromised server can send wrong numbers, never code, and the client accepts only a
+list of finite numbers that fit float32. Only the standard library is used (``http.client``, ``http.server``), so a
+reward server needs no extra dependency; how the client connects, times out and retries is in
+`treegrpo.rewards.transport`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ import io
 import json
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -29,14 +28,11 @@ from email.policy import HTTP
 import torch
 from PIL import Image
 
+from treegrpo.rewards.transport import RemoteRewardError  # raised here too; importable from here as before
+
 BODIES = ("json", "multipart")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image; a larger one is refused before it is decoded (decompression bombs)
-RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # worth another try; other 4xx will fail again
-
-
-class RemoteRewardError(RuntimeError):
-    """A remote reward call failed; the message is one line naming the URL and what happened."""
 
 
 class RequestTooLarge(ValueError):
@@ -135,55 +131,38 @@ def _decoded_png(blob: bytes, index: int, max_pixels: int) -> Image.Image:
         raise ValueError(f"image {index} is not a readable PNG ({type(err).__name__})") from None
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def decode_scores(data: bytes, count: int, url: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Scores float32 `[count]` and sub-scores from a server's answer; `RemoteRewardError` for a wrong answer."""
+    """Scores float32 `[count]` and sub-scores from a server's answer; `RemoteRewardError` for anything but
+    `{"scores": [count finite numbers], "subscores": {name: [count finite numbers]}}` (a list, not an object keyed by
+    index; numbers, not booleans or strings; each within float32's range, so none becomes inf)."""
     try:
         payload = json.loads(data)
-        scores = [float(x) for x in payload["scores"]]
-        subscores = {str(k): [float(x) for x in v] for k, v in (payload.get("subscores") or {}).items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise RemoteRewardError(f"{url} answered something other than {{\"scores\": [numbers]}} "
-                                f"({type(err).__name__}: {str(err)[:120]}): {data[:120]!r}") from None
-    for name, values in [("scores", scores), *subscores.items()]:
-        if len(values) != count:
-            raise RemoteRewardError(f"{url} returned {len(values)} {name} for {count} images")
-    if not all(math.isfinite(x) for x in scores):
-        raise RemoteRewardError(f"{url} returned non-finite scores")
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict) or "scores" not in payload:
+        raise RemoteRewardError(f"{url} answered something other than {{\"scores\": [numbers]}}: {data[:120]!r}")
+    subscores = payload.get("subscores") or {}
+    if not isinstance(subscores, dict):
+        raise RemoteRewardError(f"{url} returned subscores that are not an object of lists: {str(subscores)[:80]}")
+    checked = {name: _finite_list(values, name, count, url)
+               for name, values in [("scores", payload["scores"]), *subscores.items()]}
+    scores = checked.pop("scores")
     return (torch.tensor(scores, dtype=torch.float32),
-            {name: torch.tensor(values, dtype=torch.float32) for name, values in subscores.items()})
+            {str(name): torch.tensor(values, dtype=torch.float32) for name, values in checked.items()})
 
 
-def post(url: str, data: bytes, content_type: str, *, timeout: float, retries: int, backoff: float,
-         headers: dict[str, str] | None = None) -> bytes:
-    """POST with a timeout per attempt and `retries` more attempts after a connection error, a timeout or a
-    retryable status (408, 429, 5xx), waiting `backoff · 2^attempt` seconds between them. Raises
-    `RemoteRewardError` with one line naming the URL and the last failure."""
-    request_headers = {"Content-Type": content_type, "Accept": "application/json", **(headers or {})}
-    failure = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, data=data, headers=request_headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the user's URL)
-                return response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read()[:200].decode("utf-8", "replace").strip().replace("\n", " ")
-            failure = f"HTTP {err.code} {err.reason}" + (f": {detail}" if detail else "")
-            if err.code not in RETRIED_STATUS:
-                break
-        except TimeoutError:
-            failure = f"no answer within {timeout:g} s (timeout)"
-        except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, TimeoutError):
-                failure = f"no answer within {timeout:g} s (timeout)"
-            else:
-                failure = f"cannot connect ({reason})"
-        except (ConnectionError, OSError) as err:
-            failure = f"connection failed ({type(err).__name__}: {err})"
-    tries = f" after {retries + 1} attempts" if retries else ""
-    raise RemoteRewardError(f"reward server {url}: {failure}{tries}")
+def _finite_list(values, name: str, count: int, url: str) -> list[float]:
+    if not isinstance(values, list) or not all(type(x) in (int, float) for x in values):
+        raise RemoteRewardError(f"{url} returned {name} that are not a list of numbers: {str(values)[:80]}")
+    if len(values) != count:
+        raise RemoteRewardError(f"{url} returned {len(values)} {name} for {count} images")
+    bad = [x for x in values if not (math.isfinite(x) and abs(x) <= FLOAT32_MAX)]
+    if bad:
+        raise RemoteRewardError(f"{url} returned {name} that are not finite float32 numbers: {bad[:3]}")
+    return [float(x) for x in values]
 
 
 def connection_problem(url: str, timeout: float = 2.0) -> str | None:

@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from treegrpo.rewards.base import RewardBase, check_batch, check_batch_size
-from treegrpo.rewards.remote import RemoteRewardError, bearer_headers, png_bytes, post
+from treegrpo.rewards.remote import RemoteRewardError, bearer_headers, png_bytes
+from treegrpo.rewards.transport import Transport, parse_urls
 
 TEMPLATES = {
     "yes_no": 'Does this image show "{prompt}"? Answer with one word: Yes or No.',
@@ -42,7 +43,8 @@ class VlmReward(RewardBase):
     """A VLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
     Args:
-        base_url (`str`): the API root, e.g. ``"http://127.0.0.1:8000/v1"`` (``/chat/completions`` is appended).
+        base_url (`str` or `list[str]`): the API root, e.g. ``"http://127.0.0.1:8000/v1"`` (``/chat/completions``
+            is appended); several (a list, or separated by commas) are used in turn, as the http kind's urls.
         model (`str`): the model name the server serves, e.g. ``"Qwen/Qwen2.5-VL-7B-Instruct"``.
         template (`str`, *optional*, defaults to `"yes_no"`): ``"yes_no"``, ``"quality"`` or your own text with
             ``{prompt}`` and metadata fields.
@@ -60,14 +62,13 @@ class VlmReward(RewardBase):
 
     takes_metadata = True
 
-    def __init__(self, *, base_url: str, model: str, template: str = "yes_no", score: str | None = None,
+    def __init__(self, *, base_url: str | list[str], model: str, template: str = "yes_no", score: str | None = None,
                  answer_tokens: list[str] | None = None, scale_max: float = 10.0, max_tokens: int | None = None,
                  timeout: float = 120.0, retries: int = 2, backoff: float = 1.0, parallel: int = 8,
                  api_key_env: str | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32):
-        if not str(base_url).startswith(("http://", "https://")):
-            raise ValueError(f"vlm reward base_url must start with http:// or https://; got {base_url!r}.")
-        self.url = str(base_url).rstrip("/") + "/chat/completions"
+        urls = tuple(u.rstrip("/") + "/chat/completions" for u in parse_urls(base_url, "vlm"))
+        self.url = ", ".join(urls)
         self.model, self.template = str(model), TEMPLATES.get(template, template)
         if "{prompt}" not in self.template:
             raise ValueError(f"vlm reward template must be one of {sorted(TEMPLATES)} or contain {{prompt}}; "
@@ -81,9 +82,13 @@ class VlmReward(RewardBase):
         self.positive, self.negative = (str(t).strip().lower() for t in tokens)
         self.scale_max = float(scale_max)
         self.max_tokens = max_tokens or (1 if self.score == "logprobs" else 16)
-        self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
+        if not timeout > 0 or retries < 0 or backoff < 0:
+            raise ValueError(f"vlm reward needs timeout > 0, retries >= 0, backoff >= 0; got timeout={timeout!r}, "
+                             f"retries={retries!r}, backoff={backoff!r}.")
         self.parallel = check_batch_size(parallel)
-        self.headers = bearer_headers(api_key_env, "vlm")
+        self.transport = Transport(urls, timeout=timeout, retries=retries, backoff=backoff,
+                                   headers=bearer_headers(api_key_env, "vlm"))
+        self._pool: ThreadPoolExecutor | None = None
         self.name = "vlm"
 
     def load(self) -> VlmReward:
@@ -103,18 +108,17 @@ class VlmReward(RewardBase):
                                          {"type": "text", "text": self.question(prompt, metadata)}]}]}
         if self.score == "logprobs":
             request.update(logprobs=True, top_logprobs=20)
-        answer = post(self.url, json.dumps(request).encode(), "application/json", timeout=self.timeout,
-                      retries=self.retries, backoff=self.backoff, headers=self.headers)
+        answer, server = self.transport.post(json.dumps(request).encode(), "application/json")
         try:
             choice = json.loads(answer)["choices"][0]
             text = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RemoteRewardError(f"{self.url} answered something other than a chat completion: "
+            raise RemoteRewardError(f"{server} answered something other than a chat completion: "
                                     f"{answer[:120]!r}") from None
         if self.score == "parse":
             number = NUMBER.search(text)
             if number is None:
-                raise RemoteRewardError(f"{self.url}: no number in the judge's answer {text[:80]!r}")
+                raise RemoteRewardError(f"{server}: no number in the judge's answer {text[:80]!r}")
             return float(number.group()) / self.scale_max
         return self._yes_probability(choice, text)
 
@@ -141,6 +145,7 @@ class VlmReward(RewardBase):
         metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
         for prompt, meta in zip(prompts, metadata, strict=True):
             self.question(prompt, meta)  # a template/metadata mismatch fails before any request
-        with ThreadPoolExecutor(max_workers=min(self.parallel, max(n, 1))) as pool:
-            scores = list(pool.map(self._ask, images, prompts, metadata))
+        if self._pool is None:  # kept, so its threads' keep-alive connections live across calls
+            self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="vlm-reward")
+        scores = list(self._pool.map(self._ask, images, prompts, metadata))
         return torch.tensor(scores, dtype=torch.float32)
