@@ -221,10 +221,38 @@ def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
                     import_function(spec.function)
                 except ValueError as err:
                     raise PreflightError(f"{table}.{index}.function = {spec.function!r}: {err}") from None
+    _check_vlm_templates(recipe)
     out = Path(recipe.output.dir)
     if out.exists() and not out.is_dir():
         raise PreflightError(f"output.dir = {recipe.output.dir!r} is a file, not a folder; set output.dir to a "
                              "folder.")
+
+
+def _check_vlm_templates(recipe: Recipe) -> None:
+    """Every field a vlm reward's template fills in is on every line of the prompt file it will read: found by
+    `check` and before the model loads, not at the first batch that lacks it."""
+    read_by = {"reward": ("data.prompts", recipe.data.prompts),
+               "eval_reward": ("data.eval_prompts", recipe.data.eval_prompts) if recipe.data.eval_prompts
+               else ("data.prompts", recipe.data.prompts)}
+    for table, specs in (("reward", recipe.reward), ("eval_reward", recipe.eval_reward)):
+        for index, spec in enumerate(specs):
+            if spec.kind != "vlm":
+                continue
+            from treegrpo.rewards.vlm import TEMPLATES, template_fields
+
+            template = (spec.model_extra or {}).get("template") or "yes_no"
+            try:
+                fields = template_fields(TEMPLATES.get(template, template)) - {"prompt"}
+            except ValueError as err:
+                raise PreflightError(f"{table}.{index}.template: {err}") from None
+            if not fields:
+                continue
+            key, path = read_by[table]
+            for number, metadata in enumerate(prompt_records(path, key)[1], 1):
+                missing = sorted(fields - set(metadata))
+                if missing:
+                    raise PreflightError(f"{table}.{index}.template needs {{{missing[0]}}}, but prompt {number} of "
+                                         f"{key} = {path!r} has no {missing[0]!r} field (it has {sorted(metadata)}).")
 
 
 def branch_factor_argument(text: str) -> int | list[int]:

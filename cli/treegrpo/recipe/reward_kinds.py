@@ -21,7 +21,7 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
     "http": frozenset({"url", "body", "timeout", "retries", "backoff", "batch_size", "parallel", "headers",
                        "api_key_env"}),
     "vlm": frozenset({"base_url", "model", "template", "score", "answer_tokens", "scale_max", "max_tokens",
-                      "timeout", "retries", "backoff", "parallel", "api_key_env"}),
+                      "timeout", "retries", "backoff", "parallel", "api_key_env", "max_unreadable"}),
 }
 
 
