@@ -302,6 +302,7 @@ def reward_server(
     dtype: opt.DtypeOption = "fp32",
     devices: opt.ServerDevicesOption = None,
     max_batch: opt.ServerBatchOption = 64,
+    backend: opt.ServerBackendOption = "auto",
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
     from treegrpo.dtypes import DTYPE_NAMES
@@ -314,8 +315,8 @@ def reward_server(
     _quiet_libraries()
     try:
         serve_reward(kind, option or [], host=host, port=port, dtype=dtype, announce=console.print, devices=devices,
-                     max_batch=max_batch)
-    except (UsageError, OSError) as err:
+                     max_batch=max_batch, backend=backend)
+    except (UsageError, OSError, ImportError) as err:
         _fail(str(err))
 
 

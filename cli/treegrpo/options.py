@@ -42,6 +42,9 @@ TailStepsOption = Annotated[int | None, typer.Option(min=1, help="Best-of-tree: 
 ServerDevicesOption = Annotated[str | None, typer.Option(
     "--devices", metavar="DEV[,DEV...]", help="One reward model per device, e.g. cuda:0,cuda:1 (default: the first "
     "GPU, else the CPU); concurrent requests are spread over them.")]
+ServerBackendOption = Annotated[str, typer.Option(
+    "--backend", metavar="auto|uvicorn|stdlib", help="uvicorn (pip install \"treegrpo[server]\"): an event loop, "
+    "for many or slow clients; stdlib: no dependency, a thread per connection; auto: uvicorn when installed.")]
 ServerBatchOption = Annotated[int, typer.Option(
     "--max-batch", min=1, metavar="N", help="Most images scored in one reward call: concurrent requests are batched "
     "together up to this.")]
