@@ -303,6 +303,7 @@ def reward_server(
     devices: opt.ServerDevicesOption = None,
     max_batch: opt.ServerBatchOption = 64,
     backend: opt.ServerBackendOption = "auto",
+    max_body_mb: opt.ServerBodyOption = 256,
 ) -> None:
     """Serve a reward kind over HTTP for `kind = "http"` rewards (POST /score, GET /health); see docs/rewards.md."""
     from treegrpo.dtypes import DTYPE_NAMES
@@ -315,7 +316,7 @@ def reward_server(
     _quiet_libraries()
     try:
         serve_reward(kind, option or [], host=host, port=port, dtype=dtype, announce=console.print, devices=devices,
-                     max_batch=max_batch, backend=backend)
+                     max_batch=max_batch, backend=backend, max_body_bytes=max_body_mb << 20)
     except (UsageError, OSError, ImportError) as err:
         _fail(str(err))
 

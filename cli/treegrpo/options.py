@@ -45,6 +45,9 @@ ServerDevicesOption = Annotated[str | None, typer.Option(
 ServerBackendOption = Annotated[str, typer.Option(
     "--backend", metavar="auto|uvicorn|stdlib", help="uvicorn (pip install \"treegrpo[server]\"): an event loop, "
     "for many or slow clients; stdlib: no dependency, a thread per connection; auto: uvicorn when installed.")]
+ServerBodyOption = Annotated[int, typer.Option(
+    "--max-body-mb", min=1, metavar="MB", help="Largest request body in MiB (413 beyond); a JSON body costs about "
+    "3.6x its size in memory while it is parsed.")]
 ServerBatchOption = Annotated[int, typer.Option(
     "--max-batch", min=1, metavar="N", help="Most images scored in one reward call: concurrent requests are batched "
     "together up to this.")]

@@ -177,7 +177,8 @@ def pick_backend(backend: str) -> str:
 
 
 def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: str, announce,
-                 devices: str | None = None, max_batch: int = 64, backend: str = "auto") -> None:
+                 devices: str | None = None, max_batch: int = 64, backend: str = "auto",
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """`treegrpo reward-server`: build the reward `kind` with `options` (`key=value`) on the GPU when there is one
     and serve it until Ctrl-C on `backend`; `announce` prints where it listens. Raises `UsageError` for a bad kind,
     option or backend, `ImportError` when uvicorn is asked for and missing, and `OSError` when the address cannot
@@ -195,9 +196,10 @@ def serve_reward(kind: str, options: list[str], *, host: str, port: int, dtype: 
     if backend == "uvicorn":
         from treegrpo.commands.reward_asgi import UvicornRewardServer
 
-        server = UvicornRewardServer(rewards, host, port, token=token, max_batch=max_batch)
+        server = UvicornRewardServer(rewards, host, port, token=token, max_batch=max_batch,
+                                     max_body_bytes=max_body_bytes)
     else:
-        server = make_server(rewards, host, port, token=token, max_batch=max_batch)
+        server = make_server(rewards, host, port, token=token, max_batch=max_batch, max_body_bytes=max_body_bytes)
     bound_port = server.server_address[1]
     announce(f"serving reward {kind!r} on http://{shown}:{bound_port}/score ({', '.join(device_list)}; "
              f"{'bearer token from ' + TOKEN_ENV if token else 'no auth'}; {backend}); Ctrl-C stops")

@@ -90,9 +90,9 @@ def test_reward_server_command_serves_on_each_backend(backend):
     import os
 
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "treegrpo", "reward-server", "jpeg", "--port", "0",
-                                "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env)
+    command = [sys.executable, "-m", "treegrpo", "reward-server", "jpeg", "--port", "0", "--backend", backend,
+               "--max-body-mb", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/score", line)
@@ -102,7 +102,8 @@ def test_reward_server_command_serves_on_each_backend(backend):
         while True:  # uvicorn announces before its loop has started
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
-                    assert json.loads(response.read())["kind"] == "jpeg"
+                    served = json.loads(response.read())
+                assert served["kind"] == "jpeg" and served["max_body_bytes"] == 1 << 20
                 break
             except OSError:
                 if time.monotonic() > deadline:
