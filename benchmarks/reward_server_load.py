@@ -5,6 +5,12 @@ the server process (its peak RSS and threads, from /proc) and whether a normal r
 
     python benchmarks/reward_server_load.py                  # both backends, ~2 min
     python benchmarks/reward_server_load.py --backends uvicorn --repeats 3
+    python benchmarks/reward_server_load.py --client         # the http reward's client: today's vs urllib's
+
+`--client` times the `http` reward itself (240 images in batches of 4, `parallel` 1 and 16) against a uvicorn
+server, with today's client (`rewards/transport.py`: kept-alive connections) and with the urllib client it replaced
+(`post` from `rewards/remote.py` as of `--before`, 2b8b3b7, loaded from git; a connection per batch), same
+encoding, decoding and thread pool.
 
 The clients are threads of this process (one 64-px PNG per request), the same for both backends; on a small
 machine they share its cores with the server, so compare rows, not absolute numbers.
@@ -136,6 +142,45 @@ def measure(backend: str, body: bytes, content_type: str) -> tuple[list[dict], d
         process.wait(timeout=30)
 
 
+def client_rows(before: str, repeats: int) -> list[dict]:
+    import importlib.util
+    import tempfile
+
+    from treegrpo.rewards import build_reward
+
+    source = subprocess.run(["git", "show", f"{before}:cli/treegrpo/rewards/remote.py"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    file = Path(tempfile.mkdtemp()) / "remote_before.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location("remote_before", file)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    images = [Image.new("RGB", (64, 64), (i, 30, 200)) for i in range(240)]
+    prompts = ["a square"] * len(images)
+    process, port = start_server("uvicorn")
+    url = f"http://127.0.0.1:{port}/score"
+    rows = []
+    try:
+        for parallel in (1, 16):
+            times: dict[str, list[float]] = {"urllib (before)": [], "http.client, kept alive": []}
+            for _ in range(repeats):
+                for name in times:
+                    reward = build_reward("http", url=url, batch_size=4, parallel=parallel)
+                    if name.startswith("urllib"):
+                        reward.transport.post = lambda data, kind: (old.post(
+                            url, data, kind, timeout=120, retries=0, backoff=0.0), url)
+                    reward(images[:8], prompts[:8])  # warm-up
+                    start = time.perf_counter()
+                    reward(images, prompts)
+                    times[name].append(time.perf_counter() - start)
+            rows += [{"client": name, "parallel": parallel, "60 batches s": statistics.median(values),
+                      "batches/s": 60 / statistics.median(values)} for name, values in times.items()]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -148,7 +193,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", nargs="+", default=["stdlib", "uvicorn"], choices=["stdlib", "uvicorn"])
     parser.add_argument("--repeats", type=int, default=1, help="runs per backend, interleaved; medians printed")
+    parser.add_argument("--client", action="store_true", help="time the http reward's client instead")
+    parser.add_argument("--before", default="2b8b3b7", help="commit whose urllib client --client compares")
     args = parser.parse_args()
+    if args.client:
+        print(table(client_rows(args.before, args.repeats)))
+        return
     body, content_type = encode_request([Image.new("RGB", (64, 64), (120, 30, 200))], ["a purple square"], [{}])
     runs: dict[str, list] = {backend: [] for backend in args.backends}
     for _ in range(args.repeats):
