@@ -171,6 +171,7 @@ class UvicornRewardServer:
                                   timeout_keep_alive=max(1, int(idle_timeout)), server_header=False)
         self.server = uvicorn.Server(settings)
         self.socket = settings.bind_socket()  # IPv6 when the host has a colon
+        self.socket.listen(1024)  # connections queue from now on, before the loop runs (the port was announced)
         self.server_address = self.socket.getsockname()[:2]
 
     def run(self) -> None:

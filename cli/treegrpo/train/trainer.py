@@ -166,12 +166,33 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     except OSError as err:  # a write outside the checkpoint code (metrics, samples, logs): disk full, permissions
         where = Path(err.filename) if err.filename else Path(recipe.output.dir)
         raise TrainingError(f"{write_failure(where, err)}; {describe_newest(Path(recipe.output.dir))}.") from None
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TrainingError(f"another process of this run is gone (crashed, killed, or its node lost): {first} "
+                            "This process cannot go on without it; start every node again with --resume: "
+                            f"{describe_newest(Path(recipe.output.dir))}.") from None
     finally:
         if owned:
             signals.restore()
         if lock is not None:
             lock.release()
         _leave_process_group()
+
+
+_LOST_PEER = ("closed by peer", "reset by peer", "remote worker", "broken pipe", "communicator was aborted")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because another process of a multi-process run went away (gloo:
+    "Connection closed by peer"; NCCL: an aborted communicator), rather than a bug to show with its traceback."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(err).lower()
+    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(marker in text for marker in _LOST_PEER)
 
 
 def _leave_process_group() -> None:

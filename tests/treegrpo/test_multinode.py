@@ -1,0 +1,116 @@
+"""Two "nodes" on this machine: two torchrun launches (`--nnodes 2`, node ranks 0 and 1, one process each) meeting
+over loopback with gloo, writing to one run folder as nodes on a shared filesystem do. The run must equal the same
+recipe as 2 processes on one node, and a kill of one node must leave a run that resumes to the same result."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import write_recipe
+from .test_distributed import _env
+
+pytestmark = pytest.mark.multiprocess
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_command(rank: int, port: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "treegrpo",
+            "run", *args]
+
+
+def run_two_nodes(args: list[str], timeout: float = 600, env=None) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    nodes = [subprocess.Popen(node_command(rank, port, args), env=env or _env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return done
+
+
+def kill_node(agent: int) -> None:
+    """SIGKILL a torchrun agent and its workers (which torchrun starts in sessions of their own)."""
+    workers = [int(pid) for task in Path(f"/proc/{agent}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    for pid in [agent, *workers]:
+        os.kill(pid, signal.SIGKILL)
+
+
+def metrics_of(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_nodes_equal_two_processes_on_one_node(workdir, tiny_sd3_dir):
+    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="nodes.toml")
+    common = [str(recipe), "--set", "output.checkpoint_every=1"]
+    one_node = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "treegrpo", "run", *common, "--set",
+                               f"output.dir={json.dumps(str(workdir / 'one_node'))}"],
+                              env=_env(), capture_output=True, text=True, timeout=600)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    nodes = run_two_nodes([*common, "--set", f"output.dir={json.dumps(str(workdir / 'two_nodes'))}"])
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+
+    for a, b in zip(metrics_of(workdir / "one_node"), metrics_of(workdir / "two_nodes"), strict=True):
+        for key in ("tree/window_start", "model/rollout_rows", "model/train_rows", "reward/mean", "train/grad_norm"):
+            assert a[key] == b[key], key  # the same ranks doing the same work: identical, not merely close
+    first = load_file(workdir / "one_node" / "final" / "pytorch_lora_weights.safetensors")
+    second = load_file(workdir / "two_nodes" / "final" / "pytorch_lora_weights.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # one writer on the shared folder: one checkpoint per epoch, one metrics row per epoch, the lock released
+    checkpoints = sorted(p.name for p in (workdir / "two_nodes" / "checkpoints").iterdir())
+    assert checkpoints == sorted(p.name for p in (workdir / "one_node" / "checkpoints").iterdir())
+    assert [m["epoch"] for m in metrics_of(workdir / "two_nodes")] == [0, 1]
+
+
+def test_a_killed_node_leaves_a_run_that_resumes_to_the_same_result(workdir, tiny_sd3_dir):
+    (workdir / "slow_rewards.py").write_text(  # slow enough that the kill lands mid-run
+        "import time\nimport numpy as np\n"
+        "def slow_brightness(images, prompts):\n    time.sleep(0.5)\n"
+        "    return [float(np.asarray(i, dtype=np.float32).mean()) / 255 for i in images]\n")
+    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=4, name="kill.toml")
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]))
+    common = [str(recipe), "--set", "output.checkpoint_every=1", "--set",
+              'reward.0.function="slow_rewards:slow_brightness"']
+    port = free_port()
+    killed_args = [*common, "--set", f"output.dir={json.dumps(str(workdir / 'killed'))}"]
+    nodes = [subprocess.Popen(node_command(rank, port, killed_args), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    metrics = workdir / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_node(nodes[1].pid)  # node 1 vanishes, its torchrun and its worker, after epoch 0
+    nodes[1].communicate(timeout=60)
+    _, err = nodes[0].communicate(timeout=120)
+    assert nodes[0].returncode != 0  # node 0 cannot go on without it, and says so in one line, not a traceback
+    assert "another process of this run is gone (crashed, killed, or its node lost)" in err, err[-3000:]
+    assert "start every node again with --resume" in err
+    # no worker traceback (torchrun's own ChildFailedError report of the exit codes remains)
+    assert not [line for line in err.splitlines() if line.startswith("[rank") and "Traceback" in line]
+    assert len(metrics_of(workdir / "killed")) < 4
+
+    resumed = run_two_nodes([*killed_args, "--resume"], env=env)
+    assert [n.returncode for n in resumed] == [0, 0], resumed[0].stderr[-2000:] + resumed[1].stderr[-2000:]
+    straight = run_two_nodes([*common, "--set", f"output.dir={json.dumps(str(workdir / 'straight'))}"], env=env)
+    assert [n.returncode for n in straight] == [0, 0]
+    assert [m["epoch"] for m in metrics_of(workdir / "killed")] == [0, 1, 2, 3]
+    first = load_file(workdir / "straight" / "final" / "pytorch_lora_weights.safetensors")
+    second = load_file(workdir / "killed" / "final" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)  # exact resume across nodes
