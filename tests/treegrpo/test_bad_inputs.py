@@ -1,6 +1,7 @@
 """Bad input: one readable line and exit code 2 (1 when training itself fails), never a traceback; `check` catches
 what `run` would, except what needs the model's weights (LoRA targets), which `run` reports right after loading."""
 
+import errno
 import json
 import os
 import re
@@ -186,3 +187,26 @@ def test_non_finite_weights_are_never_checkpointed(workdir, tiny_sd3_dir, monkey
     _one_error_line(result, 1, r"non-finite trainable weights after 1 epochs.*no checkpoint has been written yet")
     checkpoints = workdir / "run" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+@pytest.mark.parametrize(("code", "refused"), [(errno.EWOULDBLOCK, True), (errno.ENOLCK, False),
+                                               (errno.EOPNOTSUPP, False)])
+def test_a_filesystem_without_locks_warns_instead_of_refusing_every_run(tmp_path, monkeypatch, caplog, code, refused):
+    """A shared filesystem without flock (some NFS, Lustre, CIFS mounts) answered every run "in use by another
+    treegrpo run (unknown process)"; only a lock held by someone else refuses now."""
+    import fcntl
+
+    from treegrpo.run.folder import RunFolderError
+
+    def flock(handle, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    if refused:
+        with pytest.raises(RunFolderError, match="in use by another treegrpo run"):
+            RunLock(tmp_path / "run").acquire()
+        return
+    with caplog.at_level("WARNING", logger="treegrpo.run.folder"):
+        lock = RunLock(tmp_path / "run").acquire()
+    assert "does not support file locks" in caplog.text and "start only one" in caplog.text
+    lock.release()

@@ -7,8 +7,10 @@ ends (kill -9 included), so a crashed run never leaves it stuck. The file only s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from treegrpo.errors import UsageError
 from treegrpo.recipe.schema import Recipe
+
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".treegrpo.lock"
 # what a run writes into its folder (and --overwrite removes); nothing else there is touched
@@ -52,7 +56,15 @@ class RunLock:
         handle = open(self.path, "a+")  # noqa: SIM115  (held open for the life of the run)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # a filesystem without locks (some NFS, Lustre and CIFS mounts): run unlocked rather than refuse
+                # every run, and say so; the folder checks below still apply
+                logger.warning("output.dir %s: its filesystem does not support file locks (%s); a second run on "
+                               "this folder would not be stopped, so start only one.", self.path.parent,
+                               err.strerror or err)
+                self.handle = handle
+                return self
             handle.seek(0)
             holder = handle.read().strip() or "unknown process"
             handle.close()
