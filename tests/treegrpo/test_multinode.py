@@ -4,6 +4,7 @@ recipe as 2 processes on one node, and a kill of one node must leave a run that 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,24 +80,23 @@ def test_two_nodes_equal_two_processes_on_one_node(workdir, tiny_sd3_dir):
     assert [m["epoch"] for m in metrics_of(workdir / "two_nodes")] == [0, 1]
 
 
-def test_a_killed_node_leaves_a_run_that_resumes_to_the_same_result(workdir, tiny_sd3_dir):
+def test_a_killed_or_preempted_node_resumes_to_the_uninterrupted_result(workdir, tiny_sd3_dir):
     (workdir / "slow_rewards.py").write_text(  # slow enough that the kill lands mid-run
         "import time\nimport numpy as np\n"
         "def slow_brightness(images, prompts):\n    time.sleep(0.5)\n"
         "    return [float(np.asarray(i, dtype=np.float32).mean()) / 255 for i in images]\n")
     recipe = write_recipe(workdir, tiny_sd3_dir, epochs=4, name="kill.toml")
     env = dict(_env(), PYTHONPATH=os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]))
-    common = [str(recipe), "--set", "output.checkpoint_every=1", "--set",
-              'reward.0.function="slow_rewards:slow_brightness"']
-    port = free_port()
-    killed_args = [*common, "--set", f"output.dir={json.dumps(str(workdir / 'killed'))}"]
-    nodes = [subprocess.Popen(node_command(rank, port, killed_args), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    metrics = workdir / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kill_node(nodes[1].pid)  # node 1 vanishes, its torchrun and its worker, after epoch 0
+    common = [str(recipe), "--set", 'reward.0.function="slow_rewards:slow_brightness"']
+    straight = run_two_nodes([*common, "--set", f"output.dir={json.dumps(str(workdir / 'straight'))}"], env=env)
+    assert [n.returncode for n in straight] == [0, 0]
+    reference = load_file(workdir / "straight" / "final" / "pytorch_lora_weights.safetensors")
+
+    # a node lost (SIGKILL to its torchrun and worker, every epoch checkpointed): the other stops in one line
+    killed = [*common, "--set", "output.checkpoint_every=1", "--set",
+              f"output.dir={json.dumps(str(workdir / 'killed'))}"]
+    nodes = start_after(killed, env, workdir / "killed" / "checkpoints" / "epoch-000001")
+    kill_node(nodes[1].pid)
     nodes[1].communicate(timeout=60)
     _, err = nodes[0].communicate(timeout=120)
     assert nodes[0].returncode != 0  # node 0 cannot go on without it, and says so in one line, not a traceback
@@ -106,11 +106,34 @@ def test_a_killed_node_leaves_a_run_that_resumes_to_the_same_result(workdir, tin
     assert not [line for line in err.splitlines() if line.startswith("[rank") and "Traceback" in line]
     assert len(metrics_of(workdir / "killed")) < 4
 
-    resumed = run_two_nodes([*killed_args, "--resume"], env=env)
-    assert [n.returncode for n in resumed] == [0, 0], resumed[0].stderr[-2000:] + resumed[1].stderr[-2000:]
-    straight = run_two_nodes([*common, "--set", f"output.dir={json.dumps(str(workdir / 'straight'))}"], env=env)
-    assert [n.returncode for n in straight] == [0, 0]
-    assert [m["epoch"] for m in metrics_of(workdir / "killed")] == [0, 1, 2, 3]
-    first = load_file(workdir / "straight" / "final" / "pytorch_lora_weights.safetensors")
-    second = load_file(workdir / "killed" / "final" / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(first[k], second[k]) for k in first)  # exact resume across nodes
+    # preempted (SIGTERM to every node's torchrun, as SLURM's --signal does): every rank stops at the same safe
+    # point, and one checkpoint is written (checkpoint_every is larger than the run: only the signal's)
+    preempted = [*common, "--set", "output.checkpoint_every=100", "--set",
+                 f"output.dir={json.dumps(str(workdir / 'preempted'))}"]
+    nodes = start_after(preempted, env, workdir / "preempted" / "metrics.jsonl")
+    for node in nodes:
+        node.send_signal(signal.SIGTERM)
+    errors = [node.communicate(timeout=120)[1] for node in nodes]
+    said = [re.search(r"interrupted: SIGTERM: checkpoint of (\d+) completed epochs", err) for err in errors]
+    assert all(said), errors[0][-2000:]
+    assert said[0].group(1) == said[1].group(1)
+    written = [p.name for p in (workdir / "preempted" / "checkpoints").iterdir()]
+    assert written == [f"epoch-{int(said[0].group(1)):06d}"]
+
+    for folder, args in (("killed", killed), ("preempted", preempted)):
+        resumed = run_two_nodes([*args, "--resume"], env=env)
+        assert [n.returncode for n in resumed] == [0, 0], resumed[0].stderr[-2000:] + resumed[1].stderr[-2000:]
+        assert [m["epoch"] for m in metrics_of(workdir / folder)] == [0, 1, 2, 3]
+        weights = load_file(workdir / folder / "final" / "pytorch_lora_weights.safetensors")
+        assert all(torch.equal(reference[k], weights[k]) for k in reference), folder  # exact resume across nodes
+
+
+def start_after(args: list[str], env: dict, appears: Path) -> list[subprocess.Popen]:
+    """Two nodes running `args`, returned once `appears` exists (the first checkpoint, the first metrics row)."""
+    port = free_port()
+    nodes = [subprocess.Popen(node_command(rank, port, args), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not appears.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return nodes
