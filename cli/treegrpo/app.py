@@ -113,6 +113,9 @@ def check(
     overrides: SetOption = None,
     num_processes: Annotated[int, typer.Option(min=1, help="Processes the run will use (for the per-process "
                                                "share).", metavar="N")] = 1,
+    gpu_memory: Annotated[str | None, typer.Option(
+        "--gpu-memory", metavar="GiB|CARD", help="Also print a memory plan per process for a GPU of this size "
+        "(24, 80GB, H100, 4090, ...) and what to change if it does not fit.")] = None,
 ) -> None:
     """Validate a recipe and the files it names, and print the plan: leaves, rows and trained edges per epoch,
     prompts per process. What needs the model itself (LoRA targets, image size) is checked when `run` loads it."""
@@ -127,6 +130,13 @@ def check(
     for name, value in plan_rows(loaded, make_plan(loaded, num_processes)):
         table.add_row(name, value)
     console.print(table)
+    if gpu_memory is not None:
+        from treegrpo.commands.memory_plan import print_memory_plan
+
+        try:
+            print_memory_plan(loaded, gpu_memory, console)
+        except ValueError as err:
+            _fail(str(err))
 
 
 @app.command()

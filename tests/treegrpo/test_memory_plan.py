@@ -1,0 +1,73 @@
+"""The memory plan of `treegrpo check --gpu-memory`: held to every point measured on a GPU (SD3.5-Medium size on one
+H200, docs/benchmarks.md "GPU"), parameter counts read from weight-file headers equal the model's, and the command's
+verdict and advice."""
+
+import pytest
+from typer.testing import CliRunner
+
+from treegrpo.app import app
+from treegrpo.recipe.memory import Denoiser, gpu_gib, plan_memory, safetensors_params
+
+from .conftest import write_recipe
+
+# the measured run (benchmarks/gpu_check_setup.py, size "sd35m"): stored elements per component (state dict:
+# parameters and the MMDiT's 226M-element position-embedding buffer), counted from those configs on the meta device
+# (the MMDiT and VAE at full size, small text encoders of the real widths)
+SD35M = {"transformer": 2_469_663_936, "vae": 83_819_683, "text_encoder": 151_680, "text_encoder_2": 184_448,
+         "text_encoder_3": 14_495_872}
+SD35M_SHAPE = Denoiser(layers=24, hidden=1536, tokens_per_pixel=1 / 256, text_tokens=77 + 64)
+MEASURED_TRAINING = {1: 10.05, 2: 14.74, 4: 24.10, 8: 42.75, 13: 66.20}  # GiB, peak of scoring + training
+MEASURED_ROLLOUT = 18.7  # GiB, 64-row forwards
+
+
+def sd35m_plan(micro_batch_size: int, **change):
+    settings = dict(dtype="bf16", height=512, width=512, cfg=True, micro_batch_size=micro_batch_size,
+                    max_batch_size=64, lora_params=24 * 8 * 32 * 2 * 1536, rewards=["python"],
+                    offload_text_encoders=False, offload_rewards=False, gradient_checkpointing=False,
+                    gpu_memory_gib=141)
+    return plan_memory(SD35M, SD35M_SHAPE, **{**settings, **change})
+
+
+@pytest.mark.parametrize("micro_batch_size", list(MEASURED_TRAINING))
+def test_the_plan_is_within_2_percent_of_every_measured_gpu_point(micro_batch_size):
+    plan = sd35m_plan(micro_batch_size)
+    assert plan.training_gib == pytest.approx(MEASURED_TRAINING[micro_batch_size], rel=0.02)
+    assert plan.rollout_gib == pytest.approx(MEASURED_ROLLOUT, rel=0.02)
+
+
+def test_what_does_not_fit_says_what_to_change():
+    on_24 = sd35m_plan(13, gpu_memory_gib=24)
+    assert not on_24.fits
+    assert on_24.suggestions[0] == "train.micro_batch_size = 3 (the most parents that fit)"
+    assert "model.gradient_checkpointing = true" in on_24.suggestions
+    assert sd35m_plan(3, gpu_memory_gib=24).fits
+    checkpointed = sd35m_plan(13, gpu_memory_gib=24, gradient_checkpointing=True)
+    assert checkpointed.training_gib < on_24.training_gib / 3
+    offloaded = sd35m_plan(1, offload_text_encoders=True)
+    assert offloaded.training_gib == pytest.approx(sd35m_plan(1).training_gib - 14_832_000 * 2 / 2**30)
+
+
+def test_parameter_counts_come_from_the_weight_files_headers(tiny_sd3_dir):
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel.from_pretrained(tiny_sd3_dir / "transformer")
+    stored = sum(tensor.numel() for tensor in model.state_dict().values())  # parameters and persistent buffers
+    assert safetensors_params(tiny_sd3_dir / "transformer") == stored > sum(p.numel() for p in model.parameters())
+    assert safetensors_params(tiny_sd3_dir / "scheduler") == 0
+
+
+def test_gpu_memory_values():
+    assert gpu_gib("24") == 24 and gpu_gib("80GB") == 80 and gpu_gib("H100") == 80 and gpu_gib("rtx4090") == 24
+    with pytest.raises(ValueError, match="give GiB .* or a card: "):
+        gpu_gib("banana")
+
+
+def test_check_prints_the_plan_and_its_verdict(workdir, tiny_sd3_dir):
+    recipe = write_recipe(workdir, tiny_sd3_dir)
+    result = CliRunner().invoke(app, ["check", str(recipe), "--gpu-memory", "24"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "memory plan: fits." in result.output, result.output
+    assert "training activations, 4 parent(s) × 2 row(s)" in result.output
+    small = CliRunner().invoke(app, ["check", str(recipe), "--gpu-memory", "1.6"], env={"COLUMNS": "200"})
+    assert "memory plan: does NOT fit; to fit, try:" in " ".join(small.output.split()), small.output
+    bad = CliRunner().invoke(app, ["check", str(recipe), "--gpu-memory", "banana"], env={"COLUMNS": "200"})
+    assert bad.exit_code != 0 and "--gpu-memory 'banana'" in bad.output
