@@ -71,3 +71,31 @@ def test_check_prints_the_plan_and_its_verdict(workdir, tiny_sd3_dir):
     assert "memory plan: does NOT fit; to fit, try:" in " ".join(small.output.split()), small.output
     bad = CliRunner().invoke(app, ["check", str(recipe), "--gpu-memory", "banana"], env={"COLUMNS": "200"})
     assert bad.exit_code != 0 and "--gpu-memory 'banana'" in bad.output
+
+
+@pytest.mark.parametrize(("where", "phase", "knob"), [
+    ("treegrpo.train.trainer.train_on_record", "training", "Lower train.micro_batch_size, or set "
+                                                           "model.gradient_checkpointing"),
+    ("treegrpo.train.trainer.score_leaves", "scoring", "Lower the reward's batch_size"),
+])
+def test_out_of_memory_is_one_line_naming_the_phase_and_what_to_lower(workdir, tiny_sd3_dir, monkeypatch, where,
+                                                                      phase, knob):
+    import torch
+
+    from treegrpo.errors import TrainingError
+    from treegrpo.recipe.loading import load_recipe
+    from treegrpo.run.reporting import Reporter
+    from treegrpo.train.trainer import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)")
+
+    monkeypatch.setattr(where, out_of_memory)
+    with pytest.raises(TrainingError) as error:
+        train(load_recipe(write_recipe(workdir, tiny_sd3_dir)), reporter=Reporter(enabled=False))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        f"out of memory during {phase} (train.micro_batch_size = 4, sampling.max_batch_size = 64): CUDA out of "
+        "memory. Tried to allocate 2.00 GiB")
+    assert knob in message and "treegrpo check RECIPE --gpu-memory" in message
+    assert message.endswith("The run: no checkpoint has been written yet.")

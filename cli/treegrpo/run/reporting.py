@@ -20,6 +20,7 @@ class Reporter:
         self.enabled = int(os.environ.get("RANK", "0")) == 0 if enabled is None else enabled
         self._progress: Progress | None = None
         self._task = None
+        self.current_phase = "setup"  # what the run is doing now, for errors that name it (out of memory)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -31,6 +32,7 @@ class Reporter:
         logger.warning(message)
 
     def phase(self, name: str) -> None:
+        self.current_phase = name
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, phase=name)
 

@@ -33,6 +33,7 @@ from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
 from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
 from treegrpo.train.evaluation import best_by_name
 from treegrpo.train.export import ema_applied, full_state, write_policy
+from treegrpo.train.failures import lost_peer, out_of_memory, out_of_memory_message
 from treegrpo.train.grpo import (
     epoch_positions,
     epoch_prompt_indices,
@@ -167,6 +168,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         where = Path(err.filename) if err.filename else Path(recipe.output.dir)
         raise TrainingError(f"{write_failure(where, err)}; {describe_newest(Path(recipe.output.dir))}.") from None
     except RuntimeError as err:
+        if out_of_memory(err):
+            raise TrainingError(out_of_memory_message(recipe, reporter.current_phase, err)) from None
         if not lost_peer(err):
             raise
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
@@ -179,20 +182,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         if lock is not None:
             lock.release()
         _leave_process_group()
-
-
-_LOST_PEER = ("closed by peer", "reset by peer", "remote worker", "broken pipe", "communicator was aborted")
-
-
-def lost_peer(err: BaseException) -> bool:
-    """Whether `err` is a collective failing because another process of a multi-process run went away (gloo:
-    "Connection closed by peer"; NCCL: an aborted communicator), rather than a bug to show with its traceback."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    text = str(err).lower()
-    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(marker in text for marker in _LOST_PEER)
 
 
 def _leave_process_group() -> None:
