@@ -57,44 +57,39 @@ def metrics_of(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_nodes_equal_two_processes_on_one_node(workdir, tiny_sd3_dir):
-    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=2, name="nodes.toml")
-    common = [str(recipe), "--set", "output.checkpoint_every=1"]
-    one_node = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "treegrpo", "run", *common, "--set",
-                               f"output.dir={json.dumps(str(workdir / 'one_node'))}"],
-                              env=_env(), capture_output=True, text=True, timeout=600)
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
-    nodes = run_two_nodes([*common, "--set", f"output.dir={json.dumps(str(workdir / 'two_nodes'))}"])
-    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
+SLOW_REWARD = ("import time\nimport numpy as np\n"  # slow enough that a kill or a signal lands mid-run
+               "def slow_brightness(images, prompts):\n    time.sleep(0.3)\n"
+               "    return [float(np.asarray(i, dtype=np.float32).mean()) / 255 for i in images]\n")
 
+
+def test_two_nodes_equal_one_node_survive_a_lost_node_and_stop_together(workdir, tiny_sd3_dir):
+    (workdir / "slow_rewards.py").write_text(SLOW_REWARD)
+    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=4, name="nodes.toml")
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]))
+    common = [str(recipe), "--set", 'reward.0.function="slow_rewards:slow_brightness"']
+    every_epoch = [*common, "--set", "output.checkpoint_every=1"]
+
+    # 1. two nodes (one process each) = two processes on one node, bit for bit, one writer on the shared folder
+    one_node = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "treegrpo", "run", *every_epoch, "--set",
+                               f"output.dir={json.dumps(str(workdir / 'one_node'))}"],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    nodes = run_two_nodes([*every_epoch, "--set", f"output.dir={json.dumps(str(workdir / 'two_nodes'))}"], env=env)
+    assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
     for a, b in zip(metrics_of(workdir / "one_node"), metrics_of(workdir / "two_nodes"), strict=True):
         for key in ("tree/window_start", "model/rollout_rows", "model/train_rows", "reward/mean", "train/grad_norm"):
             assert a[key] == b[key], key  # the same ranks doing the same work: identical, not merely close
+    reference = load_file(workdir / "two_nodes" / "final" / "pytorch_lora_weights.safetensors")
     first = load_file(workdir / "one_node" / "final" / "pytorch_lora_weights.safetensors")
-    second = load_file(workdir / "two_nodes" / "final" / "pytorch_lora_weights.safetensors")
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    # one writer on the shared folder: one checkpoint per epoch, one metrics row per epoch, the lock released
+    assert first.keys() == reference.keys() and all(torch.equal(first[k], reference[k]) for k in first)
     checkpoints = sorted(p.name for p in (workdir / "two_nodes" / "checkpoints").iterdir())
     assert checkpoints == sorted(p.name for p in (workdir / "one_node" / "checkpoints").iterdir())
-    assert [m["epoch"] for m in metrics_of(workdir / "two_nodes")] == [0, 1]
+    assert [m["epoch"] for m in metrics_of(workdir / "two_nodes")] == [0, 1, 2, 3]
 
-
-def test_a_killed_or_preempted_node_resumes_to_the_uninterrupted_result(workdir, tiny_sd3_dir):
-    (workdir / "slow_rewards.py").write_text(  # slow enough that the kill lands mid-run
-        "import time\nimport numpy as np\n"
-        "def slow_brightness(images, prompts):\n    time.sleep(0.5)\n"
-        "    return [float(np.asarray(i, dtype=np.float32).mean()) / 255 for i in images]\n")
-    recipe = write_recipe(workdir, tiny_sd3_dir, epochs=4, name="kill.toml")
-    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]))
-    common = [str(recipe), "--set", 'reward.0.function="slow_rewards:slow_brightness"']
-    straight = run_two_nodes([*common, "--set", f"output.dir={json.dumps(str(workdir / 'straight'))}"], env=env)
-    assert [n.returncode for n in straight] == [0, 0]
-    reference = load_file(workdir / "straight" / "final" / "pytorch_lora_weights.safetensors")
-
-    # a node lost (SIGKILL to its torchrun and worker, every epoch checkpointed): the other stops in one line
-    killed = [*common, "--set", "output.checkpoint_every=1", "--set",
-              f"output.dir={json.dumps(str(workdir / 'killed'))}"]
+    # 2. a node lost (SIGKILL to its torchrun and worker): the other stops in one line; --resume on both nodes ends
+    # with the uninterrupted run's weights
+    killed = [*every_epoch, "--set", f"output.dir={json.dumps(str(workdir / 'killed'))}"]
     nodes = start_after(killed, env, workdir / "killed" / "checkpoints" / "epoch-000001")
     kill_node(nodes[1].pid)
     nodes[1].communicate(timeout=60)
@@ -105,9 +100,14 @@ def test_a_killed_or_preempted_node_resumes_to_the_uninterrupted_result(workdir,
     # no worker traceback (torchrun's own ChildFailedError report of the exit codes remains)
     assert not [line for line in err.splitlines() if line.startswith("[rank") and "Traceback" in line]
     assert len(metrics_of(workdir / "killed")) < 4
+    resumed = run_two_nodes([*killed, "--resume"], env=env)
+    assert [n.returncode for n in resumed] == [0, 0], resumed[0].stderr[-2000:] + resumed[1].stderr[-2000:]
+    assert [m["epoch"] for m in metrics_of(workdir / "killed")] == [0, 1, 2, 3]
+    weights = load_file(workdir / "killed" / "final" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)  # exact resume across nodes
 
-    # preempted (SIGTERM to every node's torchrun, as SLURM's --signal does): every rank stops at the same safe
-    # point, and one checkpoint is written (checkpoint_every is larger than the run: only the signal's)
+    # 3. preempted (SIGTERM to every node's torchrun, as SLURM's --signal does): every rank stops at the same safe
+    # point and one checkpoint is written (checkpoint_every is larger than the run: only the signal's)
     preempted = [*common, "--set", "output.checkpoint_every=100", "--set",
                  f"output.dir={json.dumps(str(workdir / 'preempted'))}"]
     nodes = start_after(preempted, env, workdir / "preempted" / "metrics.jsonl")
@@ -119,13 +119,6 @@ def test_a_killed_or_preempted_node_resumes_to_the_uninterrupted_result(workdir,
     assert said[0].group(1) == said[1].group(1)
     written = [p.name for p in (workdir / "preempted" / "checkpoints").iterdir()]
     assert written == [f"epoch-{int(said[0].group(1)):06d}"]
-
-    for folder, args in (("killed", killed), ("preempted", preempted)):
-        resumed = run_two_nodes([*args, "--resume"], env=env)
-        assert [n.returncode for n in resumed] == [0, 0], resumed[0].stderr[-2000:] + resumed[1].stderr[-2000:]
-        assert [m["epoch"] for m in metrics_of(workdir / folder)] == [0, 1, 2, 3]
-        weights = load_file(workdir / folder / "final" / "pytorch_lora_weights.safetensors")
-        assert all(torch.equal(reference[k], weights[k]) for k in reference), folder  # exact resume across nodes
 
 
 def start_after(args: list[str], env: dict, appears: Path) -> list[subprocess.Popen]:
