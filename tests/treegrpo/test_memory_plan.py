@@ -77,6 +77,8 @@ def test_check_prints_the_plan_and_its_verdict(workdir, tiny_sd3_dir):
     ("treegrpo.train.trainer.train_on_record", "training", "Lower train.micro_batch_size, or set "
                                                            "model.gradient_checkpointing"),
     ("treegrpo.train.trainer.score_leaves", "scoring", "Lower the reward's batch_size"),
+    ("treegrpo.train.judge.evaluate_policy", "evaluation", "Lower sampling.max_batch_size or "
+                                                           "evaluation.images_per_prompt"),
 ])
 def test_out_of_memory_is_one_line_naming_the_phase_and_what_to_lower(workdir, tiny_sd3_dir, monkeypatch, where,
                                                                       phase, knob):
@@ -92,7 +94,8 @@ def test_out_of_memory_is_one_line_naming_the_phase_and_what_to_lower(workdir, t
 
     monkeypatch.setattr(where, out_of_memory)
     with pytest.raises(TrainingError) as error:
-        train(load_recipe(write_recipe(workdir, tiny_sd3_dir)), reporter=Reporter(enabled=False))
+        recipe = write_recipe(workdir, tiny_sd3_dir, evaluation={} if phase == "evaluation" else None)
+        train(load_recipe(recipe), reporter=Reporter(enabled=False))
     message = str(error.value)
     assert "\n" not in message and message.startswith(
         f"out of memory during {phase} (train.micro_batch_size = 4, sampling.max_batch_size = 64): CUDA out of "

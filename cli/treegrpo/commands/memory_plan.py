@@ -16,7 +16,7 @@ def print_memory_plan(loaded, gpu_memory: str, console) -> None:
         return
     table = Table(title=f"memory per process on a {size:g} GiB GPU (estimate; docs/training.md)", show_header=False)
     for name, gib in plan.rows:
-        table.add_row(name, f"{gib:.1f} GiB")
+        table.add_row(name, f"{gib:.1f} GiB" if gib == gib else "not estimated")  # NaN: no model for it
     table.add_row("peak: rollout / training", f"{plan.rollout_gib:.1f} / {plan.training_gib:.1f} GiB of "
                   f"{plan.usable_gib:.1f} usable")
     console.print(table)

@@ -75,6 +75,7 @@ class PolicyJudge:
         """Evaluate the weights that would be exported; a new best is written to `best/` (every process joins:
         sharded weights are gathered)."""
         run, settings = self.run, self.run.recipe.evaluation
+        run.reporter.phase("evaluation")  # what an out-of-memory line names
         with ema_applied(run):
             metrics = evaluate_policy(run, self.prompts, self.metadata)
             score = metrics[f"eval/{self.best_by}/mean"]
