@@ -23,8 +23,9 @@ from treegrpo.commands.reward_service import (
     BatchingScorer,
     ServerConfig,
     answer_score,
+    header_refusal,
     health,
-    token_accepted,
+    scorer_and_config,
 )
 from treegrpo.rewards.remote import MAX_IMAGE_PIXELS
 
@@ -60,7 +61,8 @@ class RewardApp:
             await _respond(send, 404, {"error": f"no such path {scope['path']!r}; POST /score, GET /health"})
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        refusal = _refusal(headers, self.config)
+        refusal = header_refusal(headers.get("authorization", ""), headers.get("content-length"), self.config,
+                                 chunked="chunked" in headers.get("transfer-encoding", "").lower())
         if refusal is not None:  # the body is left unread: close, or its bytes would be read as the next request
             await _respond(send, *refusal, close=True)
             return
@@ -109,22 +111,6 @@ class RewardApp:
                 return b"".join(chunks)
 
 
-def _refusal(headers: dict[str, str], config: ServerConfig) -> tuple[int, dict] | None:
-    """What the headers alone refuse: a wrong token (401), no body (411), a bad or too large Content-Length
-    (400/413). A chunked body is allowed and counted as it arrives."""
-    if not token_accepted(headers.get("authorization", ""), config.token):
-        return 401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}
-    declared = headers.get("content-length")
-    if declared is None:  # no length and not chunked: HTTP/1.1 says no body, and /score needs one
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        return None if chunked else (411, {"error": "send the body with a Content-Length (or chunked)"})
-    length = int(declared) if declared.strip().isdigit() else -1
-    if not 0 < length <= config.max_body_bytes:
-        return (413 if length > 0 else 400), {
-            "error": f"Content-Length {declared!r}: send a body of 1 to {config.max_body_bytes:,} bytes"}
-    return None
-
-
 async def _respond(send, status: int, payload: dict, *, close: bool = False) -> None:
     retry_after = payload.pop("retry_after", None)
     body = json.dumps(payload).encode()
@@ -160,9 +146,8 @@ class UvicornRewardServer:
         except ImportError:
             raise ImportError('the uvicorn backend needs uvicorn: pip install "treegrpo[server]" (or --backend '
                               "stdlib)") from None
-        rewards = list(reward) if isinstance(reward, list | tuple) else [reward]
-        self.scorer = BatchingScorer(rewards, max_batch)
-        self.config = ServerConfig(rewards[0].name, len(rewards), token, max_batch, max_body_bytes, max_pixels)
+        self.scorer, self.config = scorer_and_config(reward, token=token, max_batch=max_batch,
+                                                     max_body_bytes=max_body_bytes, max_pixels=max_pixels)
         app = RewardApp(self.scorer, self.config, idle_timeout, max_inflight_bytes)
         settings = uvicorn.Config(app, host=host, port=port,
                                   lifespan="on", log_level="warning", access_log=False,

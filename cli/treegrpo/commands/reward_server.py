@@ -34,8 +34,9 @@ from treegrpo.commands.reward_service import (
     BatchingScorer,
     ServerConfig,
     answer_score,
+    header_refusal,
     health,
-    token_accepted,
+    scorer_and_config,
 )
 from treegrpo.rewards.remote import MAX_IMAGE_PIXELS
 
@@ -51,10 +52,9 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str
     unless the request carries `Authorization: Bearer <token>`. Bodies over `max_body_bytes` and images over
     `max_pixels` are refused (413) before they are decoded. Call `serve_forever()` (or run it in a thread) and
     `shutdown()`."""
-    rewards = list(reward) if isinstance(reward, list | tuple) else [reward]
     server = _BoundedServer((host, port), _Handler, max_connections)
-    server.scorer = BatchingScorer(rewards, max_batch)
-    server.config = ServerConfig(rewards[0].name, len(rewards), token, max_batch, max_body_bytes, max_pixels)
+    server.scorer, server.config = scorer_and_config(reward, token=token, max_batch=max_batch,
+                                                     max_body_bytes=max_body_bytes, max_pixels=max_pixels)
     return server
 
 
@@ -87,28 +87,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/score":
             self._answer(404, {"error": f"no such path {self.path!r}; POST /score"}, close=True)
             return
-        if not token_accepted(self.headers.get("Authorization", ""), config.token):
-            self._answer(401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                         close=True)
+        refusal = header_refusal(self.headers.get("Authorization", ""), self.headers.get("Content-Length"), config)
+        if refusal is not None:
+            self._answer(*refusal, close=True)
             return
-        length = _content_length(self.headers.get("Content-Length"))
-        if length is None or not 0 < length <= config.max_body_bytes:
-            status = 411 if length is None else 413 if length > 0 else 400
-            self._answer(status, {"error": f"Content-Length {self.headers.get('Content-Length')!r}: send a "
-                                           f"body of 1 to {config.max_body_bytes:,} bytes"}, close=True)
-            return
-        self._answer(*answer_score(self.server.scorer, config, self.rfile.read(length),
+        self._answer(*answer_score(self.server.scorer, config, self.rfile.read(int(self.headers["Content-Length"])),
                                    self.headers.get("Content-Type", "")))
 
     def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
         logger.info("%s %s", self.address_string(), format % args)
-
-
-def _content_length(value: str | None) -> int | None:
-    """The Content-Length header as an int; None when absent; -1 when it is not a whole number."""
-    if value is None:
-        return None
-    return int(value) if value.strip().isdigit() else -1
 
 
 class _BoundedServer(ThreadingHTTPServer):

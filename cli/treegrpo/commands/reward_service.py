@@ -111,6 +111,32 @@ class ServerConfig:
     max_pixels: int
 
 
+def scorer_and_config(reward, *, token: str | None, max_batch: int, max_body_bytes: int, max_pixels: int
+                      ) -> tuple[BatchingScorer, ServerConfig]:
+    """What a server of either backend holds: the batching scorer over `reward` (one, or a list: one per device) and
+    its limits."""
+    rewards = list(reward) if isinstance(reward, list | tuple) else [reward]
+    return (BatchingScorer(rewards, max_batch),
+            ServerConfig(rewards[0].name, len(rewards), token, max_batch, max_body_bytes, max_pixels))
+
+
+def header_refusal(authorization: str, content_length: str | None, config: ServerConfig, *,
+                   chunked: bool = False) -> tuple[int, dict] | None:
+    """What `POST /score`'s headers alone refuse, before any body byte is read: a wrong token (401), no body (411,
+    unless `chunked`), a Content-Length that is not a whole number or is 0 (400) or over the limit (413). The
+    caller closes the connection after a refusal: the unread body must not be parsed as the next request."""
+    if not token_accepted(authorization, config.token):
+        return 401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}
+    if content_length is None:
+        return None if chunked else (411, {"error": f"send the body with a Content-Length (1 to "
+                                                    f"{config.max_body_bytes:,} bytes)"})
+    length = int(content_length) if content_length.strip().isdigit() else -1
+    if not 0 < length <= config.max_body_bytes:
+        return (413 if length > 0 else 400), {
+            "error": f"Content-Length {content_length!r}: send a body of 1 to {config.max_body_bytes:,} bytes"}
+    return None
+
+
 def health(config: ServerConfig) -> dict:
     """`GET /health`: what is served and the limits."""
     return {"ok": True, "kind": config.kind, "auth": config.token is not None, "models": config.models,
