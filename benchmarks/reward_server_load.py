@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from PIL import Image
+from reward_server import request as one_request  # benchmarks/reward_server.py: one timed POST
 
 from treegrpo.rewards.remote import encode_request
 
@@ -54,14 +55,6 @@ def proc_status(pid: int) -> dict[str, int]:
     """VmHWM (peak RSS, kB), VmRSS (kB) and Threads of a process, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return {key: int(fields[key].split()[0]) for key in ("VmHWM", "VmRSS", "Threads")}
-
-
-def one_request(connection: http.client.HTTPConnection, body: bytes, content_type: str) -> tuple[int, float]:
-    start = time.perf_counter()
-    connection.request("POST", "/score", body=body, headers={"Content-Type": content_type})
-    response = connection.getresponse()
-    response.read()
-    return response.status, (time.perf_counter() - start) * 1000
 
 
 def load(port: int, clients: int, per_client: int, keep_alive: bool, body: bytes, content_type: str) -> dict:

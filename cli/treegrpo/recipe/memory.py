@@ -159,19 +159,6 @@ def plan_memory(components: dict[str, int], denoiser: Denoiser, *, dtype: str, h
     return plan
 
 
-def model_folder(pretrained: str) -> Path | None:
-    """The diffusers folder of a local, built-in or cached Hub model; None when it is not on this machine."""
-    from treegrpo.recipe.preflight import _local_folder, looks_local
-
-    folder = _local_folder(pretrained)
-    if folder is None and not looks_local(pretrained):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(pretrained, "model_index.json")
-        folder = Path(cached).parent if isinstance(cached, str) else None
-    return folder
-
-
 def default_targets(folder: Path) -> int:
     """How many module names the family's adapter targets with LoRA by default (8 when the family is unknown)."""
     from diffusers_tree.adapters import adapter_class
@@ -184,6 +171,7 @@ def default_targets(folder: Path) -> int:
 def recipe_memory_plan(loaded, gpu_memory_gib: float) -> MemoryPlan | str:
     """The plan for a validated recipe, or why there is none (the model is not on this machine)."""
     from treegrpo.recipe.plan import cfg_rows_per_node
+    from treegrpo.recipe.preflight import model_folder
 
     folder = model_folder(loaded.model.pretrained)
     if folder is None:

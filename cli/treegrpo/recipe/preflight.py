@@ -96,18 +96,24 @@ def offline_not_cached(repo_id: str) -> str:
             "HF_HUB_OFFLINE.")
 
 
-def pipeline_config(pretrained: str) -> dict | None:
-    """The pipeline's model_index.json (class name and config) without loading it: from a local or built-in folder,
-    or from the local Hub cache for a Hub id; None when it is not at hand (a Hub id not downloaded yet)."""
+def model_folder(pretrained: str) -> Path | None:
+    """The diffusers folder of a local, built-in or cached Hub model (the cache's snapshot folder); None when it is
+    not on this machine (a Hub id not downloaded yet)."""
     folder = _local_folder(pretrained)
-    index = folder / "model_index.json" if folder is not None else None
-    if index is None and not looks_local(pretrained):
+    if folder is None and not looks_local(pretrained):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(pretrained, "model_index.json")
-        index = Path(cached) if isinstance(cached, str) else None
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    return folder
+
+
+def pipeline_config(pretrained: str) -> dict | None:
+    """The pipeline's model_index.json (class name and config) without loading it: from a local or built-in folder,
+    or from the local Hub cache for a Hub id; None when it is not at hand (a Hub id not downloaded yet)."""
+    folder = model_folder(pretrained)
     try:
-        config = json.loads(index.read_text()) if index is not None else None
+        config = json.loads((folder / "model_index.json").read_text()) if folder is not None else None
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None

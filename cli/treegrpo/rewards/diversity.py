@@ -32,6 +32,14 @@ from PIL import Image
 from treegrpo.rewards.base import RewardBase, check_batch
 
 
+def mean_distance_to_others(members: torch.Tensor) -> torch.Tensor:
+    """Per row of `members` `[n, D]` (n ≥ 2), the mean RMS distance `‖xᵢ − xⱼ‖ / √D` to the other rows, `[n]` on
+    their device. The one definition of within-group distance: this reward and the trainer's `leaf_diversity` /
+    `eval/diversity` (`treegrpo.train.diagnostics`) both use it."""
+    distances = torch.cdist(members, members) / members.shape[1] ** 0.5
+    return distances.sum(dim=1) / (members.shape[0] - 1)  # the diagonal is zero
+
+
 def within_prompt_distance(pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Per image, the mean RMS distance `‖xᵢ − xⱼ‖ / √D` to the other images `j ≠ i` with the same prompt (0 when it
     has none). `pixels` float `[N, D]`; returns float32 `[N]`."""
@@ -44,9 +52,7 @@ def within_prompt_distance(pixels: torch.Tensor, prompts: list[str]) -> torch.Te
         if len(members) < 2:
             continue
         index = torch.tensor(members)
-        group = pixels[index]
-        distances = torch.cdist(group, group) / group.shape[1] ** 0.5
-        out[index] = distances.sum(dim=1) / (len(members) - 1)  # the diagonal is zero
+        out[index] = mean_distance_to_others(pixels[index])
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from treegrpo.rewards.diversity import mean_distance_to_others
+
 
 def no_signal_groups(total_reward: torch.Tensor, group: torch.Tensor, eps: float) -> tuple[int, int]:
     """(groups whose leaves' combined reward has a spread (std, ddof 0) below `eps`, groups): Eq. 9 divides by
@@ -23,10 +25,8 @@ def leaf_diversity(images: torch.Tensor, group: torch.Tensor) -> tuple[float, in
     total, counted = 0.0, 0
     for g in group.unique():
         members = flat[group == g]
-        n = members.shape[0]
-        if n < 2:
+        if members.shape[0] < 2:
             continue
-        distances = torch.cdist(members, members) / members.shape[1] ** 0.5
-        total += float(distances.sum() / (n * (n - 1)))  # the diagonal is zero: the mean over ordered pairs i ≠ j
+        total += float(mean_distance_to_others(members).mean())  # the mean over ordered pairs i ≠ j
         counted += 1
     return total, counted
