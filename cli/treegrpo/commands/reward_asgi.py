@@ -88,8 +88,7 @@ class RewardApp:
     async def _body(self, receive, declared: int, reserved: list[int]) -> bytes | tuple[int, dict]:
         """The request body, or (status, error) when it is too large, too slow, abandoned, or does not fit the
         bodies in flight (503)."""
-        busy = 503, {"error": f"server busy: {self.max_inflight_bytes:,} bytes of requests in flight; retry",
-                     "retry_after": 1}
+        busy = 503, {"error": f"server busy: {self.max_inflight_bytes:,} bytes of requests in flight; retry"}
         if not self._reserve(declared, reserved):
             return busy
         chunks, size, limit = [], 0, self.config.max_body_bytes
@@ -112,11 +111,10 @@ class RewardApp:
 
 
 async def _respond(send, status: int, payload: dict, *, close: bool = False) -> None:
-    retry_after = payload.pop("retry_after", None)
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
+    if status == 503:  # busy: our client waits this long before its retry
+        headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})

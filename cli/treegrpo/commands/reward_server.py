@@ -29,7 +29,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from treegrpo.commands.reward_service import (
     IDLE_TIMEOUT_S,
     MAX_BODY_BYTES,
-    MAX_CONNECTIONS,
     TOKEN_ENV,
     BatchingScorer,
     ServerConfig,
@@ -41,6 +40,7 @@ from treegrpo.commands.reward_service import (
 from treegrpo.rewards.remote import MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
+MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 at once instead of each taking a thread
 
 
 def make_server(reward, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None,

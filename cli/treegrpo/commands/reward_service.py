@@ -15,7 +15,6 @@ from treegrpo.rewards.remote import RequestTooLarge, decode_request
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 256 << 20  # 256 MiB: about 128 base64 PNGs of 1024 px; the body is read whole, so this bounds memory
 TOKEN_ENV = "TREEGRPO_REWARD_TOKEN"  # when set, POST /score needs `Authorization: Bearer <token>`
-MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 at once instead of each taking a thread
 IDLE_TIMEOUT_S = 60  # a connection that sends nothing (or a body slower than this per read) is closed
 
 
