@@ -56,13 +56,11 @@ class HttpReward(RewardBase):
         urls = parse_urls(url, "http")
         if body not in BODIES:
             raise ValueError(f"http reward body must be one of {BODIES}; got {body!r}.")
-        if not timeout > 0 or retries < 0 or backoff < 0:
-            raise ValueError(f"http reward needs timeout > 0, retries >= 0, backoff >= 0; got timeout={timeout!r}, "
-                             f"retries={retries!r}, backoff={backoff!r}.")
         self.url, self.body = ", ".join(urls), body
         self.batch_size, self.parallel = check_batch_size(batch_size), check_batch_size(parallel)
         headers = {**{str(k): str(v) for k, v in (headers or {}).items()}, **bearer_headers(api_key_env, "http")}
-        self.transport = Transport(urls, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
+        self.transport = Transport(urls, timeout=timeout, retries=retries, backoff=backoff, headers=headers,
+                                   kind="http")
         self._pool: ThreadPoolExecutor | None = None  # kept, so its threads' connections live across calls
         self.name = "http"
         self.last_subscores: dict[str, torch.Tensor] = {}

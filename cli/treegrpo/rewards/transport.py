@@ -80,7 +80,10 @@ class Transport:
     connections."""
 
     def __init__(self, urls: tuple[str, ...], *, timeout: float, retries: int, backoff: float,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, kind: str = "http"):
+        if not timeout > 0 or retries < 0 or backoff < 0:
+            raise ValueError(f"{kind} reward needs timeout > 0, retries >= 0, backoff >= 0; got timeout={timeout!r}, "
+                             f"retries={retries!r}, backoff={backoff!r}.")
         self.urls, self.timeout, self.retries, self.backoff = tuple(urls), float(timeout), int(retries), float(backoff)
         self.headers = dict(headers or {})
         self._turn = itertools.count()

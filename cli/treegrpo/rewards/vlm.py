@@ -136,16 +136,13 @@ class VlmReward(RewardBase):
         self.positive, self.negative = (str(t).strip().lower() for t in tokens)
         self.scale_max = float(scale_max)
         self.max_tokens = max_tokens or (1 if self.score == "logprobs" else 16)
-        if not timeout > 0 or retries < 0 or backoff < 0:
-            raise ValueError(f"vlm reward needs timeout > 0, retries >= 0, backoff >= 0; got timeout={timeout!r}, "
-                             f"retries={retries!r}, backoff={backoff!r}.")
         if not 0 <= max_unreadable <= 1:
             raise ValueError(f"vlm reward max_unreadable is a fraction of a batch, 0 to 1; got {max_unreadable!r}.")
         self.max_unreadable = float(max_unreadable)
         self.parallel = check_batch_size(parallel)
         self.last_subscores: dict[str, torch.Tensor] = {}
         self.transport = Transport(urls, timeout=timeout, retries=retries, backoff=backoff,
-                                   headers=bearer_headers(api_key_env, "vlm"))
+                                   headers=bearer_headers(api_key_env, "vlm"), kind="vlm")
         self._pool: ThreadPoolExecutor | None = None
         self.name = "vlm"
 

@@ -243,5 +243,9 @@ def test_urls_are_checked_when_the_reward_is_built():
     for bad in ("gpu-box:8000", "http://", ["http://a/score", 3], [], ""):
         with pytest.raises(ValueError, match="http reward url must"):
             build_reward("http", url=bad)
+    with pytest.raises(ValueError, match=r"http reward needs timeout > 0, .* got timeout=0"):
+        build_reward("http", url="http://a/score", timeout=0)
+    with pytest.raises(ValueError, match=r"vlm reward needs timeout > 0, .* retries=-1"):
+        build_reward("vlm", base_url="http://a/v1", model="m", retries=-1)
     assert build_reward("vlm", base_url=["http://a/v1", "http://b/v1/"], model="m").url == \
         "http://a/v1/chat/completions, http://b/v1/chat/completions"
