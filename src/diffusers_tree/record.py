@@ -185,3 +185,60 @@ class RecordBuilder:
             child_latents=data(self.edges["x"]),
             leaf_node=leaf_node.cpu(), leaf_latents=self._keep(leaves), rows=rows,
         )
+
+
+def concat_records(records: list[RolloutRecord]) -> RolloutRecord:
+    """Records of consecutive groups of prompts (rolled out one group at a time, same plan and trees per prompt) as
+    the one record a single rollout of all their prompts gives: the same node, parent and edge order (each level,
+    SDE step and step's edges in prompt order), ids and prompt/tree indices renumbered, leaves in image order. So
+    advantages, edge selection and micro-batching see exactly what they see without groups."""
+    if len(records) == 1:
+        return records[0]
+    first = records[0]
+    if any(r.plan != first.plan or r.num_trees != first.num_trees for r in records):
+        raise ValueError("concat_records: every record must have the same plan and num_trees")
+    node_offset = _offsets([r.num_nodes for r in records])
+    parent_offset = _offsets([r.parent_node.numel() for r in records])
+    prompt_offset = _offsets([r.num_prompts for r in records])
+
+    def joined(name: str, shift: list[int] | None = None) -> torch.Tensor:
+        parts = [getattr(r, name) for r in records]
+        if shift is not None:
+            parts = [part + offset for part, offset in zip(parts, shift, strict=True)]
+        return torch.cat(parts)
+
+    # one rollout orders nodes by level, parents and edges by step; within each, prompt-major: a stable sort of the
+    # group-major concatenation restores exactly that order
+    level = joined("level")
+    node_order = torch.sort(level, stable=True).indices
+    new_node = torch.empty_like(node_order)
+    new_node[node_order] = torch.arange(node_order.numel())
+    parent = joined("parent", node_offset)
+    parent = torch.where(joined("parent") >= 0, new_node[parent.clamp(min=0)], -1)
+
+    parent_order = torch.sort(joined("parent_step"), stable=True).indices
+    new_parent = torch.empty_like(parent_order)
+    new_parent[parent_order] = torch.arange(parent_order.numel())
+    edge_parent = new_parent[joined("edge_parent", parent_offset)]
+    edge_order = torch.sort(edge_parent, stable=True).indices  # children of one parent stay contiguous, in order
+
+    trees = [offset * first.num_trees for offset in prompt_offset]
+    return RolloutRecord(
+        plan=first.plan, num_prompts=sum(r.num_prompts for r in records), num_trees=first.num_trees,
+        parent=parent[node_order], level=level[node_order],
+        prompt_index=joined("prompt_index", prompt_offset)[node_order],
+        tree_index=joined("tree_index", trees)[node_order], log_prob=joined("log_prob")[node_order],
+        parent_node=new_node[joined("parent_node", node_offset)][parent_order],
+        parent_step=joined("parent_step")[parent_order],
+        parent_timestep=joined("parent_timestep")[parent_order.to(first.parent_timestep.device)],
+        parent_prompt_index=joined("parent_prompt_index", prompt_offset)[parent_order],
+        parent_latents=joined("parent_latents")[parent_order.to(first.parent_latents.device)],
+        edge_child=new_node[joined("edge_child", node_offset)][edge_order], edge_parent=edge_parent[edge_order],
+        child_latents=joined("child_latents")[edge_order.to(first.child_latents.device)],
+        leaf_node=new_node[joined("leaf_node", node_offset)], leaf_latents=joined("leaf_latents"),
+        rows=sum(r.rows for r in records),
+    )
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]

@@ -54,6 +54,14 @@ class Conditioning:
 
         return replace(self, cond=move(self.cond), uncond=move(self.uncond))
 
+    def select(self, start: int, stop: int) -> Conditioning:
+        """Prompts `start:stop` of this conditioning (`concat`'s inverse), e.g. one group of an epoch's prompts."""
+
+        def part(tensors):
+            return None if tensors is None else {k: v[start:stop] for k, v in tensors.items()}
+
+        return replace(self, cond=part(self.cond), uncond=part(self.uncond))
+
     @staticmethod
     def concat(parts: list[Conditioning]) -> Conditioning:
         """Prompts of several conditionings in order (they must share guidance, size and `shared`)."""
