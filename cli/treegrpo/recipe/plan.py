@@ -109,6 +109,20 @@ def cfg_rows_per_node(loaded: Recipe) -> tuple[int | None, str]:
     return 1, f"1 row per node: no CFG for {pipeline} at guidance {guidance}"
 
 
+def scoring_note(loaded: Recipe, prompts_per_process: int) -> str:
+    """When the leaves are scored: after the rollout, or group by group beside it (`sampling.rollout_groups`)."""
+    s = loaded.sampling
+    groups = max(1, min(s.rollout_groups, prompts_per_process))
+    if groups == 1:
+        return "after the rollout" + (f" (rollout_groups={s.rollout_groups}: one prompt per process, one group)"
+                                      if s.rollout_groups > 1 else "")
+    sizes = sorted({prompts_per_process // groups, -(-prompts_per_process // groups)})
+    how = "while the next group rolls out" if s.overlap_scoring else "after the rollout (overlap_scoring = false)"
+    capped = f"; rollout_groups={s.rollout_groups} capped at one group per prompt" if groups < s.rollout_groups else ""
+    noun = "prompt" if sizes == [1] else "prompts"
+    return f"{groups} rollout groups of {' or '.join(map(str, sizes))} {noun}, each scored {how}{capped}"
+
+
 def plan_rows(loaded: Recipe, plan: RunPlan) -> list[tuple[str, str]]:
     """The (name, value) rows `treegrpo check` prints for a valid recipe."""
     cfg, cfg_why = cfg_rows_per_node(loaded)
@@ -129,6 +143,7 @@ def plan_rows(loaded: Recipe, plan: RunPlan) -> list[tuple[str, str]]:
          f"{plan.independent_rows * factor}  ({plan.independent_rows / plan.expected_rollout_rows:.2f}x)"),
         ("trained edges / parents per epoch", f"{plan.trained_edges} / {plan.trained_parents}"),
         ("rewards", ", ".join(f"{r.name or r.kind} x{r.weight}" for r in loaded.reward)),
+        ("scoring", scoring_note(loaded, plan.prompts_per_process)),
         ("evaluation", evaluation_note(loaded)),
         *reward_server_notes(loaded),
         ("output", loaded.output.dir),

@@ -113,6 +113,14 @@ class SamplingRecipe(_Table):
                                    "exact tail. See docs/training.md, 'Fast tails'.")
     tail_solver_order: int = Field(2, ge=1, le=3, description="Order of the tail solver: 1 DDIM/Euler, 2 "
                                    "DPM-Solver++(2M), 3 DPM-Solver++(3M).")
+    rollout_groups: int = Field(1, ge=1, description="Roll each process's prompts of an epoch out in this many "
+                                "groups (at most one per prompt) and score each group's leaves while the next group "
+                                "rolls out (overlap_scoring): scoring hides behind the rollout. Trains exactly as one "
+                                "group (same trees, same record). See docs/training.md, 'Rewards off the critical "
+                                "path'.")
+    overlap_scoring: bool = Field(True, description="With rollout_groups > 1, score a group in a background thread "
+                                  "while the next one rolls out; false scores the groups after the rollout (the same "
+                                  "numbers, for rewards that must not run beside the rollout).")
 
 
 class TreeRecipe(_Table):

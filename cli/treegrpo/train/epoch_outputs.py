@@ -26,13 +26,19 @@ def score_leaves(rewards: list, images: torch.Tensor, prompts: list[str], metada
     `<name>/accuracy`) and the mean of each sub-score a remote reward returned (`last_subscores`, as
     `<name>/<sub-score>`). Leaves are images `[N, 3, H, W]` or videos `[N, F, 3, H, W]` (see `score_reward`);
     `metadata` is each leaf's prompt metadata. The leaves become PIL images once, for all rewards."""
-    frames = leaf_frames(images)
+    return score_frames(rewards, leaf_frames(images), prompts, metadata)
+
+
+def score_frames(rewards: list, frames: LeafFrames, prompts: list[str], metadata: list[dict] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """`score_leaves` on leaves already made PIL images (`leaf_frames`)."""
     rows, extras = [], {}
     for reward in rewards:
         try:
             values, accuracy = score_reward(reward, frames, prompts, metadata)
         except (Exception, SystemExit) as err:  # noqa: BLE001  (user code: any failure, even sys.exit, stops here)
-            raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {err}. Stopping.") from None
+            reason = str(err).rstrip(".")  # one full stop, not "..", after a message that ends in one
+            raise TrainingError(f"reward {reward.name!r} failed: {type(err).__name__}: {reason}. Stopping.") from None
         if values.numel() != frames.count:
             raise TrainingError(f"reward {reward.name!r} returned {values.numel()} scores for {frames.count} "
                                 f"{'videos' if frames.num_frames else 'images'}.")

@@ -30,7 +30,7 @@ from treegrpo.run.setup import Run, SetupError, read_prompt_records, setup
 from treegrpo.run.signals import StopNow, StopSignals, signal_name
 from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
 from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
-from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples, score_leaves
+from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples
 from treegrpo.train.evaluation import best_by_name
 from treegrpo.train.export import ema_applied, full_state, write_policy
 from treegrpo.train.failures import lost_peer, out_of_memory, out_of_memory_message
@@ -44,6 +44,7 @@ from treegrpo.train.grpo import (
     tree_advantages,
 )
 from treegrpo.train.judge import PolicyJudge, Verdict
+from treegrpo.train.overlap import rollout_and_score
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +61,13 @@ def run_epoch(run: Run, epoch: int) -> dict:
     local_prompts = [run.prompts[i] for i in local_indices]
     run.reporter.phase("rollout")
     conditioning = run.encode(local_prompts)
-    out = run.rollout(local_prompts, num_trees=r.tree.num_trees, num_inference_steps=r.sampling.num_inference_steps,
-                      window_start=window_start, conditioning=conditioning, height=run.sampling.height,
-                      width=run.sampling.width,
-                      generator=tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees),
-                      max_batch_size=r.sampling.max_batch_size, output_type="pt")
-    record = out.record
-    t1 = time.perf_counter()
-    _check_interrupt(run, epoch, stepped=False)
-    run.reporter.phase("scoring")
-    try:
-        leaf_prompts = [int(p) for p in record.leaf_prompt_index]
-        metadata = [run.prompt_metadata[local_indices[p]] for p in leaf_prompts] if run.prompt_metadata else None
-        with run.rewards_ready():
-            scores, extras = score_leaves(run.rewards, out.images, [local_prompts[p] for p in leaf_prompts], metadata)
-        failure = None
-    except TrainingError as err:
-        failure = err
-    stop_together(run.accelerator, failure, "scoring")
+    metadata = [run.prompt_metadata[i] for i in local_indices] if run.prompt_metadata else None
+    generators = tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees)
+    out = rollout_and_score(run, local_prompts, metadata, conditioning, generators, window_start,
+                            before_scoring=lambda: _check_interrupt(run, epoch, stepped=False))
+    record, scores = out.record, out.scores
+    t1 = out.rollout_end
+    stop_together(run.accelerator, out.failure, "scoring")
     t2 = time.perf_counter()
     _check_interrupt(run, epoch, stepped=False)
     run.reporter.phase("training")
@@ -95,7 +85,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
     t3 = time.perf_counter()
     metrics = epoch_metrics(run, epoch, window_start, scores, adv, stats, out.rows, (t0, t1, t2, t3), out.images,
                             record.leaf_prompt_index)
-    metrics.update(mean_over_processes(acc, extras))
+    metrics["time/scoring_work_s"] = out.scoring_s
+    metrics.update(mean_over_processes(acc, out.extras))
     return metrics
 
 
