@@ -1,6 +1,7 @@
-"""Two "nodes" on this machine: two torchrun launches (`--nnodes 2`, node ranks 0 and 1, one process each) meeting
-over loopback with gloo, writing to one run folder as nodes on a shared filesystem do. The run must equal the same
-recipe as 2 processes on one node, and a kill of one node must leave a run that resumes to the same result."""
+"""Two "nodes" on this machine: two launches (`accelerate launch --num_machines 2` or torchrun `--nnodes 2`, ranks 0
+and 1, one process each) meeting over loopback with gloo, writing to one run folder as nodes on a shared filesystem
+do. The run must equal the same recipe as 2 processes on one node, and a kill of one node must leave a run that
+resumes to the same result."""
 
 import json
 import os
@@ -28,15 +29,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def node_command(rank: int, port: int, args: list[str]) -> list[str]:
+def node_command(rank: int, port: int, args: list[str], launcher: str = "torchrun") -> list[str]:
+    """One node's launch: `torchrun` (`--nnodes 2 --node_rank`) or `accelerate launch` (`--num_machines 2
+    --machine_rank`, the flags the multi-node configs in recipes/accelerate/ document; with no GPU accelerate's
+    multi-GPU launcher runs the processes on the CPU over gloo)."""
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                "treegrpo", "run", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "treegrpo",
             "run", *args]
 
 
-def run_two_nodes(args: list[str], timeout: float = 600, env=None) -> list[subprocess.CompletedProcess]:
+def run_two_nodes(args: list[str], timeout: float = 600, env=None, launcher: str = "torchrun"
+                  ) -> list[subprocess.CompletedProcess]:
     port = free_port()
-    nodes = [subprocess.Popen(node_command(rank, port, args), env=env or _env(), stdout=subprocess.PIPE,
+    nodes = [subprocess.Popen(node_command(rank, port, args, launcher), env=env or _env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     done = []
     for node in nodes:
@@ -75,7 +85,8 @@ def test_two_nodes_equal_one_node_survive_a_lost_node_and_stop_together(workdir,
                                f"output.dir={json.dumps(str(workdir / 'one_node'))}"],
                               env=env, capture_output=True, text=True, timeout=600)
     assert one_node.returncode == 0, one_node.stderr[-3000:]
-    nodes = run_two_nodes([*every_epoch, "--set", f"output.dir={json.dumps(str(workdir / 'two_nodes'))}"], env=env)
+    nodes = run_two_nodes([*every_epoch, "--set", f"output.dir={json.dumps(str(workdir / 'two_nodes'))}"], env=env,
+                          launcher="accelerate")
     assert [n.returncode for n in nodes] == [0, 0], nodes[0].stderr[-2000:] + nodes[1].stderr[-2000:]
     for a, b in zip(metrics_of(workdir / "one_node"), metrics_of(workdir / "two_nodes"), strict=True):
         for key in ("tree/window_start", "model/rollout_rows", "model/train_rows", "reward/mean", "train/grad_norm"):
@@ -88,7 +99,7 @@ def test_two_nodes_equal_one_node_survive_a_lost_node_and_stop_together(workdir,
     assert [m["epoch"] for m in metrics_of(workdir / "two_nodes")] == [0, 1, 2, 3]
 
     # 2. a node lost (SIGKILL to its torchrun and worker): the other stops in one line; --resume on both nodes ends
-    # with the uninterrupted run's weights
+    # with the uninterrupted run's weights (launched with torchrun: both launchers run the same run)
     killed = [*every_epoch, "--set", f"output.dir={json.dumps(str(workdir / 'killed'))}"]
     nodes = start_after(killed, env, workdir / "killed" / "checkpoints" / "epoch-000001")
     kill_node(nodes[1].pid)
