@@ -51,6 +51,11 @@ def run_one(method: str, seed: int, epochs: int, every: int, out: Path) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return read_run(folder, method, seed)
+
+
+def read_run(folder: Path, method: str, seed: int) -> dict:
+    """One run's curve from its run folder: judged points with the training CPU seconds before each."""
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     clock, seconds = [], 0.0
     for row in metrics:
@@ -59,24 +64,42 @@ def run_one(method: str, seed: int, epochs: int, every: int, out: Path) -> dict:
     evals = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
     curve = [{"epoch": e["epoch"], "seconds": clock[e["epoch"] - 1] if e["epoch"] else 0.0,
               "reward_detector": e["eval/geneval/mean"], "judge": e["eval/judge/mean"]} for e in evals]
-    return {"method": method, "seed": seed, "curve": curve}
+    return {"method": method, "seed": seed, "curve": curve,
+            "epoch_s": statistics.median(row["time/epoch_s"] for row in metrics)}
+
+
+def finished(folder: Path, epochs: int) -> bool:
+    evals = folder / "eval.jsonl"
+    return evals.exists() and any(json.loads(line)["epoch"] == epochs for line in evals.read_text().splitlines())
 
 
 def first_reaching(curve: list[dict], key: str, target: float) -> dict | None:
     return next((point for point in curve if point[key] >= target), None)
 
 
+def worst_after(curve: list[dict], key: str, target: float, window: int = 3) -> float | None:
+    """The worst mean of `window` consecutive evaluations from the first reaching `target` on: is the level held?"""
+    first = next((i for i, point in enumerate(curve) if point[key] >= target), None)
+    if first is None or len(curve) - first < window:
+        return None
+    return min(statistics.mean(p[key] for p in curve[i:i + window]) for i in range(first, len(curve) - window + 1))
+
+
 def summarize(runs: list[dict], methods: list[str], targets: tuple[float, ...]) -> str:
-    lines = ["| method | " + " | ".join(f"CPU s to judge {t}" for t in targets)
-             + " | final judge | final reward-detector | best judge |", "|---" * (4 + len(targets)) + "|"]
+    """Medians over seeds; "—" where no seed got there; "(n/N)" how many seeds did."""
+    lines = ["| method | s / epoch | " + " | ".join(f"CPU s (epochs) to judge {t}" for t in targets)
+             + f" | worst 3-eval mean after {targets[0]} | final judge | final reward-detector | best judge |",
+             "|---" * (6 + len(targets)) + "|"]
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
-        cells = []
+        cells = [f"{statistics.median(r['epoch_s'] for r in mine):.1f}"]
         for target in targets:
-            hits = [first_reaching(r["curve"], "judge", target) for r in mine]
-            times = sorted(h["seconds"] for h in hits if h)
-            reached = f"{len(times)}/{len(mine)}"
-            cells.append(f"{statistics.median(times):.0f} ({reached})" if times else f"— ({reached})")
+            hits = [h for h in (first_reaching(r["curve"], "judge", target) for r in mine) if h]
+            reached = f"{len(hits)}/{len(mine)}"
+            cells.append(f"{statistics.median(h['seconds'] for h in hits):.0f} "
+                         f"({statistics.median(h['epoch'] for h in hits):.0f}) {reached}" if hits else f"— {reached}")
+        held = [w for w in (worst_after(r["curve"], "judge", targets[0]) for r in mine) if w is not None]
+        cells.append(f"{statistics.median(held):.3f} ({len(held)})" if held else "—")
         final = [r["curve"][-1] for r in mine]
         cells.append(f"{statistics.median(p['judge'] for p in final):.3f}")
         cells.append(f"{statistics.median(p['reward_detector'] for p in final):.3f}")
@@ -94,12 +117,19 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.8])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--summarize", action="store_true", help="only tabulate the finished runs already in --out "
+                        "(a campaign cut short: runs without their last evaluation are left out)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="shapes_methods_"))
     out.mkdir(parents=True, exist_ok=True)
     order = [(m, s) for s in args.seeds for m in args.methods]  # methods interleaved within each seed
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda job: run_one(job[0], job[1], args.epochs, args.eval_every, out), order))
+    if args.summarize:
+        runs = [read_run(out / f"{m}-s{s}", m, s) for m, s in order if finished(out / f"{m}-s{s}", args.epochs)]
+        args.seeds = sorted({r["seed"] for r in runs})
+        args.methods = [m for m in args.methods if any(r["method"] == m for r in runs)]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(lambda job: run_one(job[0], job[1], args.epochs, args.eval_every, out), order))
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     print(f"{len(args.seeds)} seeds, {args.epochs} epochs, judged every {args.eval_every} on the 42 test prompts "
           f"× 4 ODE samples (GenEval binary; 'judge' = the learned judge, 'reward-detector' = the reward's own)")
