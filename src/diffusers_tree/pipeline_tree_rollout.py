@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers.utils import BaseOutput
 
-from .adapters import Conditioning, PipelineAdapter, adapter_for, guided_model_output, makes_videos
+from .adapters import (
+    Conditioning,
+    PipelineAdapter,
+    adapter_for,
+    guided_model_output,
+    makes_videos,
+    registered_adapters,
+)
 from .noise import draw_branch_noise
 from .plan import BranchPlan
 from .record import RecordBuilder, RolloutRecord
@@ -100,16 +107,26 @@ class TreeRolloutPipeline:
     # ---- public entry points ----------------------------------------------------------------------------------
     def encode(self, prompts: list[str], *, guidance_scale: float | None = None, negative_prompt=None,
                height: int | None = None, width: int | None = None,
-               max_sequence_length: int | None = None, num_frames: int | None = None) -> Conditioning:
+               max_sequence_length: int | None = None, num_frames: int | None = None, image=None,
+               auto_resize: bool = True) -> Conditioning:
         """Encode each prompt once (cond and, with CFG, uncond); reused for sampling and training forwards. Video
-        families also record `num_frames` (their default when `None`) for the rollouts that use the conditioning."""
+        families also record `num_frames` (their default when `None`) for the rollouts that use the conditioning.
+        Editing families (`adapter.takes_source_image`) take `image`: one source image per prompt, or one for all,
+        encoded here once; `auto_resize` (the stock default) first resizes it to the family's preferred resolution
+        nearest its aspect ratio (FLUX.1 Kontext's list), else it keeps its size."""
         height, width = self._size(height, width)
         num_frames = self._num_frames(num_frames)
         guidance_scale = self.adapter.default_guidance_scale if guidance_scale is None else guidance_scale
+        source = {}
+        if image is not None:
+            if not self.adapter.takes_source_image:
+                raise ValueError(f"{type(self.pipe).__name__} takes no source image; editing pipelines that do: "
+                                 f"{', '.join(n for n, a in registered_adapters().items() if a.takes_source_image)}.")
+            source = {"image": image, "auto_resize": auto_resize}
         with torch.no_grad():
             conditioning = self.adapter.encode(list(prompts), negative_prompt=negative_prompt,
                                                guidance_scale=guidance_scale, height=height, width=width,
-                                               max_sequence_length=max_sequence_length)
+                                               max_sequence_length=max_sequence_length, **source)
         return conditioning if num_frames is None else replace(conditioning, num_frames=num_frames)
 
     @torch.no_grad()
@@ -126,6 +143,7 @@ class TreeRolloutPipeline:
         width: int | None = None,
         max_sequence_length: int | None = None,
         num_frames: int | None = None,
+        image=None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         conditioning: Conditioning | None = None,
@@ -139,15 +157,14 @@ class TreeRolloutPipeline:
 
         Args:
             prompt (`str` or `list[str]`): the prompt or prompts, one group (tree or trees) each.
-            num_trees (`int`, defaults to 1): trees per prompt.
-            num_inference_steps (`int`, defaults to 10): T.
+            num_trees, num_inference_steps (`int`, defaults to 1 and 10): trees per prompt; T.
             window_start (`int`, *optional*): override the scheduler's window start (the trainer's epoch draw).
             guidance_scale (`float`, *optional*): CFG scale (FLUX: distilled guidance); the family's default.
             num_frames (`int`, *optional*): video families (Wan: 4k + 1); else the conditioning's, or the default.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): draws the root noise, then one
-                branch-noise tensor per SDE step (else the scheduler's `manual_seed` generator, else torch's global
-                RNG). One generator per tree (`num_prompts · num_trees`, prompt-major) makes every tree independent
-                of its batch-mates, as a multi-process trainer needs.
+            image (*optional*): editing families (Kontext): the source image(s), as `encode` takes them.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the root noise, then one branch-noise
+                tensor per SDE step (else the scheduler's `manual_seed` generator, else the global RNG); one per tree
+                (`num_prompts · num_trees`, prompt-major) makes each tree independent of its batch-mates.
             latents (`torch.Tensor`, *optional*): roots `[num_prompts · num_trees, ...]`, packed as the pipeline packs.
             conditioning ([`Conditioning`], *optional*): pre-encoded prompts from [`~TreeRolloutPipeline.encode`].
             max_batch_size (`int`, defaults to 64): most latent rows per denoiser forward, CFG halves included.
@@ -160,7 +177,7 @@ class TreeRolloutPipeline:
         if conditioning is None:
             conditioning = self.encode(prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                                        height=height, width=width, max_sequence_length=max_sequence_length,
-                                       num_frames=num_frames)
+                                       num_frames=num_frames, image=image)
         self.check_inputs(prompts, conditioning, height, width, num_frames, num_trees, generator, latents,
                           max_batch_size, prune)
         # 2. the roots and the schedule

@@ -7,7 +7,18 @@ only through that interface and never imports a model class. Adding a family = o
 tiny test builder in `diffusers_tree.testing`.
 """
 
-from . import flux, flux2, qwenimage, sana, sd, sd3, sdxl, wan, zimage  # noqa: F401  (registers the families)
+from . import (  # noqa: F401  (registers the families)
+    flux,
+    flux2,
+    flux_kontext,
+    qwenimage,
+    sana,
+    sd,
+    sd3,
+    sdxl,
+    wan,
+    zimage,
+)
 from .base import (
     Conditioning,
     PipelineAdapter,

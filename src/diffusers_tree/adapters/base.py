@@ -92,6 +92,8 @@ class PipelineAdapter:
     # what a LoRA's Hub card says: its tags (the family's first, as diffusers' training scripts tag) and pipeline tag
     hub_tags: tuple[str, ...] = ()
     hub_task: str = "text-to-image"
+    # editing families (FLUX.1 Kontext) take source images: `encode(..., image=...)` conditions every prompt on one
+    takes_source_image: bool = False
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -26,6 +26,7 @@ import torch
 from .common import DEFAULT_WORDS, DIGIT_WORDS, SD_BETAS, TINY_VOCAB_SIZE, tiny_tokenizer
 from .flux import tiny_flux_pipeline
 from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline
+from .flux_kontext import tiny_flux_kontext_pipeline
 from .qwenimage import tiny_qwenimage_pipeline
 from .sana import tiny_sana_pipeline
 from .sd import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -35,7 +36,8 @@ from .zimage import tiny_zimage_pipeline
 
 __all__ = ["TINY_PIPELINES", "rescoring_ratio_error", "tiny_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline",
            "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_flux2_klein_pipeline",
-           "tiny_qwenimage_pipeline", "tiny_sana_pipeline", "tiny_wan_pipeline", "tiny_zimage_pipeline",
+           "tiny_qwenimage_pipeline", "tiny_sana_pipeline", "tiny_flux_kontext_pipeline", "TINY_EDIT_PIPELINES",
+           "tiny_wan_pipeline", "tiny_zimage_pipeline",
            "DEFAULT_WORDS", "DIGIT_WORDS", "SD_BETAS", "TINY_VOCAB_SIZE"]
 
 # family → (builder, the call kwargs its tiny pipeline needs: the LLM/T5 token length, Wan's frame count)
@@ -50,6 +52,11 @@ TINY_PIPELINES = {
     "qwenimage": (tiny_qwenimage_pipeline, {"max_sequence_length": 16}),
     "flux2": (tiny_flux2_pipeline, {"max_sequence_length": 48}),  # the chat template's ~30 tokens + the prompt
     "flux2_klein": (tiny_flux2_klein_pipeline, {"max_sequence_length": 32}),
+}
+
+# editing families: (builder, call kwargs); their tests give each prompt a source image
+TINY_EDIT_PIPELINES = {
+    "flux_kontext": (tiny_flux_kontext_pipeline, {"max_sequence_length": 16}),
 }
 
 
