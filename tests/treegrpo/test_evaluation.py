@@ -61,22 +61,15 @@ def test_collapse_compares_the_latest_evaluation_with_the_one_patience_before():
     assert not collapsing(points((0.5, 0.2, 0.6), (0.4, 0.1, 0.5)), 1, 0.05)  # the training reward fell too
 
 
-def test_evaluation_equals_the_stock_pipeline_with_the_exported_lora(workdir, tiny_sd3_dir):
-    """eval/judge/mean and eval/diversity of the last evaluation, recomputed outside the trainer: the stock pipeline
-    from disk with final/ loaded, the evaluation noise (seed, EVALUATION, prompt, image), the reward function."""
+def judged_by_hand(workdir, model_dir) -> tuple[list[list[float]], list[float]]:
+    """The last evaluation recomputed outside the trainer: the stock pipeline from disk with final/ loaded, the
+    evaluation noise (seed, EVALUATION, prompt, image), the `red` reward: each prompt's 2 scores and diversity."""
     from diffusers import StableDiffusion3Pipeline
     from test_rewards import red
 
     from treegrpo.rewards import to_pil
 
-    recipe = eval_recipe(workdir, tiny_sd3_dir, overrides=["train.learning_rate=0.05"])
-    train(recipe, reporter=QUIET)
-    rows = read_rows(workdir / "run" / "eval.jsonl")
-    assert [row["epoch"] for row in rows] == [0, 2]  # the untrained model, then every 2 epochs (= the last)
-    metrics = read_rows(workdir / "run" / "metrics.jsonl")
-    assert "eval/judge/mean" not in metrics[0] and metrics[1]["eval/judge/mean"] == rows[1]["eval/judge/mean"]
-
-    stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    stock = StableDiffusion3Pipeline.from_pretrained(model_dir)
     stock.load_lora_weights(workdir / "run" / "final")
     scores, diversities = [], []
     for p, prompt in enumerate(PROMPTS):
@@ -84,8 +77,23 @@ def test_evaluation_equals_the_stock_pipeline_with_the_exported_lora(workdir, ti
                                   guidance_scale=3.0, output_type="pt",
                                   generator=torch.Generator().manual_seed(derive_seed(0, Stream.EVALUATION, p, j))
                                   ).images for j in range(2)])
-        scores += red(to_pil(images), [prompt] * 2)
+        scores.append(red(to_pil(images), [prompt] * 2))
         diversities.append(math.sqrt(float(((images[0] - images[1]) ** 2).mean())))
+    return scores, diversities
+
+
+def test_evaluation_equals_the_stock_pipeline_with_the_exported_lora(workdir, tiny_sd3_dir):
+    """eval/judge/mean and eval/diversity of the last evaluation, recomputed outside the trainer: the stock pipeline
+    from disk with final/ loaded, the evaluation noise (seed, EVALUATION, prompt, image), the reward function."""
+    recipe = eval_recipe(workdir, tiny_sd3_dir, overrides=["train.learning_rate=0.05"])
+    train(recipe, reporter=QUIET)
+    rows = read_rows(workdir / "run" / "eval.jsonl")
+    assert [row["epoch"] for row in rows] == [0, 2]  # the untrained model, then every 2 epochs (= the last)
+    metrics = read_rows(workdir / "run" / "metrics.jsonl")
+    assert "eval/judge/mean" not in metrics[0] and metrics[1]["eval/judge/mean"] == rows[1]["eval/judge/mean"]
+
+    per_prompt, diversities = judged_by_hand(workdir, tiny_sd3_dir)
+    scores = [score for prompt_scores in per_prompt for score in prompt_scores]
     assert rows[1]["eval/judge/mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
     assert rows[1]["eval/diversity"] == pytest.approx(sum(diversities) / len(diversities), rel=1e-4)
 
@@ -142,3 +150,21 @@ def test_evaluating_does_not_change_what_is_learned(workdir, tiny_sd3_dir):
     assert "eval/judge/mean" in with_eval[0] and not (workdir / "plain" / "eval.jsonl").exists()
     a, b = (load_file(workdir / name / "final" / "pytorch_lora_weights.safetensors") for name in ("judged", "plain"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+def test_tagged_evaluation_prompts_get_per_category_means_and_genevals_overall(workdir, tiny_sd3_dir):
+    """Evaluation prompts with GenEval tags: each reward's mean per tag, and the unweighted mean over tags (GenEval's
+    "overall": a category counts once however many prompts it has), against the scores recomputed by hand."""
+    tags = ["colors", "colors", "colors", "single_object"]
+    lines = [{"prompt": prompt, "tag": tag} for prompt, tag in zip(PROMPTS, tags, strict=True)]
+    (workdir / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    train(eval_recipe(workdir, tiny_sd3_dir, overrides=['data.eval_prompts="eval.jsonl"']), reporter=QUIET)
+    row = read_rows(workdir / "run" / "eval.jsonl")[-1]
+    per_prompt, _ = judged_by_hand(workdir, tiny_sd3_dir)
+    colors = sum(sum(scores) for scores in per_prompt[:3]) / 6
+    single_object = sum(per_prompt[3]) / 2
+    assert row["eval/judge/tag/colors"] == pytest.approx(colors, abs=1e-5)
+    assert row["eval/judge/tag/single_object"] == pytest.approx(single_object, abs=1e-5)
+    assert row["eval/judge/tag_mean"] == pytest.approx((colors + single_object) / 2, abs=1e-5)
+    assert abs(row["eval/judge/tag_mean"] - row["eval/judge/mean"]) > 1e-4  # not the image mean

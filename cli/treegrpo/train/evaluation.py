@@ -127,6 +127,8 @@ def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -
         totals[f"{reward.name}/accuracy_count"] = count if accuracy is not None else 0
     diversity, groups = leaf_diversity(images, owners) if len(owners) else (0.0, 0)
     totals |= {"images": len(owners), "diversity": diversity, "groups": groups}
+    tags = prompt_tags(metadata)
+    totals |= tag_totals(run.eval_rewards, scores, [tags[int(p)] for p in owners] if tags else [], tags)
     sums = reduced_over_processes(acc, "sum", totals)
     metrics = {}
     for reward in run.eval_rewards:
@@ -134,5 +136,37 @@ def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -
         if sums[f"{reward.name}/accuracy_count"]:
             metrics[f"eval/{reward.name}/accuracy"] = (sums[f"{reward.name}/accuracy_sum"]
                                                        / sums[f"{reward.name}/accuracy_count"])
+        metrics |= tag_means(reward.name, sums, tags)
     metrics["eval/diversity"] = sums["diversity"] / max(sums["groups"], 1)
     return metrics
+
+
+def prompt_tags(metadata: list[dict] | None) -> list[str] | None:
+    """Every evaluation prompt's `tag` (GenEval's category: single_object, counting, ...), or None unless every
+    prompt has one. The full prompt list on every process, so every process reduces the same keys."""
+    if not metadata or not all(isinstance(m.get("tag"), str) for m in metadata):
+        return None
+    return [m["tag"] for m in metadata]
+
+
+def tag_totals(rewards: list, scores: torch.Tensor | None, image_tags: list[str], tags: list[str] | None
+               ) -> dict[str, float]:
+    """Per tag: the images and each reward's score sum (this process's share), for `tag_means`."""
+    totals: dict[str, float] = {}
+    for tag in sorted(set(tags or ())):
+        mask = torch.tensor([t == tag for t in image_tags], dtype=torch.bool)
+        totals[f"tag/{tag}/images"] = float(mask.sum())
+        for index, reward in enumerate(rewards):
+            totals[f"{reward.name}/tag/{tag}/sum"] = float(scores[index][mask].double().sum()) if mask.any() else 0.0
+    return totals
+
+
+def tag_means(name: str, sums: dict[str, float], tags: list[str] | None) -> dict[str, float]:
+    """`eval/<name>/tag/<tag>`: the reward's mean per tag; `eval/<name>/tag_mean`: the unweighted mean over tags,
+    GenEval's "overall" (each category counts once, however many prompts it has)."""
+    if not tags:
+        return {}
+    means = {tag: sums[f"{name}/tag/{tag}/sum"] / sums[f"tag/{tag}/images"] for tag in sorted(set(tags))
+             if sums[f"tag/{tag}/images"]}
+    return {**{f"eval/{name}/tag/{tag}": value for tag, value in means.items()},
+            f"eval/{name}/tag_mean": sum(means.values()) / len(means)}

@@ -274,7 +274,8 @@ def _evaluation_prompts(run: Run) -> tuple[list[str], list[dict] | None]:
 def _report_evaluation(run: Run, verdict: Verdict, done: int) -> bool:
     """One line per evaluation; the collapse warning. True when the recipe says to stop on it."""
     settings, judge_name = run.recipe.evaluation, best_by_name(run.recipe)
-    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in verdict.metrics.items())
+    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in verdict.metrics.items()
+                      if "/tag/" not in k)  # the per-category means are in eval.jsonl; their mean is shown
     run.reporter.info(f"evaluation after {done} epochs: {shown}{' (best so far: best/)' if verdict.best else ''}")
     if settings.collapse == "off" or not verdict.collapsing:
         return False
