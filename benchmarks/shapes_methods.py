@@ -63,7 +63,11 @@ def read_run(folder: Path, method: str, seed: int) -> dict:
         clock.append(seconds)
     evals = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
     curve = [{"epoch": e["epoch"], "seconds": clock[e["epoch"] - 1] if e["epoch"] else 0.0,
-              "reward_detector": e["eval/geneval/mean"], "judge": e["eval/judge/mean"]} for e in evals]
+              "reward_detector": e["eval/geneval/mean"], "judge": e["eval/judge/mean"],
+              # GenEval's overall (the mean over its six categories), logged by runs since 2026-12-07
+              "judge_overall": e.get("eval/judge/tag_mean"),
+              "judge_by_tag": {k.rsplit("/", 1)[1]: v for k, v in e.items() if k.startswith("eval/judge/tag/")}}
+             for e in evals]
     return {"method": method, "seed": seed, "curve": curve,
             "epoch_s": statistics.median(row["time/epoch_s"] for row in metrics)}
 
@@ -85,25 +89,26 @@ def worst_after(curve: list[dict], key: str, target: float, window: int = 3) -> 
     return min(statistics.mean(p[key] for p in curve[i:i + window]) for i in range(first, len(curve) - window + 1))
 
 
-def summarize(runs: list[dict], methods: list[str], targets: tuple[float, ...]) -> str:
-    """Medians over seeds; "—" where no seed got there; "(n/N)" how many seeds did."""
-    lines = ["| method | s / epoch | " + " | ".join(f"CPU s (epochs) to judge {t}" for t in targets)
-             + f" | worst 3-eval mean after {targets[0]} | final judge | final reward-detector | best judge |",
+def summarize(runs: list[dict], methods: list[str], targets: tuple[float, ...], key: str = "judge") -> str:
+    """Medians over seeds; "—" where no seed got there; "(n/N)" how many seeds did. `key`: "judge" (the judge's
+    mean over images) or "judge_overall" (GenEval's overall: the mean over categories)."""
+    lines = ["| method | s / epoch | " + " | ".join(f"CPU s (epochs) to {key} {t}" for t in targets)
+             + f" | worst 3-eval mean after {targets[0]} | final {key} | final reward-detector | best {key} |",
              "|---" * (6 + len(targets)) + "|"]
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
         cells = [f"{statistics.median(r['epoch_s'] for r in mine):.1f}"]
         for target in targets:
-            hits = [h for h in (first_reaching(r["curve"], "judge", target) for r in mine) if h]
+            hits = [h for h in (first_reaching(r["curve"], key, target) for r in mine) if h]
             reached = f"{len(hits)}/{len(mine)}"
             cells.append(f"{statistics.median(h['seconds'] for h in hits):.0f} "
                          f"({statistics.median(h['epoch'] for h in hits):.0f}) {reached}" if hits else f"— {reached}")
-        held = [w for w in (worst_after(r["curve"], "judge", targets[0]) for r in mine) if w is not None]
+        held = [w for w in (worst_after(r["curve"], key, targets[0]) for r in mine) if w is not None]
         cells.append(f"{statistics.median(held):.3f} ({len(held)})" if held else "—")
         final = [r["curve"][-1] for r in mine]
-        cells.append(f"{statistics.median(p['judge'] for p in final):.3f}")
+        cells.append(f"{statistics.median(p[key] for p in final):.3f}")
         cells.append(f"{statistics.median(p['reward_detector'] for p in final):.3f}")
-        cells.append(f"{statistics.median(max(p['judge'] for p in r['curve']) for r in mine):.3f}")
+        cells.append(f"{statistics.median(max(p[key] for p in r['curve']) for r in mine):.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,6 +122,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.8])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--metric", default="judge", choices=["judge", "judge_overall"],
+                        help="judge: the judge's mean over images; judge_overall: GenEval's overall (category mean)")
     parser.add_argument("--summarize", action="store_true", help="only tabulate the finished runs already in --out "
                         "(a campaign cut short: runs without their last evaluation are left out)")
     args = parser.parse_args()
@@ -125,6 +132,8 @@ def main() -> None:
     order = [(m, s) for s in args.seeds for m in args.methods]  # methods interleaved within each seed
     if args.summarize:
         runs = [read_run(out / f"{m}-s{s}", m, s) for m, s in order if finished(out / f"{m}-s{s}", args.epochs)]
+        if args.metric == "judge_overall":  # runs from before the category means were logged cannot say
+            runs = [r for r in runs if all(p["judge_overall"] is not None for p in r["curve"])]
         args.seeds = sorted({r["seed"] for r in runs})
         args.methods = [m for m in args.methods if any(r["method"] == m for r in runs)]
     else:
@@ -133,7 +142,7 @@ def main() -> None:
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     print(f"{len(args.seeds)} seeds, {args.epochs} epochs, judged every {args.eval_every} on the 42 test prompts "
           f"× 4 ODE samples (GenEval binary; 'judge' = the learned judge, 'reward-detector' = the reward's own)")
-    print(summarize(runs, args.methods, tuple(args.targets)))
+    print(summarize(runs, args.methods, tuple(args.targets), args.metric))
     print(f"curves: {out / 'runs.jsonl'}")
 
 
