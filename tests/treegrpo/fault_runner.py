@@ -48,14 +48,16 @@ elif kind == "kill-in-training":
 
     treegrpo.train.trainer.train_on_record = train_on_record
 elif kind == "sigterm-in-scoring":
-    original_score = treegrpo.train.trainer.score_leaves
+    import treegrpo.train.overlap
 
-    def score_leaves(*args, **kwargs):
+    original_score = treegrpo.train.overlap.score_frames  # the epoch's scoring (grouped or not) goes through it
+
+    def score_frames(*args, **kwargs):
         if _nth_call():
             os.kill(os.getpid(), signal.SIGTERM)
         return original_score(*args, **kwargs)
 
-    treegrpo.train.trainer.score_leaves = score_leaves
+    treegrpo.train.overlap.score_frames = score_frames
 
 if __name__ == "__main__":
     sys.argv[0] = "treegrpo"
