@@ -76,7 +76,7 @@ def test_check_prints_the_plan_and_its_verdict(workdir, tiny_sd3_dir):
 @pytest.mark.parametrize(("where", "phase", "knob"), [
     ("treegrpo.train.trainer.train_on_record", "training", "Lower train.micro_batch_size, or set "
                                                            "model.gradient_checkpointing"),
-    ("treegrpo.train.trainer.score_leaves", "scoring", "Lower the reward's batch_size"),
+    ("treegrpo.train.overlap.score_frames", "scoring", "Lower the reward's batch_size"),
     ("treegrpo.train.judge.evaluate_policy", "evaluation", "Lower sampling.max_batch_size or "
                                                            "evaluation.images_per_prompt"),
 ])
