@@ -79,7 +79,7 @@ def test_source_tokens_cost_no_rows_and_the_record_rescores_to_ratio_one():
 def test_auto_resize_takes_kontexts_resolution_nearest_the_aspect_ratio():
     _, tree = kontext(branch_factor=2, window_width=1)
     pixels = tree.adapter.source_pixels([source(0, 64, 32)], auto_resize=True, dtype=torch.float32)
-    # the listed (width, height) nearest 2:1 is (1440, 736)... whichever: the nearest ratio in the stock list
+    # a 2:1 source becomes the stock list's (width, height) nearest 2:1, floored to a multiple of 16
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     width, height = min(PREFERRED_KONTEXT_RESOLUTIONS, key=lambda wh: abs(2 - wh[0] / wh[1]))

@@ -31,18 +31,22 @@ if TYPE_CHECKING:
 @dataclass
 class ScoredRollout:
     """An epoch's rollout and its leaves' scores: `record` (all groups joined), `images` (leaves in record order),
-    `rows` (denoiser rows), `scores` `[num_rewards, num_leaves]` and `extras` (as `score_leaves`), or `failure` (the
+    `scores` `[num_rewards, num_leaves]` and `extras` (as `score_leaves`), or `failure` (the
     reward's error, raised by the caller after every process has seen it). `rollout_end` is the `perf_counter` when
     the last group finished rolling out; `scoring_s` the seconds spent scoring in all (hidden or not)."""
 
     record: RolloutRecord
     images: torch.Tensor
-    rows: int
     scores: torch.Tensor | None
     extras: dict[str, float]
     failure: TrainingError | None
     rollout_end: float
     scoring_s: float
+
+    @property
+    def rows(self) -> int:
+        """Denoiser rows of all groups (the joined record sums them)."""
+        return self.record.rows
 
 
 def prompt_groups(num_prompts: int, groups: int) -> list[tuple[int, int]]:
@@ -62,7 +66,7 @@ def rollout_and_score(run: Run, prompts: list[str], metadata: list[dict] | None,
     trees = run.recipe.tree.num_trees
     bounds = prompt_groups(len(prompts), s.rollout_groups)
     overlap = s.overlap_scoring and len(bounds) > 1
-    records, images, rows, pending = [], [], 0, []
+    records, images, pending = [], [], []
     # overlapped, the rewards score during the rollout: with `model.offload_rewards` they stay on the accelerator
     # for the whole rollout (they still leave before training)
     with run.rewards_ready() if overlap else nullcontext(), ThreadPoolExecutor(1, "treegrpo-scoring") as worker:
@@ -74,7 +78,6 @@ def rollout_and_score(run: Run, prompts: list[str], metadata: list[dict] | None,
                               output_type="pt")
             records.append(out.record)
             images.append(out.images)
-            rows += out.rows
             # the leaves become CPU images here, on the main thread: the worker never touches the rollout's device
             leaf_prompts = [start + int(p) for p in out.record.leaf_prompt_index]
             job = (leaf_frames(out.images), [prompts[p] for p in leaf_prompts],
@@ -88,7 +91,7 @@ def rollout_and_score(run: Run, prompts: list[str], metadata: list[dict] | None,
                 pending = [_done(_score_group, run.rewards, *job) for job in pending]
         scores, extras, failure, scoring_s = _collect(pending)
     record = concat_records(records)
-    return ScoredRollout(record, torch.cat(images), rows, scores, extras, failure, rollout_end, scoring_s)
+    return ScoredRollout(record, torch.cat(images), scores, extras, failure, rollout_end, scoring_s)
 
 
 def _score_group(rewards: list, frames, prompts: list[str], metadata: list[dict] | None):
