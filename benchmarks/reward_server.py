@@ -51,7 +51,8 @@ def load_from_git(commit: str, path: str, name: str):
 def load_before(commit: str):
     """The server as of `commit`, with that commit's request decoder too."""
     server = load_from_git(commit, "cli/treegrpo/commands/reward_server.py", "reward_server_before")
-    server.decode_request = load_from_git(commit, "cli/treegrpo/rewards/remote.py", "remote_before").decode_request
+    old_decode = load_from_git(commit, "cli/treegrpo/rewards/remote.py", "remote_before").decode_request
+    server.decode_request = lambda *args, **kwargs: (*old_decode(*args, **kwargs), None)[:4]  # (…, no sources)
     return server
 
 

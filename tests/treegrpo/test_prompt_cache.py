@@ -116,7 +116,7 @@ def test_what_every_prompt_shares_is_stored_once_on_the_cpu():
     cache = PromptEmbeddingCache(lambda p: rollout.encode(p, guidance_scale=3.0, max_sequence_length=16), "cpu")
     prompts = ["a cat", "a big red dog", "a tree"]
     got = cache(prompts)
-    assert cache._common_uncond is not None and all(cache._rows[p].uncond is None for p in prompts)
+    assert cache._common_uncond is not None and all(cache._rows[p, None].uncond is None for p in prompts)
     for row, prompt in enumerate(prompts):
         alone = rollout.encode([prompt], guidance_scale=3.0, max_sequence_length=16)
         for name in ("cond", "uncond"):

@@ -25,6 +25,7 @@ class _Job:
     images: list
     prompts: list[str]
     metadata: list[dict]
+    sources: list | None  # editing requests: each image's source image
     done: threading.Event = field(default_factory=threading.Event)
     scores: list[float] | None = None
     subscores: dict[str, list[float]] = field(default_factory=dict)
@@ -48,8 +49,8 @@ class BatchingScorer:
         for _ in range(self._workers):
             self._queue.put(None)
 
-    def score(self, images, prompts, metadata) -> tuple[list[float], dict[str, list[float]]]:
-        job = _Job(images, prompts, metadata)
+    def score(self, images, prompts, metadata, sources=None) -> tuple[list[float], dict[str, list[float]]]:
+        job = _Job(images, prompts, metadata, sources)
         self._queue.put(job)
         job.done.wait()
         if job.error is not None:
@@ -80,9 +81,11 @@ class BatchingScorer:
 
     def _score(self, reward, jobs: list[_Job]) -> None:
         try:
+            # sources only when every request of the batch sent them (a reward that needs them says so otherwise)
+            sources = None if any(j.sources is None for j in jobs) else [s for j in jobs for s in j.sources]
             scores = [float(x) for x in reward.score([i for j in jobs for i in j.images],
                                                      [p for j in jobs for p in j.prompts],
-                                                     [m for j in jobs for m in j.metadata])]
+                                                     [m for j in jobs for m in j.metadata], sources)]
             subscores = {name: [float(x) for x in values] for name, values in reward.last_subscores.items()}
             start = 0
             for job in jobs:
@@ -153,13 +156,13 @@ def answer_score(scorer: BatchingScorer, config: ServerConfig, body: bytes, cont
     (judged before decoding), 400 for a malformed request, 422 with `"retry": false` when the reward rejects the
     request itself (the client should not send it again), 500 for any other scoring failure (retried)."""
     try:
-        images, prompts, metadata = decode_request(body, content_type, max_pixels=config.max_pixels)
+        images, prompts, metadata, sources = decode_request(body, content_type, max_pixels=config.max_pixels)
     except RequestTooLarge as err:
         return 413, {"error": str(err)}
     except (ValueError, KeyError, TypeError) as err:
         return 400, {"error": f"bad request: {err}"}
     try:
-        scores, subscores = scorer.score(images, prompts, metadata)
+        scores, subscores = scorer.score(images, prompts, metadata, sources)
     except (ValueError, KeyError, TypeError) as err:  # the request's fault (a prompt the reward cannot read)
         return 422, {"error": f"scoring failed: {type(err).__name__}: {err}", "retry": False}
     except Exception as err:  # noqa: BLE001 (the client gets the reason, the server keeps serving)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from treegrpo.errors import UsageError
 from treegrpo.recipe.schema import Recipe
+from treegrpo.sources import SOURCE_KEY, resolve_source
 
 # Text encoders read at most a few hundred tokens (CLIP 77, T5 256-512); a longer line is a mistake (a wrong file),
 # and a multi-megabyte one would stall the tokenizer for minutes.
@@ -26,8 +27,9 @@ def prompts_from_file(path: str, key: str = "data.prompts") -> list[str]:
 
 def prompt_records(path: str, key: str = "data.prompts") -> tuple[list[str], list[dict]]:
     """(prompts, metadata): a `.jsonl` file holds one JSON object a line with a `prompt` string and any other
-    fields (GenEval's `tag`/`include`, an OCR target text), which reach the rewards that take metadata (python,
-    http, vlm); a text file holds one prompt a line and gives empty metadata."""
+    fields (GenEval's `tag`/`include`, an OCR target text, an editing prompt's source `image`), which reach the
+    rewards that take metadata (python, http, vlm); a text file holds one prompt a line and gives empty metadata.
+    An `image` path is resolved against the file's folder and checked readable (`sources.resolve_source`)."""
     prompts = _prompt_lines(path, key)
     if not str(path).endswith(".jsonl"):
         return prompts, [{} for _ in prompts]
@@ -44,6 +46,8 @@ def prompt_records(path: str, key: str = "data.prompts") -> tuple[list[str], lis
         if len(record["prompt"]) > MAX_PROMPT_CHARS:
             raise PreflightError(f"{key} = {path!r}: the prompt of line {number} has {len(record['prompt'])} "
                                  f"characters; prompts over {MAX_PROMPT_CHARS} are refused.")
+        if SOURCE_KEY in record:  # an editing prompt's source image: an absolute path from here on
+            record[SOURCE_KEY] = resolve_source(record[SOURCE_KEY], path, key, number)
         records.append(record)
     return [r["prompt"] for r in records], [{k: v for k, v in r.items() if k != "prompt"} for r in records]
 
@@ -211,9 +215,7 @@ def _check_size_from_config(folder: Path, height: int, width: int) -> None:
 def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
     """Everything about the recipe's files that can be judged without loading a model. Raises `PreflightError`.
     `about_to_load` (`run`): also whether the model can load on this machine (see `check_pretrained`)."""
-    prompts_from_file(recipe.data.prompts, "data.prompts")
-    if recipe.data.eval_prompts:
-        prompts_from_file(recipe.data.eval_prompts, "data.eval_prompts")
+    _check_prompt_files(recipe)
     check_pretrained(recipe.model.pretrained, about_to_load=about_to_load)
     folder = _local_folder(recipe.model.pretrained)
     if folder is not None:
@@ -232,6 +234,25 @@ def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise PreflightError(f"output.dir = {recipe.output.dir!r} is a file, not a folder; set output.dir to a "
                              "folder.")
+
+
+def _check_prompt_files(recipe: Recipe) -> None:
+    """Both prompt files readable, and their source images (editing) what the model takes, when its class is known
+    here (a local, built-in or cached model)."""
+    from treegrpo.sources import check_sources
+
+    config = pipeline_config(recipe.model.pretrained)
+    pipeline_class = str(config.get("_class_name", "")) if config else ""
+    for key, path in (("data.prompts", recipe.data.prompts), ("data.eval_prompts", recipe.data.eval_prompts)):
+        if not path:
+            continue
+        _, metadata = prompt_records(path, key)
+        if pipeline_class:
+            from diffusers_tree.adapters import adapter_class
+
+            adapter = adapter_class(pipeline_class)
+            takes_source = bool(adapter is not None and adapter.takes_source_image)
+            check_sources(metadata, takes_source, pipeline_class, f"{key} = {path!r}")
 
 
 def _check_vlm_templates(recipe: Recipe) -> None:

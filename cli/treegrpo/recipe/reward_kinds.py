@@ -15,6 +15,7 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
     "jpeg": frozenset({"quality"}),
     "digits": frozenset({"name", "classifier", "strict"}),
     "diversity": frozenset({"size"}),
+    "preservation": frozenset(),
     "geneval": frozenset({"detector", "score", "pretrained", "threshold"}),
     "ocr": frozenset({"psm", "lang", "tesseract_cmd", "parallel", "timeout"}),
     "python": frozenset({"function", "batch_size"}),

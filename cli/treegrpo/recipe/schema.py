@@ -105,6 +105,10 @@ class SamplingRecipe(_Table):
     max_sequence_length: int | None = Field(None, gt=0, description="T5 token length (SD3/FLUX); default: the "
                                             "pipeline's, or the value stored with a builtin model.")
     negative_prompt: str | None = Field(None, description="Negative prompt for CFG (default empty).")
+    auto_resize: bool = Field(True, description="Editing models: resize each source image (a .jsonl line's "
+                              "`image`) to the family's preferred resolution nearest its aspect ratio, as the stock "
+                              "pipeline does (FLUX.1 Kontext: 672-1568 px a side); false keeps its size, floored to "
+                              "a multiple of 16 px. Ignored by text-to-image models.")
     max_batch_size: int = Field(64, ge=2, description="Most latent rows per denoiser forward while sampling (CFG "
                                 "halves included).")
     tail_steps: int | None = Field(None, ge=1, description="Denoiser steps per leaf after the SDE window: the "

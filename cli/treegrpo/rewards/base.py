@@ -44,6 +44,8 @@ class RewardBase:
     - `name` labels the metrics (`reward/<name>/mean`); the trainer sets the recipe's name.
     - `frame_reduction` says how video leaves are scored ("mean" | "min" | "max" | "whole"); set from the recipe.
     - `takes_metadata`: `__call__` accepts `metadata=` (a `.jsonl` prompt file's fields per image).
+    - `takes_source_images`: `__call__` accepts `source_images=` (editing: each image's source as an RGB PIL image,
+      read from its prompt line's `image`).
     - `last_subscores`: `{name: float32 [N]}` of the last call (remote rewards' sub-scores); empty by default.
     - `score_and_accuracy`: the scores and, for rewards that judge right/wrong (digits), the accuracy.
     - `load()` loads what loads lazily and returns the reward; `modules()` lists the torch models it holds once
@@ -55,6 +57,7 @@ class RewardBase:
     name: str = "reward"
     frame_reduction: str = "mean"
     takes_metadata: bool = False
+    takes_source_images: bool = False
     last_subscores: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
@@ -66,17 +69,31 @@ class RewardBase:
     def modules(self) -> list[torch.nn.Module]:
         return []
 
-    def score(self, images: list[Image.Image], prompts: list[str],
-              metadata: list[dict] | None = None) -> torch.Tensor:
-        """`self(images, prompts)`, with each image's metadata for rewards that take it."""
+    def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None,
+              source_images: list[Image.Image] | None = None) -> torch.Tensor:
+        """`self(images, prompts)`, with each image's metadata and source image for rewards that take them. The
+        sources are `source_images` when given (a reward server's request), else read from the metadata's `image`
+        paths (training), else None (text-to-image prompts)."""
+        extra = {}
         if metadata is not None and self.takes_metadata:
-            return self(images, prompts, metadata=metadata)
-        return self(images, prompts)
+            extra["metadata"] = metadata
+        if self.takes_source_images:
+            extra["source_images"] = source_images if source_images is not None else source_images_of(metadata)
+        return self(images, prompts, **extra)
 
     def score_and_accuracy(self, images: list[Image.Image], prompts: list[str],
                            metadata: list[dict] | None = None) -> tuple[torch.Tensor, float | None]:
         """Scores `[N]` and the accuracy when the reward can judge right/wrong (`None` here)."""
         return self.score(images, prompts, metadata), None
+
+
+def source_images_of(metadata: list[dict] | None) -> list[Image.Image] | None:
+    """Each image's source (its prompt line's `image`, a path) as an RGB PIL image; None for text-to-image prompts
+    (a reward that needs sources says so itself)."""
+    from treegrpo.sources import load_source_images, source_paths
+
+    paths = source_paths(metadata)
+    return None if paths is None else load_source_images(paths)
 
 
 def score_with_accuracy(reward: RewardBase, images, prompts, metadata: list[dict] | None = None

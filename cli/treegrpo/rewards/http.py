@@ -48,6 +48,7 @@ class HttpReward(RewardBase):
     """
 
     takes_metadata = True
+    takes_source_images = True  # sent with each image when the prompts name sources (editing)
 
     def __init__(self, *, url: str | list[str], body: str = "json", timeout: float = 120.0, retries: int = 2,
                  backoff: float = 1.0, batch_size: int = 32, parallel: int = 1, headers: dict | None = None,
@@ -69,17 +70,18 @@ class HttpReward(RewardBase):
         """Nothing to load (the server holds the model)."""
         return self
 
-    def _score(self, images, prompts, metadata):
-        data, content_type = encode_request(images, prompts, metadata, self.body)
+    def _score(self, images, prompts, metadata, sources):
+        data, content_type = encode_request(images, prompts, metadata, self.body, sources)
         answer, url = self.transport.post(data, content_type)
         return decode_scores(answer, len(images), url)
 
-    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None,
+                 source_images: list[Image.Image] | None = None) -> torch.Tensor:
         n = check_batch(images, prompts, self.name)
         metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
         parts = list(chunks(n, self.batch_size))
-        jobs = [(images[part], list(prompts[part]), metadata[part]) for part in parts]
+        jobs = [(images[part], list(prompts[part]), metadata[part],
+                 None if source_images is None else list(source_images[part])) for part in parts]
         if self.parallel > 1 and len(jobs) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="http-reward")

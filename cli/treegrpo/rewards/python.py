@@ -1,7 +1,8 @@
 """Your own reward: any Python function ``f(images: list[PIL.Image.Image], prompts: list[str])`` returning one
 number per image (a list, a NumPy array or a tensor), named as ``"package.module:function"`` or
 ``"path/to/file.py:function"``. A function that also takes a ``metadata`` parameter receives each image's prompt
-metadata (a list of dicts; the fields of a ``.jsonl`` prompt file's lines).
+metadata (a list of dicts; the fields of a ``.jsonl`` prompt file's lines); one that takes ``source_images``
+receives each image's source image (editing prompts: the ``image`` of its prompt line, an RGB PIL image).
 
 The function is imported when the reward is built, so a typo fails before any model loads or any image is sampled.
 """
@@ -115,10 +116,13 @@ class PythonReward(RewardBase):
     ):
         self.function = str(function)
         self._function = import_function(self.function)
-        try:  # a function with a `metadata` parameter gets each image's prompt metadata (.jsonl prompt files)
-            self.takes_metadata = "metadata" in inspect.signature(self._function).parameters
+        try:  # a function with a `metadata` parameter gets each image's prompt metadata (.jsonl prompt files),
+            # one with `source_images` each image's source image (editing prompts)
+            parameters = inspect.signature(self._function).parameters
         except (TypeError, ValueError):  # builtins and some C callables have no signature
-            self.takes_metadata = False
+            parameters = {}
+        self.takes_metadata = "metadata" in parameters
+        self.takes_source_images = "source_images" in parameters
         self.name = self.function.rpartition(":")[2]
         self.batch_size = None if batch_size is None else check_batch_size(batch_size)
 
@@ -126,14 +130,16 @@ class PythonReward(RewardBase):
         """Nothing to load; the function was imported when the reward was built."""
         return self
 
-    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None,
+                 source_images: list[Image.Image] | None = None) -> torch.Tensor:
         n = check_batch(images, prompts, self.name)
         size = n if self.batch_size is None else self.batch_size
         parts = []
         for part in chunks(n, max(size, 1)):
             extra = {"metadata": list(metadata[part]) if metadata is not None else [{}] * (part.stop - part.start)} \
                 if self.takes_metadata else {}
+            if self.takes_source_images:
+                extra["source_images"] = list(source_images[part]) if source_images is not None else None
             parts.append(as_scores(self._function(list(images[part]), list(prompts[part]), **extra),
                                    part.stop - part.start, self.function))
         return torch.cat(parts) if parts else torch.empty(0)

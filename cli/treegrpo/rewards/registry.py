@@ -19,6 +19,7 @@ from treegrpo.rewards.imagereward import ImageRewardReward
 from treegrpo.rewards.jpeg import JpegCompressibilityReward
 from treegrpo.rewards.ocr import OcrReward
 from treegrpo.rewards.pickscore import PickScoreReward
+from treegrpo.rewards.preservation import PreservationReward
 from treegrpo.rewards.python import PythonReward
 from treegrpo.rewards.vlm import VlmReward
 
@@ -32,6 +33,7 @@ REWARD_KINDS: dict[str, Callable[..., RewardBase]] = {
     "jpeg": JpegCompressibilityReward,
     "digits": DigitsReward,
     "diversity": DiversityReward,
+    "preservation": PreservationReward,
     "geneval": GenEvalReward,
     "ocr": OcrReward,
     "python": PythonReward,
@@ -74,9 +76,9 @@ def build_reward(
       ("openai/clip-vit-large-patch14"), ``processor`` (= ``clip_pretrained``).
     - ``clipscore``: ``pretrained`` ("openai/clip-vit-large-patch14"), ``processor`` (= ``pretrained``),
       ``scale`` (1.0), ``clamp`` (False).
-    - ``jpeg``: ``quality`` (95).
-    - ``digits``: the toy digit classifier of ``builtin:digits`` (see `treegrpo.rewards.digits`).
+    - ``jpeg``: ``quality`` (95). ``digits``: the toy digit classifier of ``builtin:digits``.
     - ``diversity``: mean pixel distance to the prompt's other images in the batch (anti-collapse): ``size`` (64).
+    - ``preservation``: editing: 1 - mean pixel difference to the source outside the prompt's ``edit_region``.
     - ``geneval``: GenEval's judgement against each prompt's metadata (a GenEval ``.jsonl``): ``detector``
       ("shapes" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint), ``threshold`` (0.3).
     - ``ocr``: 1 - normalised edit distance to the prompt's quoted text, read by Tesseract: ``psm`` (6), ``lang``

@@ -56,12 +56,15 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def encode_request(images: list[Image.Image], prompts: list[str], metadata: list[dict], body: str = "json"
-                   ) -> tuple[bytes, str]:
-    """(request body, content type) of one batch."""
+def encode_request(images: list[Image.Image], prompts: list[str], metadata: list[dict], body: str = "json",
+                   source_images: list[Image.Image] | None = None) -> tuple[bytes, str]:
+    """(request body, content type) of one batch; editing prompts send each image's source image too."""
     if body == "json":
         payload = {"prompts": prompts, "metadata": metadata,
                    "images": [base64.b64encode(png_bytes(image)).decode("ascii") for image in images]}
+        if source_images is not None:
+            payload["source_images"] = [base64.b64encode(png_bytes(image)).decode("ascii")
+                                        for image in source_images]
         return json.dumps(payload).encode(), "application/json"
     if body != "multipart":
         raise ValueError(f"body must be one of {BODIES}; got {body!r}.")
@@ -70,21 +73,30 @@ def encode_request(images: list[Image.Image], prompts: list[str], metadata: list
               + json.dumps({"prompts": prompts, "metadata": metadata}).encode())]
     parts += [(f'Content-Disposition: form-data; name="image_{i}"; filename="{i}.png"\r\n'
                "Content-Type: image/png\r\n\r\n").encode() + png_bytes(image) for i, image in enumerate(images)]
+    parts += [(f'Content-Disposition: form-data; name="source_{i}"; filename="source_{i}.png"\r\n'
+               "Content-Type: image/png\r\n\r\n").encode() + png_bytes(image)
+              for i, image in enumerate(source_images or [])]
     data = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
     return data + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
 
 
 def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAGE_PIXELS
-                   ) -> tuple[list[Image.Image], list[str], list[dict]]:
-    """The server side of `encode_request`: (images, prompts, metadata). ValueError for a malformed body (the
-    message names the field, never an object's address); `RequestTooLarge` for an image over `max_pixels`, judged
-    from its PNG header before it is decoded. Only PNG is accepted, as the protocol says."""
+                   ) -> tuple[list[Image.Image], list[str], list[dict], list[Image.Image] | None]:
+    """The server side of `encode_request`: (images, prompts, metadata, source images or None). ValueError for a
+    malformed body (the message names the field, never an object's address); `RequestTooLarge` for an image (or
+    source) over `max_pixels`, judged from its PNG header before it is decoded. Only PNG is accepted, as the protocol
+    says."""
     if content_type.startswith("application/json"):
         payload = json.loads(data)
         if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
             raise ValueError('the body must be a JSON object with an "images" list of base64 PNGs')
         encoded = [base64.b64decode(text, validate=True) if isinstance(text, str) else b""
                    for text in payload["images"]]
+        sources = payload.get("source_images")
+        if sources is not None and not isinstance(sources, list):
+            raise ValueError('"source_images" must be a list of base64 PNGs, one per image (or absent)')
+        sources = None if sources is None else [base64.b64decode(text, validate=True) if isinstance(text, str)
+                                                else b"" for text in sources]
     elif content_type.startswith("multipart/form-data"):
         message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data)
         fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
@@ -94,10 +106,15 @@ def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAG
         payload = json.loads(fields["request"])
         count = sum(1 for name in fields if str(name).startswith("image_"))
         encoded = [fields.get(f"image_{i}") or b"" for i in range(count)]
+        source_count = sum(1 for name in fields if str(name).startswith("source_"))
+        sources = [fields.get(f"source_{i}") or b"" for i in range(source_count)] if source_count else None
     else:
         raise ValueError(f"unsupported content type {content_type!r}; send application/json or multipart/form-data")
     prompts, metadata = _checked_texts(payload, len(encoded))
-    return [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(encoded)], prompts, metadata
+    if sources is not None and len(sources) != len(encoded):
+        raise ValueError(f"{len(encoded)} images and {len(sources)} source images; send one source per image")
+    return ([_decoded_png(blob, i, max_pixels) for i, blob in enumerate(encoded)], prompts, metadata,
+            None if sources is None else [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(sources)])
 
 
 def _checked_texts(payload, count: int) -> tuple[list[str], list[dict]]:

@@ -5,6 +5,9 @@ changes, since the text encoders are frozen. The cache keeps each prompt's condi
 so that the accelerator holds only the epoch's rows. It lives in memory: after a resume each prompt is encoded once
 more. diffusers has no such cache (its pipelines encode per call), so this small class is ours.
 
+Editing prompts are keyed by prompt AND source image (`sources`: the paths of a `.jsonl` file's `image` fields):
+one instruction over two sources is two entries, and a source is VAE-encoded once per run with its prompt.
+
 What is the same for every prompt is stored once: the negative prompt's rows (one row per prompt otherwise: 3.7 MB
 each for Qwen-Image, ~15 GB over a 4,000-prompt file) and the `shared` tensors (FLUX's position ids), on the CPU.
 """
@@ -31,12 +34,13 @@ def _same_rows(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | N
 
 
 class PromptEmbeddingCache:
-    """`cache(prompts)` returns `encode(prompts)` (each prompt encoded alone, so equal to a batched encode up to float
-    rounding), encoding only prompts it has not seen.
+    """`cache(prompts, sources)` returns `encode(prompts, sources)` (each prompt encoded alone, so equal to a batched
+    encode up to float rounding), encoding only (prompt, source) pairs it has not seen.
 
     Args:
         encode: prompts -> `Conditioning` (the rollout pipeline's `encode` with the run's guidance, size, length),
-            called only inside `encoders_ready()`.
+            called as `encode(prompts, sources)` for editing prompts (their source image paths); only inside
+            `encoders_ready()`.
         device: where the returned conditioning lives (the accelerator).
         storage_device: where the cached rows live between epochs ("cpu": off the accelerator).
         encoders_ready: a context manager factory around every batch of new prompts (the run's text-encoder
@@ -48,7 +52,8 @@ class PromptEmbeddingCache:
                  encoders_ready: Callable[[], AbstractContextManager] = nullcontext):
         self._encode, self.device, self.storage_device = encode, torch.device(device), torch.device(storage_device)
         self._encoders_ready = encoders_ready
-        self._rows: dict[str, Conditioning] = {}  # per prompt: its cond rows, and uncond rows unless common
+        self._rows: dict[tuple[str, str | None], Conditioning] = {}  # per (prompt, source): its cond rows, and
+        # uncond rows unless common
         self._common_uncond: dict[str, torch.Tensor] | None = None  # the negative prompt's rows, stored once
         self._template: Conditioning | None = None  # guidance, size and the `shared` tensors (stored once)
         self.encoded_prompts = 0  # how many prompts went through the text encoders (for tests and logs)
@@ -56,23 +61,25 @@ class PromptEmbeddingCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __call__(self, prompts: list[str]) -> Conditioning:
-        new = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+    def __call__(self, prompts: list[str], sources: list[str] | None = None) -> Conditioning:
+        keys = list(zip(prompts, sources if sources is not None else [None] * len(prompts), strict=True))
+        new = list(dict.fromkeys(key for key in keys if key not in self._rows))
         if new:
             with self._encoders_ready():
-                for prompt in new:
+                for prompt, source in new:
                     # one prompt per encoder call: text encoders' batched matmuls round differently at different
                     # batch sizes (~1e-7), and a prompt's embedding must not depend on which prompts were drawn with
                     # it, or a resumed run (empty cache, other draws) would drift from the uninterrupted one
-                    self._store(prompt, self._encode([prompt]).to(self.storage_device))
+                    encoded = self._encode([prompt]) if source is None else self._encode([prompt], [source])
+                    self._store((prompt, source), encoded.to(self.storage_device))
                     self.encoded_prompts += 1
-        parts = [self._rows[p] for p in prompts]
+        parts = [self._rows[key] for key in keys]
         parts = [part if part.uncond is not None or self._common_uncond is None
                  else replace(part, uncond=self._common_uncond) for part in parts]
         joined = Conditioning.concat(parts).to(self.device)
         return replace(joined, shared={k: _move(v, self.device) for k, v in self._template.shared.items()})
 
-    def _store(self, prompt: str, conditioning: Conditioning) -> None:
+    def _store(self, key: tuple[str, str | None], conditioning: Conditioning) -> None:
         if self._template is None:
             shared = {k: _move(v, self.storage_device) for k, v in conditioning.shared.items()}
             self._template = replace(conditioning, cond={}, uncond=None, shared=shared)
@@ -80,4 +87,4 @@ class PromptEmbeddingCache:
         uncond = conditioning.uncond
         if _same_rows(uncond, self._common_uncond):
             uncond = None  # the common rows, joined back in at `__call__`
-        self._rows[prompt] = replace(conditioning, uncond=uncond, shared={})
+        self._rows[key] = replace(conditioning, uncond=uncond, shared={})

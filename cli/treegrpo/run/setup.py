@@ -27,6 +27,7 @@ from treegrpo.run.prompt_cache import PromptEmbeddingCache
 from treegrpo.run.reporting import Reporter
 from treegrpo.run.seeds import lora_init_seed
 from treegrpo.run.signals import StopSignals
+from treegrpo.sources import load_source_images
 
 
 class SetupError(UsageError):
@@ -44,6 +45,7 @@ class SamplingSettings:
     negative_prompt: str | None
     max_sequence_length: int | None
     num_frames: int | None
+    auto_resize: bool = True  # editing models: resize sources to the family's preferred resolution (stock default)
 
     def as_kwargs(self) -> dict:
         """The settings as keyword arguments of an encode or a stock pipeline call."""
@@ -78,19 +80,18 @@ class Run:
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.denoiser_name)
 
-    def encode(self, prompts: list[str]):
-        """The prompts' conditioning: from the per-run cache (`data.cache_embeddings`) or encoded now."""
+    def encode(self, prompts: list[str], sources: list[str] | None = None):
+        """The prompts' conditioning (with their source images' for editing models: `sources` are the paths of
+        the `.jsonl` lines' `image` fields): from the per-run cache (`data.cache_embeddings`) or encoded now."""
         if self.prompt_cache is not None:
-            return self.prompt_cache(prompts)
-        return self._encode_now(prompts)
-
-    def _encode_now(self, prompts: list[str]):
+            return self.prompt_cache(prompts, sources)
         with self.text_encoders_ready():
-            return self.encode_with_encoders_ready(prompts)
+            return self.encode_with_encoders_ready(prompts, sources)
 
-    def encode_with_encoders_ready(self, prompts: list[str]):
+    def encode_with_encoders_ready(self, prompts: list[str], sources: list[str] | None = None):
         """Encode with the run's settings; the caller has the text encoders where they run (`text_encoders_ready`)."""
-        return self.rollout.encode(prompts, **self.sampling.as_kwargs())
+        image = None if sources is None else load_source_images(sources)
+        return self.rollout.encode(prompts, image=image, **self.sampling.as_kwargs())
 
     def text_encoders_ready(self):
         """With `model.offload_text_encoders`, the text encoders on the accelerator inside this block and back in CPU
@@ -171,7 +172,8 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
         height=s.height, width=s.width, negative_prompt=s.negative_prompt,
         max_sequence_length=s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
-        num_frames=s.num_frames)
+        num_frames=s.num_frames, auto_resize=s.auto_resize)
+    _check_sources(recipe, prompt_metadata, type(pipe).__name__, rollout.adapter.takes_source_image)
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
               sampling=sampling, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
@@ -180,6 +182,21 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         run.prompt_cache = PromptEmbeddingCache(run.encode_with_encoders_ready, accelerator.device,
                                                 encoders_ready=run.text_encoders_ready)
     return run
+
+
+def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str, takes_source: bool) -> None:
+    """The prompt files' source images against the loaded model (`check` judges them only for models on disk)."""
+    from treegrpo.sources import SourceImageError, check_sources
+
+    files = [("data.prompts", recipe.data.prompts, metadata)]
+    if recipe.data.eval_prompts:
+        files.append(("data.eval_prompts", recipe.data.eval_prompts,
+                      read_prompt_records(recipe.data.eval_prompts, "data.eval_prompts")[1]))
+    try:
+        for key, path, lines in files:
+            check_sources(lines, takes_source, pipeline_class, f"{key} = {path!r}")
+    except SourceImageError as err:
+        raise SetupError(str(err)) from None
 
 
 def _setup_cpu_threads(accelerator, recipe_threads: int | None, recorded: int | None, reporter: Reporter) -> None:

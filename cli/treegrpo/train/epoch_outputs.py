@@ -13,6 +13,7 @@ from treegrpo.errors import TrainingError
 from treegrpo.model.loading import stock_call
 from treegrpo.run.metrics import image_grid
 from treegrpo.run.seeds import seeded
+from treegrpo.sources import source_argument
 from treegrpo.train.diagnostics import leaf_diversity, no_signal_groups
 
 if TYPE_CHECKING:
@@ -152,8 +153,10 @@ def is_sharded(run: Run) -> bool:
     return str(run.accelerator.distributed_type).endswith("FSDP")
 
 
-def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | None:
-    """A grid of ODE samples from the stock pipeline (its own scheduler) with the current weights."""
+def save_samples(run: Run, path: Path, prompts: list[str], seed: int, sources: list[str] | None = None
+                 ) -> Path | None:
+    """A grid of ODE samples from the stock pipeline (its own scheduler) with the current weights; editing models
+    edit each prompt's source image (`sources`, paths)."""
     # sharded weights need every process in the forward; otherwise only the main process samples
     if not run.recipe.output.samples or not (run.accelerator.is_main_process or is_sharded(run)):
         return None
@@ -164,7 +167,7 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int) -> Path | 
         # The prompt by keyword (FLUX.2 takes `image` first), in a copy (Z-Image writes its templated prompts into
         # the list); one image per prompt (Qwen-Image's and SANA's encode_prompt mis-tile mixed-length prompts
         # that ask for several).
-        call = stock_call(pipe, {**kwargs, "prompt": list(prompts)})
+        call = stock_call(pipe, {**kwargs, "prompt": list(prompts), **source_argument(sources)})
         result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps,
                       generator=seeded(seed), output_type="pil", **call)
     # video pipelines (Wan) return `frames`: one strip of evenly spaced frames per video

@@ -17,6 +17,7 @@ import torch
 from treegrpo.errors import TrainingError
 from treegrpo.model.loading import stock_call
 from treegrpo.run.seeds import evaluation_generators
+from treegrpo.sources import source_argument, source_paths
 from treegrpo.train.diagnostics import leaf_diversity
 from treegrpo.train.epoch_outputs import reduced_over_processes, score_leaves
 from treegrpo.train.grpo import stop_together
@@ -82,10 +83,11 @@ def collapsing(history: list[EvalPoint], patience: int, tolerance: float) -> boo
 
 
 def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | None], images_per_prompt: int,
-                             seed: int) -> torch.Tensor:
+                             seed: int, sources: list[str] | None = None) -> torch.Tensor:
     """Float images in [0, 1] `[len(share) · images_per_prompt, ...]` from the stock pipeline (its own scheduler,
     the current weights); image j of prompt p draws its noise from (seed, p, j), the same at every evaluation, so
-    the curve compares the weights, not the noise. Padding slots sample prompt 0 and are dropped by the caller."""
+    the curve compares the weights, not the noise. Padding slots sample prompt 0 and are dropped by the caller.
+    Editing models edit each prompt's source image (`sources`, paths)."""
     items = [(p if p is not None else 0, j) for p in share for j in range(images_per_prompt)]
     pipe, kwargs = run.pipe, run.sampling.as_kwargs()
     pipe.set_progress_bar_config(disable=True)
@@ -93,7 +95,9 @@ def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | Non
     with torch.no_grad(), run.text_encoders_ready():
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
-            call = stock_call(pipe, {**kwargs, "prompt": [prompts[p] for p, _ in part]})
+            part_sources = None if sources is None else [sources[p] for p, _ in part]
+            call = stock_call(pipe, {**kwargs, "prompt": [prompts[p] for p, _ in part],
+                                     **source_argument(part_sources)})
             result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps, output_type="pt",
                           generator=evaluation_generators(seed, part), **call)
             chunks.append(result.images if hasattr(result, "images") else result.frames)
@@ -105,7 +109,8 @@ def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -
     and `eval/diversity`, over every evaluation image of every process."""
     acc, settings = run.accelerator, run.recipe.evaluation
     share = process_prompts(len(prompts), acc.process_index, acc.num_processes)
-    images = sample_evaluation_images(run, prompts, share, settings.images_per_prompt, run.recipe.train.seed)
+    images = sample_evaluation_images(run, prompts, share, settings.images_per_prompt, run.recipe.train.seed,
+                                      source_paths(metadata))
     real = [p for p in share for _ in range(settings.images_per_prompt)]
     keep = torch.tensor([p is not None for p in real])
     images, owners = images[keep], torch.tensor([p for p in real if p is not None], dtype=torch.long)

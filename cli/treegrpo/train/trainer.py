@@ -30,6 +30,7 @@ from treegrpo.run.setup import Run, SetupError, read_prompt_records, setup
 from treegrpo.run.signals import StopNow, StopSignals, signal_name
 from treegrpo.run.threads import record_cpu_threads, recorded_cpu_threads
 from treegrpo.run.tracking import log_grid, log_metrics, start_trackers
+from treegrpo.sources import source_paths
 from treegrpo.train.epoch_outputs import epoch_metrics, is_sharded, save_samples
 from treegrpo.train.evaluation import best_by_name
 from treegrpo.train.export import ema_applied, full_state, write_policy
@@ -60,8 +61,8 @@ def run_epoch(run: Run, epoch: int) -> dict:
                                     acc.num_processes)
     local_prompts = [run.prompts[i] for i in local_indices]
     run.reporter.phase("rollout")
-    conditioning = run.encode(local_prompts)
     metadata = [run.prompt_metadata[i] for i in local_indices] if run.prompt_metadata else None
+    conditioning = run.encode(local_prompts, source_paths(metadata))
     generators = tree_generators(r.train.seed, epoch, local_positions, r.tree.num_trees)
     out = rollout_and_score(run, local_prompts, metadata, conditioning, generators, window_start,
                             before_scoring=lambda: _check_interrupt(run, epoch, stepped=False))
@@ -202,13 +203,14 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
     tracking = start_trackers(acc, recipe, reporter.warn)
     eval_prompts, eval_metadata = _evaluation_prompts(run)
     judge = PolicyJudge.start(run, eval_prompts, eval_metadata, state)
+    eval_sources = source_paths(eval_metadata)  # editing models: the grids edit the evaluation prompts' sources
     if start == 0:
-        save_samples(run, out_dir / "samples" / "before.png", eval_prompts, recipe.train.seed)
+        save_samples(run, out_dir / "samples" / "before.png", eval_prompts, recipe.train.seed, eval_sources)
         if judge.due(0):
             _report_evaluation(run, judge.evaluate(0), 0)
     signals.deferred = True  # from here a first signal means: checkpoint at the next safe point
     try:
-        _epochs(run, start, judge, metrics_log, eval_prompts)
+        _epochs(run, start, judge, metrics_log, eval_prompts, eval_sources)
     except _StopAtSafePoint as stop:
         signum, done = stop.args
         signals.deferred = False  # a further signal while this checkpoint is written stops at once
@@ -220,7 +222,7 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
             for tracker in acc.trackers:
                 tracker.finish()
     try:
-        final = finish(run, metrics_log, eval_prompts, judge.log.read())
+        final = finish(run, metrics_log, eval_prompts, judge.log.read(), eval_sources)
     except StopNow as stop:
         raise Interrupted(stop.args[0], f"{signal_name(stop.args[0])} during the final export: {out_dir / 'final'} "
                                         f"may be incomplete; {describe_newest(out_dir)}, which redoes the "
@@ -234,7 +236,8 @@ def _train(recipe: Recipe, resume: bool, reporter: Reporter, signals: StopSignal
     return final
 
 
-def _epochs(run: Run, start: int, judge: PolicyJudge, metrics_log: MetricsLog, eval_prompts: list[str]) -> None:
+def _epochs(run: Run, start: int, judge: PolicyJudge, metrics_log: MetricsLog, eval_prompts: list[str],
+            eval_sources: list[str] | None) -> None:
     """The epochs from `start`: each one's metrics (with the evaluation's when one is due), sample grids,
     checkpoints; a stop signal is honoured at the safe point after each epoch, a collapse (if the recipe says stop)
     after its checkpoint."""
@@ -253,7 +256,7 @@ def _epochs(run: Run, start: int, judge: PolicyJudge, metrics_log: MetricsLog, e
             if done % recipe.output.eval_every == 0 and done < recipe.train.epochs:
                 with ema_applied(run):  # samples show the weights that would be exported
                     grid = save_samples(run, run.out_dir / "samples" / f"epoch-{done:06d}.png", eval_prompts,
-                                        recipe.train.seed)
+                                        recipe.train.seed, eval_sources)
                 log_grid(acc, grid, done)
             if done % recipe.output.checkpoint_every == 0 or done == recipe.train.epochs or collapsed:
                 _checkpoint(run, done, judge)
@@ -330,7 +333,8 @@ def _checkpoint(run: Run, completed_epochs: int, judge: PolicyJudge) -> Path:
                            keep=recipe.output.keep_checkpoints)
 
 
-def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str], evaluations: list[dict] = ()) -> Path:
+def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str], evaluations: list[dict] = (),
+           eval_sources: list[str] | None = None) -> Path:
     """Final LoRA (diffusers format) or full weights, the after-training grid and the reward curve."""
     final = run.out_dir / "final"
     acc = run.accelerator
@@ -342,7 +346,7 @@ def finish(run: Run, metrics_log: MetricsLog, eval_prompts: list[str], evaluatio
     full = full_state(run)
     if acc.is_main_process:
         write_policy(run, final, full)
-    save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed)
+    save_samples(run, run.out_dir / "samples" / "final.png", eval_prompts, run.recipe.train.seed, eval_sources)
     if acc.is_main_process:
         history = metrics_log.read()
         reward_curve(history, run.out_dir / "reward_curve.png", evaluations)

@@ -37,6 +37,17 @@ class FluxKontextAdapter(FluxAdapter):
         which base a LoRA was trained on is in its card's `base_model`."""
         return False
 
+    def stock_call_kwargs(self, kwargs: dict) -> dict:
+        """The stock call samples at the given size (`max_area` = height × width; its default rescales to 1024²) and
+        resizes sources as `auto_resize` says (the stock pipeline's private `_auto_resize`)."""
+        kwargs = dict(kwargs)
+        auto_resize = kwargs.pop("auto_resize", None)
+        if auto_resize is not None:
+            kwargs["_auto_resize"] = auto_resize
+        if kwargs.get("height") and kwargs.get("width"):
+            kwargs.setdefault("max_area", kwargs["height"] * kwargs["width"])
+        return kwargs
+
     def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length, image=None,
                auto_resize: bool = True):
         conditioning = super().encode(prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale,

@@ -1,0 +1,102 @@
+"""Source images of editing prompts: a `.jsonl` prompt line's `image`, a path relative to the `.jsonl` file.
+
+Editing models (FLUX.1 Kontext, ...) take a source image and an instruction. The prompt file names the source on
+each line (`{"prompt": "make the circle blue", "image": "scenes/0001.png"}`); `prompt_records` resolves the path to
+an absolute one in the line's metadata, so the rewards that take metadata see it, the prompt-embedding cache keys
+on it, and `check` judges every file before a model loads. Pillow only: `check` imports no torch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from treegrpo.errors import UsageError
+
+SOURCE_KEY = "image"  # the `.jsonl` field that names a prompt's source image
+MIN_SOURCE_PIXELS = 16  # a side shorter than one latent patch (8 px VAE × 2 px packing) encodes to nothing
+
+
+class SourceImageError(UsageError):
+    """A prompt line's source image is missing, unreadable or unusable; exit code 2."""
+
+
+def resolve_source(value, prompt_file: str | Path, key: str, line: int) -> str:
+    """The absolute path of a line's `image` value (relative to the prompt file's folder), checked readable."""
+    where = f"{key} = {str(prompt_file)!r}: line {line}"
+    if not isinstance(value, str) or not value:
+        raise SourceImageError(f'{where} has "image": {value!r}; give the source image as a path string, relative '
+                               'to the .jsonl file, like "image": "sources/cat.png".')
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(prompt_file).resolve().parent / path
+    if not path.is_file():
+        raise SourceImageError(f"{where}: source image {value!r} ({path}) does not exist; image paths are relative "
+                               "to the .jsonl file's folder.")
+    width, height = source_size(str(path), where)
+    if min(width, height) < MIN_SOURCE_PIXELS:
+        raise SourceImageError(f"{where}: source image {value!r} is {width}x{height} pixels; sources need at least "
+                               f"{MIN_SOURCE_PIXELS} pixels a side.")
+    return str(path)
+
+
+def source_size(path: str, where: str) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header; one line naming the file when Pillow cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # the whole file, not only the header: a truncated PNG fails here, not in epoch 40
+            return image.size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise SourceImageError(f"{where}: source image {path!r} is not a readable image ({err}).") from None
+
+
+def source_paths(metadata: list[dict] | None) -> list[str] | None:
+    """Each prompt's source image path, or None when no prompt has one (text-to-image data)."""
+    if not metadata or not any(SOURCE_KEY in m for m in metadata):
+        return None
+    return [m.get(SOURCE_KEY) for m in metadata]
+
+
+def load_source_images(paths: list[str]) -> list:
+    """The source images as RGB PIL images, one per path (each file decoded once per process)."""
+    return [_load(path).copy() for path in paths]  # a copy: a reward that draws on its image changes no other's
+
+
+def source_argument(paths: list[str] | None) -> dict:
+    """`{"image": [PIL images]}` for a stock editing pipeline's call, or nothing for text-to-image prompts."""
+    return {} if paths is None else {"image": load_source_images(paths)}
+
+
+@lru_cache(maxsize=1024)
+def _load(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def check_sources(metadata: list[dict], takes_source: bool, pipeline_class: str, key: str) -> None:
+    """A prompt file's sources (its lines' `metadata`) against the model: an editing pipeline needs one on every line,
+    a text-to-image pipeline none, and one run's sources share a size (a batch shares their tokens' positions)."""
+    paths = [m.get(SOURCE_KEY) for m in metadata]
+    missing = [line for line, path in enumerate(paths, 1) if path is None]
+    if takes_source and missing:
+        raise SourceImageError(f"{key}: line {missing[0]} has no \"image\" ({len(missing)} lines lack one); "
+                               f"{pipeline_class} edits a source image, so every line needs one, like "
+                               '{"prompt": "make the circle blue", "image": "sources/0001.png"}.')
+    named = [line for line, path in enumerate(paths, 1) if path is not None]
+    if not takes_source and named:
+        raise SourceImageError(f"{key}: line {named[0]} names a source image but "
+                               f"{pipeline_class} is a text-to-image pipeline; use an editing model "
+                               "(FluxKontextPipeline) or drop the \"image\" fields.")
+    sizes = {}
+    for line, path in enumerate(paths, 1):
+        if path is not None:
+            sizes.setdefault(source_size(path, f"{key}: line {line}"), line)
+    if len(sizes) > 1:
+        (first, line_a), (second, line_b) = list(sizes.items())[:2]
+        raise SourceImageError(f"{key}: the source images differ in size (line {line_a}: {first[0]}x{first[1]}, "
+                               f"line {line_b}: {second[0]}x{second[1]}); one run's sources must share a size (a "
+                               "batch shares their tokens' positions): resize them to one size first.")
