@@ -195,12 +195,13 @@ def _lock_output_folder(loaded, resume: bool, overwrite: bool):
         _fail(str(err))
 
 
-def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str) -> tuple[list[str], list[dict]]:
+def _judged_sampling_arguments(model: str, prompt, prompts_file, dtype: str, image=None
+                               ) -> tuple[list[str], list[dict]]:
     from treegrpo.commands.arguments import judge_sampling_arguments
     from treegrpo.errors import UsageError
 
     try:
-        return judge_sampling_arguments(model, prompt, prompts_file, dtype)
+        return judge_sampling_arguments(model, prompt, prompts_file, dtype, image)
     except UsageError as err:
         _fail(str(err))
 
@@ -211,6 +212,8 @@ def sample(
     lora: opt.LoraOption = None,
     prompt: opt.PromptOption = None,
     prompts_file: opt.PromptsFileOption = None,
+    image: opt.SourceImageOption = None,
+    auto_resize: opt.AutoResizeOption = True,
     out: Annotated[Path, typer.Option("--out", metavar="FOLDER",
                                       help="Folder for the images and grid.png.")] = Path("runs/samples"),
     num_images: Annotated[int, typer.Option("--num-images", min=1, metavar="N",
@@ -240,7 +243,7 @@ def sample(
         factors = branch_factor_argument(branch_factor)
     except UsageError as err:
         _fail(str(err))
-    prompts, metadata = _judged_sampling_arguments(model, prompt, prompts_file, dtype)
+    prompts, metadata = _judged_sampling_arguments(model, prompt, prompts_file, dtype, image)
     from treegrpo.commands.inference import SampleRequest, Settings, sample_images
 
     _quiet_libraries()
@@ -249,7 +252,7 @@ def sample(
     use_free_cpu_threads()
     request = SampleRequest(model=model, lora=lora, prompts=prompts, out=out, num_images=num_images, dtype=dtype,
                             settings=Settings(steps=steps, guidance_scale=guidance, height=height, width=width,
-                                              seed=seed),
+                                              seed=seed, auto_resize=auto_resize),
                             reward=reward if (best_of_tree or beam) else None, branch_factor=factors,
                             window_width=window_width, window_start=window_start, beam=beam, tail_steps=tail_steps,
                             metadata=metadata)
@@ -269,6 +272,8 @@ def evaluate_command(
     lora: opt.LoraOption = None,
     prompt: opt.PromptOption = None,
     prompts_file: opt.PromptsFileOption = None,
+    image: opt.SourceImageOption = None,
+    auto_resize: opt.AutoResizeOption = True,
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt.", metavar="N")] = 4,
     steps: opt.StepsOption = None,
     guidance: opt.GuidanceOption = None,
@@ -280,7 +285,7 @@ def evaluate_command(
     """Mean ± std of each reward over the prompts, for the base model and base + LoRA on paired noise. With a
     GenEval .jsonl (--prompts) and a reward that judges right/wrong (geneval), also GenEval's table: accuracy per
     category and overall (the mean of the categories)."""
-    prompts, metadata = _judged_sampling_arguments(model, prompt, prompts_file, dtype)  # before the slow imports
+    prompts, metadata = _judged_sampling_arguments(model, prompt, prompts_file, dtype, image)  # before slow imports
     from treegrpo.commands.inference import EvalBar, Settings, eval_table, evaluate, write_json
     from treegrpo.errors import UsageError
 
@@ -291,7 +296,8 @@ def evaluate_command(
     try:
         with EvalBar() as bar:
             data = evaluate(model, prompts, reward, lora=lora, num_images=num_images, dtype=dtype,
-                            settings=Settings(steps=steps, guidance_scale=guidance, seed=seed), progress=bar,
+                            settings=Settings(steps=steps, guidance_scale=guidance, seed=seed,
+                                              auto_resize=auto_resize), progress=bar,
                             metadata=metadata)
     except (UsageError, ValueError) as err:
         _fail(str(err))

@@ -15,6 +15,12 @@ LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: 
 PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).", metavar="TEXT")]
 PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", metavar="FILE",
                                                        help="A prompt file, one prompt per line.")]
+SourceImageOption = Annotated[Path | None, typer.Option(
+    "--image", metavar="FILE", help="Editing models (FLUX.1 Kontext): the source image to edit, for every prompt "
+    "whose .jsonl line names none.")]
+AutoResizeOption = Annotated[bool, typer.Option(
+    "--auto-resize/--keep-size", help="Editing models: resize the source to the family's preferred resolution "
+    "nearest its aspect ratio, as the stock pipeline does (Kontext: 672-1568 px), or keep its size.")]
 StepsOption = Annotated[int | None, typer.Option("--steps", metavar="N",
                                                  help="Denoising steps (default: the model's).")]
 GuidanceOption = Annotated[float | None, typer.Option("--guidance", metavar="SCALE",

@@ -21,15 +21,16 @@ class SourceImageError(UsageError):
     """A prompt line's source image is missing, unreadable or unusable; exit code 2."""
 
 
-def resolve_source(value, prompt_file: str | Path, key: str, line: int) -> str:
-    """The absolute path of a line's `image` value (relative to the prompt file's folder), checked readable."""
-    where = f"{key} = {str(prompt_file)!r}: line {line}"
+def resolve_source(value, prompt_file: str | Path, key: str, line: int | None) -> str:
+    """The absolute path of a line's `image` value (relative to the prompt file's folder), checked readable. With
+    `line` None, `value` is a command-line argument `key`, relative to the current folder (`prompt_file`)."""
+    where = f"{key} = {str(prompt_file)!r}: line {line}" if line is not None else key
     if not isinstance(value, str) or not value:
         raise SourceImageError(f'{where} has "image": {value!r}; give the source image as a path string, relative '
                                'to the .jsonl file, like "image": "sources/cat.png".')
     path = Path(value).expanduser()
     if not path.is_absolute():
-        path = Path(prompt_file).resolve().parent / path
+        path = (Path(prompt_file).resolve().parent if line is not None else Path(prompt_file).resolve()) / path
     if not path.is_file():
         raise SourceImageError(f"{where}: source image {value!r} ({path}) does not exist; image paths are relative "
                                "to the .jsonl file's folder.")

@@ -20,6 +20,7 @@ from diffusers_tree import unique_rows  # noqa: E402
 from diffusers_tree.testing.flux_kontext import tiny_flux_kontext_pipeline  # noqa: E402
 from treegrpo.model.loading import stock_call  # noqa: E402
 from treegrpo.recipe.loading import load_recipe  # noqa: E402
+from treegrpo.run.seeds import sample_generators  # noqa: E402
 
 from .conftest import write_recipe  # noqa: E402
 from .test_hub import train_capturing  # noqa: E402
@@ -236,3 +237,36 @@ def test_text_to_image_model_refuses_sources(edited, tmp_path, monkeypatch, tiny
     with pytest.raises(SourceImageError, match=r"line 1 names a source image but StableDiffusion3Pipeline is a "
                                                r"text-to-image pipeline"):
         preflight(recipe)
+
+
+def test_sample_edits_the_given_source_and_refuses_one_for_text_to_image(edited, tiny_sd3_dir):
+    """`treegrpo sample --image`: the stock editing pipeline with the trained LoRA edits the source (its output is
+    the in-process stock call's); a text-to-image model refuses a source in one line, before loading."""
+    from typer.testing import CliRunner
+
+    from treegrpo.app import app
+
+    root = edited["root"]
+    source = root / "sources" / "green.png"
+    out = root / "sampled"
+    result = CliRunner().invoke(app, ["sample", str(root / "tiny_kontext"), "--lora", str(root / "edit" / "final"),
+                                      "--prompt", "make the square yellow", "--image", str(source), "--steps", "5",
+                                      "--guidance", "3",
+                                      "--height", "32", "--width", "32", "--num-images", "1", "--keep-size",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "grid.png").is_file() and len(list(out.glob("*.png"))) == 2
+    (sampled,) = [path for path in out.glob("*.png") if path.name != "grid.png"]
+    pixels = torch.from_numpy(np.asarray(Image.open(sampled).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    run = edited["run"]  # the trained model in memory, sampled with the noise `sample` draws for image 0
+    with torch.no_grad():
+        expected = run.pipe(image=Image.open(source).convert("RGB"), prompt="make the square yellow",
+                            output_type="pt", generator=sample_generators(0, 0, 0, 1),
+                            **stock_call(run.pipe, {"height": 32, "width": 32, "guidance_scale": 3.0,
+                                                    "auto_resize": False, "num_inference_steps": 5})).images
+    assert (pixels - expected[0]).abs().max() <= 1 / 255 + 1e-6  # the saved PNG's rounding only
+    refused = CliRunner().invoke(app, ["sample", str(tiny_sd3_dir), "--prompt", "a cat", "--image", str(source)])
+    assert refused.exit_code == 2
+    assert "names a source image but StableDiffusion3Pipeline is a text-to-image pipeline" in refused.output
+    missing = CliRunner().invoke(app, ["sample", str(root / "tiny_kontext"), "--prompt", "make it red"])
+    assert missing.exit_code == 2 and "FluxKontextPipeline edits a source image" in missing.output

@@ -8,15 +8,17 @@ from pathlib import Path
 
 from treegrpo.dtypes import DTYPE_NAMES
 from treegrpo.errors import UsageError
-from treegrpo.recipe.preflight import check_pretrained, prompt_records
+from treegrpo.recipe.preflight import check_pretrained, pipeline_config, prompt_records
+from treegrpo.sources import SOURCE_KEY, check_sources, resolve_source
 
 
 def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file: Path | None,
-                             dtype: str) -> tuple[list[str], list[dict]]:
+                             dtype: str, image: Path | None = None) -> tuple[list[str], list[dict]]:
     """The prompts of `sample` / `eval` (`--prompt` and `--prompts`) and each one's metadata (a `.jsonl` file's
     fields, e.g. GenEval's; `{}` for the others), after checking `--dtype` and the MODEL argument as far as that is
     possible without loading (a local folder's files, a built-in name, an uncached Hub id on an offline machine).
-    Messages name the arguments, not recipe keys."""
+    Editing models: `image` (`--image`) is the source of every prompt whose line names none, and the sources are
+    judged against the model when its class is known here. Messages name the arguments, not recipe keys."""
     found = list(prompt or [])
     metadata: list[dict] = [{} for _ in found]
     if prompts_file is not None:
@@ -28,6 +30,17 @@ def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file:
     if dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16.")
     check_pretrained(model, key="MODEL", about_to_load=True)
+    if image is not None:
+        path = resolve_source(str(image), Path.cwd(), "--image", None)
+        metadata = [m if SOURCE_KEY in m else {**m, SOURCE_KEY: path} for m in metadata]
+    config = pipeline_config(model)
+    if config:
+        from diffusers_tree.adapters import adapter_class
+
+        adapter = adapter_class(str(config.get("_class_name", "")))
+        if adapter is not None:
+            check_sources(metadata, adapter.takes_source_image, str(config["_class_name"]),
+                          "--prompts / --image")
     return found, metadata
 
 

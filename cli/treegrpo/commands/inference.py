@@ -3,6 +3,7 @@ hub repo), plain ODE sampling or best-of-tree / pruned tree search with any rewa
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from treegrpo.model.loading import ModelLoadError, load_pipeline, stock_call
 from treegrpo.rewards.base import score_with_accuracy
 from treegrpo.run.metrics import image_grid
 from treegrpo.run.seeds import sample_generators
+from treegrpo.sources import source_argument, source_paths
 
 
 class InferenceError(UsageError):
@@ -36,6 +38,7 @@ class Settings:
     width: int | None = None
     max_sequence_length: int | None = None
     seed: int = 0
+    auto_resize: bool = True  # editing models: the source resized to the family's preferred resolution (stock)
 
 
 def parse_reward_spec(spec: str) -> tuple[str, dict]:
@@ -100,20 +103,24 @@ def call_kwargs(pipe, defaults: dict, settings: Settings) -> dict:
               "height": settings.height, "width": settings.width,
               "max_sequence_length": settings.max_sequence_length}
     merged = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
-    return stock_call(pipe, merged)
+    return stock_call(pipe, {**merged, "auto_resize": settings.auto_resize})
 
 
 def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int, batch_size: int = 16,
-             on_prompt: Callable[[], None] | None = None):
+             on_prompt: Callable[[], None] | None = None, sources: list[str] | None = None):
     """ODE samples of the stock pipeline; image j of prompt p uses the noise seeded by (seed, p, j), so the same
-    seed gives paired samples for base and base + LoRA. `on_prompt` is called after each prompt (progress)."""
+    seed gives paired samples for base and base + LoRA. `on_prompt` is called after each prompt (progress).
+    Editing models edit each prompt's source image (`sources`, paths)."""
     images = []
     for p, prompt in enumerate(prompts):
+        source = source_argument(None if sources is None else [sources[p]])
+        source = {"image": source["image"][0]} if source else {}
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = sample_generators(seed, p, start, count)
             with torch.no_grad():
-                images += pipe(prompt=prompt, num_images_per_prompt=count, generator=generators, **kwargs).images
+                images += pipe(prompt=prompt, num_images_per_prompt=count, generator=generators, **source,
+                               **kwargs).images
         if on_prompt is not None:
             on_prompt()
     return images
@@ -129,7 +136,8 @@ def best_of_tree_images(pipe, prompts: list[str], scorer, kwargs: dict, *, branc
                                                 tail_steps=tail_steps)
     scheduler.manual_seed(seed)
     rollout = TreeRolloutPipeline(pipe, scheduler)
-    call = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
+    accepted = inspect.signature(TreeRolloutPipeline.__call__).parameters  # not the stock call's own (max_area)
+    call = {k: v for k, v in kwargs.items() if k != "num_inference_steps" and k in accepted}
     steps = kwargs.get("num_inference_steps", 10)
     generator = torch.Generator().manual_seed(seed)
     if beam:
@@ -175,7 +183,8 @@ def evaluate(model: str, prompts: list[str], reward_specs: list[str], *, lora: s
 
             load_lora_into(loaded.pipe, lora)
         progress.phase(f"sampling {label}", len(prompts))
-        images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed, on_prompt=progress.advance)
+        images = generate(loaded.pipe, prompts, num_images, kwargs, settings.seed, on_prompt=progress.advance,
+                          sources=source_paths(metadata))
         progress.phase(f"scoring {label}", None)
         scores = {reward.name: reward_summary(reward, images, image_prompts, image_metadata) for reward in rewards}
         if num_images > 1:
@@ -289,7 +298,8 @@ def sample_images(request: SampleRequest) -> list[str]:
     kwargs = call_kwargs(loaded.pipe, loaded.defaults, request.settings)
     prompts, seed = request.prompts, request.settings.seed
     if request.reward is None:
-        images = generate(loaded.pipe, prompts, request.num_images, kwargs, seed)
+        images = generate(loaded.pipe, prompts, request.num_images, kwargs, seed,
+                          sources=source_paths(request.metadata))
         grid = save_images(images, [p for p in prompts for _ in range(request.num_images)], request.out,
                            columns=request.num_images)
         return [f"wrote {len(images)} images and {grid}"]
@@ -299,7 +309,8 @@ def sample_images(request: SampleRequest) -> list[str]:
     def scorer(images, leaf_prompts):  # each leaf is scored with its prompt's metadata (GenEval's objects, ...)
         return reward.score(images, leaf_prompts, [by_prompt[p] for p in leaf_prompts])
 
-    result = best_of_tree_images(loaded.pipe, prompts, scorer, kwargs, branch_factor=request.branch_factor,
+    result = best_of_tree_images(loaded.pipe, prompts, scorer, {**kwargs, **source_argument(
+                                     source_paths(request.metadata))}, branch_factor=request.branch_factor,
                                  window_width=request.window_width, window_start=request.window_start,
                                  beam=request.beam, seed=seed, tail_steps=request.tail_steps)
     grid = save_images(result.images, prompts, request.out, columns=min(8, len(prompts)))
