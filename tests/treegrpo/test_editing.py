@@ -270,3 +270,13 @@ def test_sample_edits_the_given_source_and_refuses_one_for_text_to_image(edited,
     assert "names a source image but StableDiffusion3Pipeline is a text-to-image pipeline" in refused.output
     missing = CliRunner().invoke(app, ["sample", str(root / "tiny_kontext"), "--prompt", "make it red"])
     assert missing.exit_code == 2 and "FluxKontextPipeline edits a source image" in missing.output
+
+
+def test_card_of_an_edit_run_loads_the_lora_into_the_editing_pipeline(edited):
+    from treegrpo.hub.card import model_card
+    from treegrpo.hub.summary import read_run
+
+    summary = read_run(edited["root"] / "edit")
+    card = str(model_card(summary, "user/kontext-edit-lora"))
+    assert "pipeline_tag: image-to-image" in card and "from diffusers import FluxKontextPipeline" in card
+    assert 'image = pipe(image=source, prompt="make the square' in card and "load_image(" in card

@@ -119,6 +119,9 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
         'pipe.to("cuda" if torch.cuda.is_available() else "cpu")', f'pipe.load_lora_weights("{repo_id}")',
         *([f"frames = pipe({json.dumps(prompt)}{args}).frames[0]", "from diffusers.utils import export_to_video",
            'export_to_video(frames, "sample.mp4", fps=16)'] if video else
+          ["from diffusers.utils import load_image", 'source = load_image("source.png")  # the image to edit',
+           f"image = pipe(image=source, prompt={json.dumps(prompt)}{args}).images[0]", 'image.save("edited.png")']
+          if summary.family.task == "image-to-image" else
           [f"image = pipe({json.dumps(prompt)}{args}).images[0]", 'image.save("sample.png")'])])
 
 
