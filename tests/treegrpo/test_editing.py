@@ -279,4 +279,6 @@ def test_card_of_an_edit_run_loads_the_lora_into_the_editing_pipeline(edited):
     summary = read_run(edited["root"] / "edit")
     card = str(model_card(summary, "user/kontext-edit-lora"))
     assert "pipeline_tag: image-to-image" in card and "from diffusers import FluxKontextPipeline" in card
-    assert 'image = pipe(image=source, prompt="make the square' in card and "load_image(" in card
+    # the first line's instruction, not the JSON line itself (the card printed the raw .jsonl line before)
+    assert 'image = pipe(image=source, prompt="make the square black", num_inference_steps=5' in card
+    assert "load_image(" in card

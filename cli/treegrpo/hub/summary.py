@@ -164,7 +164,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _example_prompt(recipe: dict, run_dir: Path) -> str:
-    """The first training prompt; a relative prompt path is tried from here, then from the run folder and its
+    """The first training prompt (a `.jsonl` line's `prompt`); a relative prompt path is tried from here, then from the run folder and its
     parent (where `treegrpo run` usually ran)."""
     given = Path(recipe.get("data", {}).get("prompts", ""))
     for prompts in (given, run_dir / given, run_dir.parent / given):
@@ -172,6 +172,14 @@ def _example_prompt(recipe: dict, run_dir: Path) -> str:
             lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()
                      and not line.startswith("#")]
         except (OSError, UnicodeDecodeError):
+            continue
+        if lines and prompts.suffix == ".jsonl":  # a line of JSON: its "prompt", not the line itself
+            try:
+                record = json.loads(lines[0])
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                return record["prompt"]
             continue
         if lines:
             return lines[0]
