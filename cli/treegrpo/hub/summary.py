@@ -164,8 +164,8 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _example_prompt(recipe: dict, run_dir: Path) -> str:
-    """The first training prompt (a `.jsonl` line's `prompt`); a relative prompt path is tried from here, then from the run folder and its
-    parent (where `treegrpo run` usually ran)."""
+    """The first training prompt (a `.jsonl` line's `prompt`); a relative prompt path is tried from here, then from
+    the run folder and its parent (where `treegrpo run` usually ran)."""
     given = Path(recipe.get("data", {}).get("prompts", ""))
     for prompts in (given, run_dir / given, run_dir.parent / given):
         try:
