@@ -230,10 +230,10 @@ def test_mid_run_samples_and_checkpoint_lora_use_the_ema_weights(workdir, tiny_s
     seen = []
     original = treegrpo.train.trainer.save_samples
 
-    def spy(run, path, prompts, seed):
+    def spy(run, path, prompts, seed, sources=None):
         if path.name.startswith("epoch-"):  # a mid-run grid: the EMA weights must be the ones in the model
             seen.append(all(torch.equal(p, s.to(p.dtype)) for p, s in zip(run.params, run.ema.shadow, strict=True)))
-        return original(run, path, prompts, seed)
+        return original(run, path, prompts, seed, sources)
 
     monkeypatch.setattr(treegrpo.train.trainer, "save_samples", spy)
     recipe = load_recipe(write_recipe(workdir, tiny_sd3_dir, epochs=2),
