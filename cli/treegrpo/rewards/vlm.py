@@ -19,8 +19,10 @@ batch stops the run with one of the answers quoted (a judge that starts with "Th
 asks for something else).
 
 Templates (``template``): ``"yes_no"`` (alignment: does the image show the prompt?), ``"quality"`` (a 1–10 rating),
-or your own text with ``{prompt}`` and any metadata field of the prompt's ``.jsonl`` line (``{objects}``,
-``{text}``, ...); literal braces are written doubled, ``{{`` and ``}}``, as in Python's `str.format`.
+``"edit"`` (editing: the judge sees the source image, then the edit, and is asked whether the instruction was
+followed with the rest kept), or your own text with ``{prompt}`` and any metadata field of the prompt's ``.jsonl``
+line (``{objects}``, ``{text}``, ...); with editing prompts every template shows the source first. Literal braces
+are written doubled, ``{{`` and ``}}``, as in Python's `str.format`.
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ TEMPLATES = {
     "yes_no": 'Does this image show "{prompt}"? Answer with one word: Yes or No.',
     "quality": 'This image was generated for the prompt "{prompt}". Rate its overall quality (composition, detail, '
                "realism, faithfulness to the prompt) from 1 (worst) to 10 (best). Answer with a single number.",
+    "edit": 'The first image is the original; the second was edited from it for the instruction "{prompt}". Does the '
+            "second image follow the instruction while keeping the rest of the original? Answer with one word: Yes "
+            "or No.",
 }
-DEFAULT_SCORE = {"yes_no": "logprobs", "quality": "parse"}
+DEFAULT_SCORE = {"yes_no": "logprobs", "quality": "parse", "edit": "logprobs"}
 SCORES = ("logprobs", "answer", "parse")
 NUMBER = r"[-+]?\d+(?:\.\d+)?"
 _OUT_OF = re.compile(rf"({NUMBER})\s*(?:/|out of)\s*({NUMBER})", re.IGNORECASE)
@@ -109,6 +114,7 @@ class VlmReward(RewardBase):
     """
 
     takes_metadata = True
+    takes_source_images = True  # editing prompts: the judge sees the source image before the edit
 
     def __init__(self, *, base_url: str | list[str], model: str, template: str = "yes_no", score: str | None = None,
                  answer_tokens: list[str] | None = None, scale_max: float = 10.0, max_tokens: int | None = None,
@@ -118,6 +124,7 @@ class VlmReward(RewardBase):
         urls = tuple(u.rstrip("/") + "/chat/completions" for u in parse_urls(base_url, "vlm"))
         self.url = ", ".join(urls)
         self.model, self.template = str(model), TEMPLATES.get(template, template)
+        self.needs_source = template == "edit"
         fields = template_fields(self.template)
         if "prompt" not in fields:
             raise ValueError(f"vlm reward template must be one of {sorted(TEMPLATES)} or contain {{prompt}}; "
@@ -156,12 +163,16 @@ class VlmReward(RewardBase):
             raise ValueError(f"vlm reward template needs {{{err.args[0]}}}, which the prompt's metadata lacks "
                              f"(it has {sorted(metadata)}).") from None
 
-    def _ask(self, image: Image.Image, prompt: str, metadata: dict) -> tuple[float, str | None]:
-        """(score, None) for a readable answer; (`UNREADABLE_SCORE`, the answer) otherwise."""
-        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+    def _ask(self, image: Image.Image, prompt: str, metadata: dict, source: Image.Image | None = None
+             ) -> tuple[float, str | None]:
+        """(score, None) for a readable answer; (`UNREADABLE_SCORE`, the answer) otherwise. An edit's source image
+        goes first, then the edit, then the question."""
+        shown = [source, image] if source is not None else [image]
+        content = [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(png_bytes(picture)).decode("ascii")}}
+            for picture in shown]
         request = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": self.question(prompt, metadata)}]}]}
+            {"role": "user", "content": [*content, {"type": "text", "text": self.question(prompt, metadata)}]}]}
         if self.score == "logprobs":
             request.update(logprobs=True, top_logprobs=20)
         answer, server = self.transport.post(json.dumps(request).encode(), "application/json")
@@ -202,15 +213,19 @@ class VlmReward(RewardBase):
         total = mass[self.positive] + mass[self.negative]
         return mass[self.positive] / total if total > 0 else None
 
-    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None,
+                 source_images: list[Image.Image] | None = None) -> torch.Tensor:
         n = check_batch(images, prompts, self.name)
         metadata = [{} for _ in range(n)] if metadata is None else list(metadata)
+        if self.needs_source and source_images is None:
+            raise ValueError('vlm reward template "edit" shows the judge each source image, but the prompts name '
+                             'none; give each .jsonl prompt line an "image" (editing models)')
+        sources = list(source_images) if source_images is not None else [None] * n
         for prompt, meta in zip(prompts, metadata, strict=True):
             self.question(prompt, meta)  # a template/metadata mismatch fails before any request
         if self._pool is None:  # kept, so its threads' keep-alive connections live across calls
             self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="vlm-reward")
-        results = list(self._pool.map(self._ask, images, prompts, metadata))
+        results = list(self._pool.map(self._ask, images, prompts, metadata, sources))
         unreadable = [text for _, text in results if text is not None]
         if n and len(unreadable) > self.max_unreadable * n:
             raise RemoteRewardError(

@@ -110,3 +110,34 @@ def test_check_finds_a_template_field_missing_from_one_prompt_line(workdir, tiny
     result = CliRunner().invoke(app, ["check", str(path)], env={"COLUMNS": "250"})
     assert result.exit_code != 0
     assert "reward.0.template needs {text}, but prompt 2 of data.prompts" in " ".join(result.output.split())
+
+
+def test_edit_template_shows_the_source_then_the_edit():
+    """Editing prompts: each request carries the source image first, then the edit, then the question; the "edit"
+    template without sources fails with one line instead of asking about one image."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    seen = []
+
+    def respond(handler, request):
+        content = request["messages"][0]["content"]
+        levels = [int(np.asarray(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))))
+                      .mean()) for p in content if p["type"] == "image_url"]
+        seen.append((levels, content[-1]["text"]))
+        answer = "Yes" if levels[0] != levels[1] else "No"  # an "edit" that changed nothing is refused
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
+
+    sources = [Image.new("RGB", (8, 8), (51, 51, 51))] * len(IMAGES)
+    with fake_server(respond) as url:
+        vlm = build_reward("vlm", base_url=f"{url}/v1", model="judge", template="edit", score="answer", parallel=1)
+        scores = vlm(IMAGES, PROMPTS, source_images=sources)
+        with pytest.raises(ValueError, match='template "edit" shows the judge each source image, but the prompts'):
+            vlm(IMAGES, PROMPTS)
+    assert [levels for levels, _ in seen] == [[51, 0], [51, 51], [51, 255]]
+    assert scores.tolist() == [1.0, 0.0, 1.0]
+    assert seen[0][1].startswith("The first image is the original; the second was edited from it for the "
+                                 f'instruction "{PROMPTS[0]}"')
