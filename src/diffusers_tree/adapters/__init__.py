@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (registers the families)
     flux2,
     flux_kontext,
     qwenimage,
+    qwenimage_edit,
     sana,
     sd,
     sd3,

@@ -43,10 +43,15 @@ class QwenImageAdapter(PipelineAdapter):
     def pixels_per_patch(self) -> int:
         return self.pipe.vae_scale_factor * 2  # the VAE factor × the 2×2 packing
 
-    def _embed(self, prompts: list[str], length: int) -> dict[str, torch.Tensor]:
-        """The pipeline's prompt embeddings `[P, length, D]` and mask `[P, length]` (1 = token, 0 = padding)."""
+    def _embed(self, prompts: list[str], length: int, **source) -> dict[str, torch.Tensor]:
+        """The pipeline's prompt embeddings `[P, length, D]` and mask `[P, length]` (1 = token, 0 = padding); an
+        editing pipeline's `encode_prompt` also takes the source images (`source`: `image=`)."""
         pipe = self.pipe
-        embeds, mask = pipe.encode_prompt(prompts, device=pipe._execution_device, max_sequence_length=length)
+        embeds, mask = pipe.encode_prompt(prompts, device=pipe._execution_device, max_sequence_length=length,
+                                          **source)
+        if embeds.shape[1] > length:
+            raise ValueError(f"prompt embeddings of {embeds.shape[1]} tokens exceed max_sequence_length={length}; "
+                             "raise it (an editing prompt's tokens include its source image's vision tokens).")
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         pad = length - embeds.shape[1]
@@ -80,16 +85,21 @@ class QwenImageAdapter(PipelineAdapter):
         scheduler.set_timesteps(num_inference_steps, device=latents.device, sigmas=sigmas, mu=mu)
 
     def model_forward(self, latents, timestep, inputs, conditioning):
+        factor = self.pipe.vae_scale_factor * 2
+        shape = (1, conditioning.height // factor, conditioning.width // factor)  # (frames, h/2, w/2) for RoPE
+        return self.transformer_forward(latents, timestep, inputs, [shape])
+
+    def transformer_forward(self, hidden_states, timestep, inputs, shapes: list[tuple[int, int, int]]):
+        """The transformer on `hidden_states` (the noisy tokens, then any source tokens, whose grids `shapes` lists
+        in that order for RoPE), with the batch's prompt embeddings trimmed to its longest prompt."""
         embeds, mask = inputs["encoder_hidden_states"], inputs["encoder_hidden_states_mask"]
         lengths = mask.sum(dim=1)  # masks are leading ones: trim the padding no row of this batch needs
         longest, shortest = torch.stack([lengths.max(), lengths.min()]).tolist()  # one device sync per forward
         embeds, mask = embeds[:, :longest], mask[:, :longest]
         mask = None if shortest == longest else mask  # no row padded: no mask, as the pipeline
-        factor = self.pipe.vae_scale_factor * 2
-        shape = (1, conditioning.height // factor, conditioning.width // factor)  # (frames, h/2, w/2) for RoPE
-        return self.model(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000,
+        return self.model(hidden_states=hidden_states, timestep=timestep.to(hidden_states.dtype) / 1000,
                           encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-                          img_shapes=[[shape]] * latents.shape[0], return_dict=False)[0]
+                          img_shapes=[shapes] * hidden_states.shape[0], return_dict=False)[0]
 
     def stock_call_kwargs(self, kwargs: dict) -> dict:
         """Call kwargs for the stock pipeline that sample as the tree does: its CFG scale is `true_cfg_scale`, and
