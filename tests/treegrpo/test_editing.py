@@ -282,3 +282,22 @@ def test_card_of_an_edit_run_loads_the_lora_into_the_editing_pipeline(edited):
     # the first line's instruction, not the JSON line itself (the card printed the raw .jsonl line before)
     assert 'image = pipe(image=source, prompt="make the square black", num_inference_steps=5' in card
     assert "load_image(" in card
+
+
+def test_best_of_tree_edits_score_each_leaf_against_its_source(edited):
+    """`treegrpo sample --best-of-tree --image`: the tree edits the source (kept at its size) and the scorer sees it
+    (`preservation` refuses to score without a source), so a best leaf's score in (0, 1] comes back."""
+    from typer.testing import CliRunner
+
+    from treegrpo.app import app
+
+    root = edited["root"]
+    out = root / "best"
+    result = CliRunner().invoke(app, ["sample", str(root / "tiny_kontext"), "--prompt", "make the square yellow",
+                                      "--image", str(root / "sources" / "green.png"), "--keep-size",
+                                      "--best-of-tree", "--reward", "preservation", "--branch-factor", "2",
+                                      "--window-width", "2", "--steps", "4", "--height", "32", "--width", "32",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    score = float(result.output.split()[0])
+    assert 0 < score <= 1 and (out / "grid.png").is_file()

@@ -138,6 +138,11 @@ def best_of_tree_images(pipe, prompts: list[str], scorer, kwargs: dict, *, branc
     rollout = TreeRolloutPipeline(pipe, scheduler)
     accepted = inspect.signature(TreeRolloutPipeline.__call__).parameters  # not the stock call's own (max_area)
     call = {k: v for k, v in kwargs.items() if k != "num_inference_steps" and k in accepted}
+    if call.get("image") is not None:  # editing: the sources encoded once, resized as the stock call would
+        settings = ("guidance_scale", "negative_prompt", "height", "width", "max_sequence_length")
+        call["conditioning"] = rollout.encode(prompts, image=call.pop("image"),
+                                              auto_resize=kwargs.get("_auto_resize", True),
+                                              **{k: call.pop(k) for k in settings if k in call})
     steps = kwargs.get("num_inference_steps", 10)
     generator = torch.Generator().manual_seed(seed)
     if beam:
