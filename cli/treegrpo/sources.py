@@ -42,15 +42,23 @@ def resolve_source(value, prompt_file: str | Path, key: str, line: int | None) -
 
 
 def source_size(path: str, where: str) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header; one line naming the file when Pillow cannot."""
-    from PIL import Image, UnidentifiedImageError
-
+    """(width, height) of an image file; one line naming the file when Pillow cannot read it."""
+    stat = Path(path).stat()
     try:
-        with Image.open(path) as image:
-            image.verify()  # the whole file, not only the header: a truncated PNG fails here, not in epoch 40
-            return image.size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        return _verified_size(path, stat.st_mtime_ns, stat.st_size)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
         raise SourceImageError(f"{where}: source image {path!r} is not a readable image ({err}).") from None
+
+
+@lru_cache(maxsize=65536)
+def _verified_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
+    """Each file verified once per process (keyed by its modification time and size): `check`, the run's setup and
+    its evaluation prompts all read the same files."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()  # the whole file, not only the header: a truncated PNG fails here, not in epoch 40
+        return image.size
 
 
 def source_paths(metadata: list[dict] | None) -> list[str] | None:

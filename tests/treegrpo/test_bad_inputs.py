@@ -131,6 +131,17 @@ def test_one_run_per_folder(workdir, recipe):
     result = runner.invoke(app, ["run", str(recipe), "--resume", "--set", "train.seed=1",
                                  "--set", "tree.branch_factor=3"])
     _one_error_line(result, 2, r"different recipe \(train\.seed: 0 → 1; tree\.branch_factor: 2 → 3\)")
+    # a checkpoint written before a field existed (an older treegrpo) resumes when the field is at its default,
+    # and says so when it is not
+    import json
+
+    state_file = sorted((workdir / "run" / "checkpoints").glob("epoch-*"))[-1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["recipe"]["sampling.auto_resize"], state["recipe"]["sampling.rollout_groups"]
+    state_file.write_text(json.dumps(state))
+    result = runner.invoke(app, ["run", str(recipe), "--resume", "--set", "sampling.auto_resize=false"])
+    _one_error_line(result, 2, r"different recipe \(sampling\.auto_resize: 'unset' → False\)")
+    assert runner.invoke(app, ["run", str(recipe), "--resume", "--set", "train.epochs=3"]).exit_code == 0
     # while another run holds the folder, nothing starts there
     lock = RunLock(workdir / "run").acquire()
     try:

@@ -167,10 +167,28 @@ def recipe_fingerprint(recipe: Recipe) -> dict:
 
 
 def fingerprint_changes(saved: dict, current: dict) -> list[str]:
-    """`key: old → new` for every differing field (missing on either side shown as 'unset')."""
+    """`key: old → new` for every differing field (missing on either side shown as 'unset'). A field one side lacks
+    counts as its schema default there: a field a newer treegrpo added, left at its default, does not stop the
+    resume of a run that an older version started (nor one a newer version wrote from resuming in an older one)."""
+    defaults = schema_defaults()
     keys = sorted(set(saved) | set(current))
     return [f"{k}: {saved.get(k, 'unset')!r} → {current.get(k, 'unset')!r}" for k in keys
-            if saved.get(k, "unset") != current.get(k, "unset")]
+            if saved.get(k, defaults.get(k, "unset")) != current.get(k, defaults.get(k, "unset"))]
+
+
+def schema_defaults() -> dict:
+    """`table.key` → default, as the fingerprint holds it (JSON values), for every field of the recipe's top-level
+    tables that has a default."""
+    out = {}
+    for table, table_field in Recipe.model_fields.items():
+        model = table_field.annotation
+        if not (isinstance(model, type) and hasattr(model, "model_fields")):
+            continue  # the [[reward]] lists
+        for name, field in model.model_fields.items():
+            if not field.is_required():
+                out[f"{table}.{name}"] = json.loads(json.dumps(field.get_default(call_default_factory=True),
+                                                               default=str))
+    return out
 
 
 def flatten(value, prefix: str = "") -> dict:
