@@ -73,9 +73,11 @@ def load_source_images(paths: list[str]) -> list:
     return [_load(path).copy() for path in paths]  # a copy: a reward that draws on its image changes no other's
 
 
-def source_argument(paths: list[str] | None) -> dict:
-    """`{"image": [PIL images]}` for a stock editing pipeline's call, or nothing for text-to-image prompts."""
-    return {} if paths is None else {"image": load_source_images(paths)}
+def source_argument(path: str | None) -> dict:
+    """`{"image": PIL image}` for a stock editing pipeline's call of ONE prompt, or nothing for text-to-image
+    prompts. One prompt per call: the stock pipelines read a list of images differently (FLUX.2: several references
+    for every prompt; Kontext and Qwen-Image-Edit: tiled across the prompts' images in the wrong order)."""
+    return {} if path is None else {"image": load_source_images([path])[0]}
 
 
 @lru_cache(maxsize=1024)
@@ -86,12 +88,18 @@ def _load(path: str):
         return image.convert("RGB")
 
 
-def check_sources(metadata: list[dict], takes_source: bool, pipeline_class: str, key: str) -> None:
+def check_sources(metadata: list[dict], takes_source: bool, pipeline_class: str, key: str,
+                  needs_source: bool = True) -> None:
     """A prompt file's sources (its lines' `metadata`) against the model: an editing pipeline needs one on every line,
-    a text-to-image pipeline none, and one run's sources share a size (a batch shares their tokens' positions)."""
+    a text-to-image pipeline none, one that takes them optionally (FLUX.2's references) one on every line or on none,
+    and one run's sources share a size (a batch shares their tokens' positions)."""
     paths = [m.get(SOURCE_KEY) for m in metadata]
     missing = [line for line, path in enumerate(paths, 1) if path is None]
-    if takes_source and missing:
+    if takes_source and not needs_source and 0 < len(missing) < len(paths):
+        raise SourceImageError(f"{key}: line {missing[0]} has no \"image\" but other lines do ({len(missing)} lines "
+                               f"lack one); {pipeline_class} takes a reference image on every line of a run or on "
+                               "none (one batch shares the reference tokens' positions).")
+    if takes_source and needs_source and missing:
         raise SourceImageError(f"{key}: line {missing[0]} has no \"image\" ({len(missing)} lines lack one); "
                                f"{pipeline_class} edits a source image, so every line needs one, like "
                                '{"prompt": "make the circle blue", "image": "sources/0001.png"}.')

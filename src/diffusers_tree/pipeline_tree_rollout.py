@@ -120,7 +120,7 @@ class TreeRolloutPipeline:
         source = {}
         if image is not None:
             if not self.adapter.takes_source_image:
-                raise ValueError(f"{type(self.pipe).__name__} takes no source image; editing pipelines that do: "
+                raise ValueError(f"{type(self.pipe).__name__} takes no source image; pipelines that take one: "
                                  f"{', '.join(n for n, a in registered_adapters().items() if a.takes_source_image)}.")
             source = {"image": image, "auto_resize": auto_resize}
         with torch.no_grad():

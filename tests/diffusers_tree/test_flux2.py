@@ -142,3 +142,41 @@ def test_klein_stock_call_guides_against_the_given_negative_prompt():
     # no CFG (guidance 1) or a step-distilled checkpoint: nothing to encode
     assert "negative_prompt_embeds" not in stock_call_kwargs(pipe, {"prompt": PROMPTS, "guidance_scale": 1.0,
                                                                     "negative_prompt": "small"})
+
+
+def reference(seed: int, width: int = 32, height: int = 32):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("family,refs,s", [("flux2", 1, 0), ("flux2", 2, 2), ("flux2_klein", 1, 1)])
+def test_reference_images_leaves_equal_stock_pipeline(family, refs, s):
+    """FLUX.2 with reference images (one or two, of different sizes): the tree equals the stock pipeline with
+    TreeSDEScheduler, one prompt per stock call (the stock pipeline gives every prompt of a call the same
+    references); the references' tokens cost no rows; the record re-scores to ratio 1."""
+    from diffusers_tree.testing import rescoring_ratio_error
+
+    tree, kwargs = rollout_pipe(family, branch_factor=2, window_width=2, window_start=s)
+    k, w, T = 2, 2, 5
+    images = [reference(0, 64, 64), reference(1, 96, 64)][:refs]  # the stock pipeline takes 64 px and more
+    prompt = ["a red cat"]
+    roots = tree.prepare_roots(1, 32, 32, torch.Generator().manual_seed(5), torch.float32)
+    conditioning = tree.encode(prompt, image=[images], **SIZE, **kwargs)
+    assert conditioning.cond["source_latents"].shape[1] == 256 + (384 if refs == 2 else 0)  # 16x16, 24x16 patches
+    out = tree(prompt, num_inference_steps=T, latents=roots, conditioning=conditioning, output_type="latent",
+               generator=torch.Generator().manual_seed(11), max_batch_size=6)
+    assert out.rows == (2 if conditioning.do_cfg else 1) * unique_rows(T, k, w, s)
+    assert rescoring_ratio_error(tree, out.record, conditioning) < 1e-5
+    leaves = tree.adapter.latent_output(out.images, conditioning)
+    pipe = tree.pipe
+    pipe.scheduler = TreeSDEScheduler.from_scheduler(pipe.scheduler, branch_factor=k, window_width=w,
+                                                     window_start=s).manual_seed(11)
+    stock_roots = tree.adapter.pipeline_latents(roots, **SIZE).repeat_interleave(k**w, dim=0)
+    stock = pipe(image=images, prompt=prompt, num_images_per_prompt=k**w, num_inference_steps=T,
+                 latents=stock_roots, output_type="latent", **SIZE, **kwargs).images
+    torch.testing.assert_close(leaves, stock, rtol=1e-4, atol=1e-4)
+    without = tree(prompt, num_inference_steps=T, latents=roots, output_type="latent", **SIZE, **kwargs,
+                   generator=torch.Generator().manual_seed(11), max_batch_size=6).images
+    assert not torch.allclose(without, out.images)  # the references change the leaves

@@ -93,7 +93,8 @@ def test_bad_sources_are_one_clear_error():
     with pytest.raises(ValueError, match=r"source image 1 becomes 48x32 pixels but image 0 32x32"):
         tree.encode(PROMPTS, image=[source(0), source(1, 48)], auto_resize=False, **SIZE, **KWARGS)
     text_only = TreeRolloutPipeline.from_pipe(tiny_flux_pipeline(), branch_factor=2, window_width=1)
-    with pytest.raises(ValueError, match="FluxPipeline takes no source image; editing pipelines that do: "
-                                         "FluxKontextPipeline"):
+    with pytest.raises(ValueError, match="FluxPipeline takes no source image; pipelines that take one: "
+                                         "Flux2Pipeline, Flux2KleinPipeline, FluxKontextPipeline, "
+                                         "QwenImageEditPipeline"):
         text_only.encode(PROMPTS, image=source(0), **SIZE, **KWARGS)
     assert adapter_for(tiny_flux_kontext_pipeline()).hub_task == "image-to-image"

@@ -34,7 +34,7 @@ REWARD_MODULE = textwrap.dedent('''
         with open("seen.jsonl", "a") as log:
             for prompt, source in zip(prompts, source_images):
                 log.write(json.dumps([prompt, [round(float(c)) for c in np.asarray(source).mean((0, 1))]]) + "\\n")
-        return [1 - float(np.abs(np.asarray(i, np.float32) - np.asarray(s, np.float32)).mean()) / 255
+        return [1 - float(np.abs(np.asarray(i, np.float32) - np.asarray(s.resize(i.size), np.float32)).mean()) / 255
                 for i, s in zip(images, source_images)]
 ''')
 LOAD_SCRIPT = textwrap.dedent("""
@@ -44,7 +44,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     import diffusers
     diffusers.utils.logging.disable_progress_bar()
     job = json.loads(sys.argv[1])
-    pipe = diffusers.FluxKontextPipeline.from_pretrained(job["model"])
+    pipe = getattr(diffusers, job.get("pipeline", "FluxKontextPipeline")).from_pretrained(job["model"])
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(job["lora"])
     with torch.no_grad():
@@ -301,3 +301,51 @@ def test_best_of_tree_edits_score_each_leaf_against_its_source(edited):
     assert result.exit_code == 0, result.output
     score = float(result.output.split()[0])
     assert 0 < score <= 1 and (out / "grid.png").is_file()
+
+
+def test_flux2_reference_run_trains_and_reloads(tmp_path_factory):
+    """FLUX.2 [dev] with one reference image per prompt (optional for FLUX.2: every line or none): a 2-epoch run on
+    the tiny pipeline saved to disk, rows of the formula (the references' tokens are none), and the exported LoRA in
+    the stock `Flux2Pipeline` in a fresh process edits as the trained model does; a file that gives references on
+    some lines only is refused in one line."""
+    from diffusers_tree.testing import tiny_flux2_pipeline
+    from treegrpo.recipe.preflight import preflight
+    from treegrpo.sources import SourceImageError
+
+    root = tmp_path_factory.mktemp("flux2_refs")
+    tiny_flux2_pipeline().save_pretrained(root / "tiny_kontext")  # the recipe helper's folder name
+    (root / "sources").mkdir()
+    lines = []
+    for index, (name, colour) in enumerate(list(COLOURS.items())[:3]):
+        Image.new("RGB", (64, 64), colour).save(root / "sources" / f"{name}.png")  # FLUX.2 takes 64 px and more
+        lines.append({"prompt": f"a cat in {name}", "image": f"sources/{name}.png"})
+    (root / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (root / "edit_rewards.py").write_text(REWARD_MODULE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.syspath_prepend(str(root))
+        sys.modules.pop("edit_rewards", None)
+        torch.set_num_threads(1)
+        recipe = edit_recipe(root, extra=["sampling.max_sequence_length=48"])
+        run = train_capturing(recipe)
+        call = {**stock_call(run.pipe, run.sampling.as_kwargs()), "num_inference_steps": 5}
+        source = root / "sources" / "green.png"
+        with torch.no_grad():
+            reference = run.pipe(image=Image.open(source).convert("RGB"), prompt="a cat in green", output_type="pt",
+                                 generator=torch.Generator().manual_seed(0), **call).images
+        (root / "mixed.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "a cat"}) + "\n")
+        mixed = load_recipe(root / "edit.toml", ['data.prompts="mixed.jsonl"', "data.eval_prompts=null"])
+        with pytest.raises(SourceImageError, match=r"line 2 has no \"image\" but other lines do .* Flux2Pipeline "
+                                                   r"takes a reference image on every line of a run or on none"):
+            preflight(mixed)
+    metrics = [json.loads(line) for line in (root / "edit" / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert m["model/rollout_rows"] == 2 * unique_rows(5, 2, 2, m["tree/window_start"])
+        assert abs(m["policy/first_ratio_error"]) < 1e-4
+    job = {"pipeline": "Flux2Pipeline", "model": str(root / "tiny_kontext"), "lora": str(root / "edit" / "final"),
+           "source": str(source), "prompt": "a cat in green", "out": str(root / "loaded.pt"),
+           "call": {k: v for k, v in call.items() if v is not None}}
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(job)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.load(job["out"]), reference, rtol=1e-4, atol=1e-4)

@@ -40,7 +40,7 @@ def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file:
         adapter = adapter_class(str(config.get("_class_name", "")))
         if adapter is not None:
             check_sources(metadata, adapter.takes_source_image, str(config["_class_name"]),
-                          "--prompts / --image")
+                          "--prompts / --image", needs_source=adapter.needs_source_image)
     return found, metadata
 
 

@@ -21,7 +21,7 @@ from treegrpo.model.loading import ModelLoadError, load_pipeline, stock_call
 from treegrpo.rewards.base import score_with_accuracy
 from treegrpo.run.metrics import image_grid
 from treegrpo.run.seeds import sample_generators
-from treegrpo.sources import source_argument, source_paths
+from treegrpo.sources import load_source_images, source_argument, source_paths
 
 
 class InferenceError(UsageError):
@@ -113,8 +113,7 @@ def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int,
     Editing models edit each prompt's source image (`sources`, paths)."""
     images = []
     for p, prompt in enumerate(prompts):
-        source = source_argument(None if sources is None else [sources[p]])
-        source = {"image": source["image"][0]} if source else {}
+        source = source_argument(None if sources is None else sources[p])
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             generators = sample_generators(seed, p, start, count)
@@ -314,8 +313,10 @@ def sample_images(request: SampleRequest) -> list[str]:
     def scorer(images, leaf_prompts):  # each leaf is scored with its prompt's metadata (GenEval's objects, ...)
         return reward.score(images, leaf_prompts, [by_prompt[p] for p in leaf_prompts])
 
-    result = best_of_tree_images(loaded.pipe, prompts, scorer, {**kwargs, **source_argument(
-                                     source_paths(request.metadata))}, branch_factor=request.branch_factor,
+    paths = source_paths(request.metadata)
+    sources = {} if paths is None else {"image": load_source_images(paths)}  # the tree: one source per prompt
+    result = best_of_tree_images(loaded.pipe, prompts, scorer, {**kwargs, **sources},
+                                 branch_factor=request.branch_factor,
                                  window_width=request.window_width, window_start=request.window_start,
                                  beam=request.beam, seed=seed, tail_steps=request.tail_steps)
     grid = save_images(result.images, prompts, request.out, columns=min(8, len(prompts)))

@@ -215,7 +215,7 @@ def _check_size_from_config(folder: Path, height: int, width: int) -> None:
 def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
     """Everything about the recipe's files that can be judged without loading a model. Raises `PreflightError`.
     `about_to_load` (`run`): also whether the model can load on this machine (see `check_pretrained`)."""
-    _check_prompt_files(recipe)
+    _check_prompt_files(recipe, about_to_load)
     check_pretrained(recipe.model.pretrained, about_to_load=about_to_load)
     folder = _local_folder(recipe.model.pretrained)
     if folder is not None:
@@ -236,10 +236,12 @@ def preflight(recipe: Recipe, *, about_to_load: bool = False) -> None:
                              "folder.")
 
 
-def _check_prompt_files(recipe: Recipe) -> None:
+def _check_prompt_files(recipe: Recipe, about_to_load: bool) -> None:
     """Both prompt files readable, and their source images (editing) what the model takes, when its class is known
-    here (a local, built-in or cached model)."""
-    from treegrpo.sources import check_sources
+    here (a local, built-in or cached model). The model's adapter imports torch and diffusers: `run` (about to load
+    them anyway) asks it only when a line names a source, so its other early errors stay instant; an editing model
+    given no sources is then found at setup, `check` finds it here."""
+    from treegrpo.sources import SOURCE_KEY, check_sources
 
     config = pipeline_config(recipe.model.pretrained)
     pipeline_class = str(config.get("_class_name", "")) if config else ""
@@ -247,12 +249,13 @@ def _check_prompt_files(recipe: Recipe) -> None:
         if not path:
             continue
         _, metadata = prompt_records(path, key)
-        if pipeline_class:
+        if pipeline_class and (not about_to_load or any(SOURCE_KEY in m for m in metadata)):
             from diffusers_tree.adapters import adapter_class
 
             adapter = adapter_class(pipeline_class)
             takes_source = bool(adapter is not None and adapter.takes_source_image)
-            check_sources(metadata, takes_source, pipeline_class, f"{key} = {path!r}")
+            check_sources(metadata, takes_source, pipeline_class, f"{key} = {path!r}",
+                          needs_source=adapter is None or adapter.needs_source_image)
 
 
 def _check_vlm_templates(recipe: Recipe) -> None:

@@ -173,7 +173,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         height=s.height, width=s.width, negative_prompt=s.negative_prompt,
         max_sequence_length=s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
         num_frames=s.num_frames, auto_resize=s.auto_resize)
-    _check_sources(recipe, prompt_metadata, type(pipe).__name__, rollout.adapter.takes_source_image)
+    _check_sources(recipe, prompt_metadata, type(pipe).__name__, rollout.adapter)
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
               sampling=sampling, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
@@ -184,7 +184,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
     return run
 
 
-def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str, takes_source: bool) -> None:
+def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str, adapter) -> None:
     """The prompt files' source images against the loaded model (`check` judges them only for models on disk)."""
     from treegrpo.sources import SourceImageError, check_sources
 
@@ -194,7 +194,8 @@ def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str, ta
                       read_prompt_records(recipe.data.eval_prompts, "data.eval_prompts")[1]))
     try:
         for key, path, lines in files:
-            check_sources(lines, takes_source, pipeline_class, f"{key} = {path!r}")
+            check_sources(lines, adapter.takes_source_image, pipeline_class, f"{key} = {path!r}",
+                          needs_source=adapter.needs_source_image)
     except SourceImageError as err:
         raise SetupError(str(err)) from None
 

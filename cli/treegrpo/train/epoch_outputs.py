@@ -167,11 +167,15 @@ def save_samples(run: Run, path: Path, prompts: list[str], seed: int, sources: l
         # The prompt by keyword (FLUX.2 takes `image` first), in a copy (Z-Image writes its templated prompts into
         # the list); one image per prompt (Qwen-Image's and SANA's encode_prompt mis-tile mixed-length prompts
         # that ask for several).
-        call = stock_call(pipe, {**kwargs, "prompt": list(prompts), **source_argument(sources)})
-        result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps,
-                      generator=seeded(seed), output_type="pil", **call)
+        # Editing models: one prompt per call, each with its source (`source_argument`).
+        calls = [stock_call(pipe, {**kwargs, "prompt": list(prompts)})] if sources is None else \
+            [stock_call(pipe, {**kwargs, "prompt": [prompt], **source_argument(source)})
+             for prompt, source in zip(prompts, sources, strict=True)]
+        results = [pipe(num_inference_steps=run.recipe.sampling.num_inference_steps, generator=seeded(seed),
+                        output_type="pil", **call) for call in calls]
     # video pipelines (Wan) return `frames`: one strip of evenly spaced frames per video
-    images = result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames]
+    images = [image for result in results for image in (
+        result.images if hasattr(result, "images") else [frame_strip(video) for video in result.frames])]
     if not run.accelerator.is_main_process:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)

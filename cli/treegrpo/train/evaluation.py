@@ -91,13 +91,13 @@ def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | Non
     items = [(p if p is not None else 0, j) for p in share for j in range(images_per_prompt)]
     pipe, kwargs = run.pipe, run.sampling.as_kwargs()
     pipe.set_progress_bar_config(disable=True)
-    chunks, chunk = [], max(1, run.recipe.sampling.max_batch_size // 2)  # images per call: CFG doubles the rows
+    # images per call: CFG doubles the rows; editing models one at a time (`source_argument`)
+    chunks, chunk = [], 1 if sources is not None else max(1, run.recipe.sampling.max_batch_size // 2)
     with torch.no_grad(), run.text_encoders_ready():
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
-            part_sources = None if sources is None else [sources[p] for p, _ in part]
             call = stock_call(pipe, {**kwargs, "prompt": [prompts[p] for p, _ in part],
-                                     **source_argument(part_sources)})
+                                     **source_argument(None if sources is None else sources[part[0][0]])})
             result = pipe(num_inference_steps=run.recipe.sampling.num_inference_steps, output_type="pt",
                           generator=evaluation_generators(seed, part), **call)
             chunks.append(result.images if hasattr(result, "images") else result.frames)

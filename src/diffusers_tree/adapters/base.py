@@ -92,8 +92,10 @@ class PipelineAdapter:
     # what a LoRA's Hub card says: its tags (the family's first, as diffusers' training scripts tag) and pipeline tag
     hub_tags: tuple[str, ...] = ()
     hub_task: str = "text-to-image"
-    # editing families (FLUX.1 Kontext) take source images: `encode(..., image=...)` conditions every prompt on one
+    # editing families (FLUX.1 Kontext) take source images: `encode(..., image=...)` conditions every prompt on one;
+    # `needs_source_image`: they edit only (FLUX.2 takes reference images but also generates from text alone)
     takes_source_image: bool = False
+    needs_source_image: bool = True
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -12,6 +12,11 @@ Quirks, as the pipelines do them:
 - [dev] is guidance-distilled: `guidance_scale` goes into the guidance embedding, one row per node, no CFG;
 - [klein] has no guidance embedding: the base model runs true CFG against the empty prompt (two rows per node) when
   `guidance_scale > 1`; the step-distilled models (`is_distilled`) never do.
+- reference images (editing, optional): each is shrunk to at most 1024² pixels, cropped to a multiple of 16, VAE-
+  encoded (latent mode, patchified, batch-norm normalised) and packed; the references' tokens follow the noisy ones
+  at every forward (the negative pass too), with position ids whose T coordinate is 10, 20, ... per reference, and
+  the output is cut back. The stock pipeline gives every prompt of a call the same references; here each prompt has
+  its own (`image`: one per prompt, each a PIL image or a list of them), all of one shape.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_a
 @register_adapter("Flux2Pipeline")
 class Flux2Adapter(PipelineAdapter):
     hub_tags = ("flux2", "flux2-diffusers")
+    takes_source_image = True  # reference images, optional: FLUX.2 also generates from text alone
+    needs_source_image = False
     default_guidance_scale = 4.0
     prediction_type = "flow"
     guidance_embedding = True  # [dev]: guidance_scale is a transformer input, not CFG
@@ -56,10 +63,57 @@ class Flux2Adapter(PipelineAdapter):
         image_ids = pipe._prepare_latent_ids(torch.empty(1, 0, latent_h, latent_w))[0]  # [(H/2)·(W/2), 4]
         return {"txt_ids": text_ids, "img_ids": image_ids.to(text_ids.device)}
 
-    def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
+    def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length, image=None,
+               auto_resize: bool = True):
         embeds, text_ids = self._encode(prompts, max_sequence_length)
-        return Conditioning(cond={"encoder_hidden_states": embeds}, uncond=None, guidance_scale=guidance_scale,
-                            height=height, width=width, shared=self._shared(text_ids, height, width))
+        conditioning = Conditioning(cond={"encoder_hidden_states": embeds},
+                                    uncond=self._negative(prompts, negative_prompt, guidance_scale,
+                                                          max_sequence_length),
+                                    guidance_scale=guidance_scale, height=height, width=width,
+                                    shared=self._shared(text_ids, height, width))
+        return conditioning if image is None else self._with_references(conditioning, image)
+
+    def _negative(self, prompts, negative_prompt, guidance_scale, max_sequence_length) -> dict | None:
+        return None  # [dev]: guidance-distilled
+
+    def _with_references(self, conditioning: Conditioning, image) -> Conditioning:
+        """The prompts' reference images encoded once: `source_latents` `[P, S, 4·C]` per prompt (and in the
+        negative rows), their position ids `reference_ids` `[S, 4]` shared by the batch."""
+        pipe, prompts = self.pipe, conditioning.num_prompts
+        per_prompt = [image] * prompts if not isinstance(image, (list, tuple)) else list(image)
+        if len(per_prompt) != prompts:
+            raise ValueError(f"{len(per_prompt)} reference entries for {prompts} prompts: give one per prompt (an "
+                             "image or a list of images), or one image for all.")
+        encoded, ids = [], None
+        for index, refs in enumerate(per_prompt):
+            refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+            latents = [pipe._encode_vae_image(self.reference_pixels(ref), generator=None) for ref in refs]
+            prompt_ids = pipe._prepare_image_ids(latents)[0]  # [S, 4]: T = 10, 20, ... per reference
+            if ids is not None and prompt_ids.shape != ids.shape:
+                raise ValueError(f"the references of prompt {index} make {prompt_ids.shape[0]} tokens, prompt 0's "
+                                 f"{ids.shape[0]}: every prompt needs as many references of the same sizes.")
+            ids = prompt_ids
+            encoded.append(torch.cat([pipe._pack_latents(latent)[0] for latent in latents]))
+        source = torch.stack(encoded).to(conditioning.cond["encoder_hidden_states"].dtype)
+        uncond = None if conditioning.uncond is None else {**conditioning.uncond, "source_latents": source}
+        shared = {**conditioning.shared, "reference_ids": ids.to(conditioning.shared["img_ids"].device)}
+        return Conditioning(cond={**conditioning.cond, "source_latents": source}, uncond=uncond,
+                            guidance_scale=conditioning.guidance_scale, height=conditioning.height,
+                            width=conditioning.width, shared=shared)
+
+    def reference_pixels(self, image) -> torch.Tensor:
+        """One reference as the stock pipeline preprocesses it: at most 1024² pixels, cropped to a multiple of 16,
+        `[1, 3, H, W]` in [-1, 1] on the VAE's device."""
+        pipe = self.pipe
+        pipe.image_processor.check_image_input(image)  # the stock checks: at least 64 px a side, no extreme ratio
+        width, height = image.size
+        if width * height > 1024 * 1024:
+            image = pipe.image_processor._resize_to_target_area(image, 1024 * 1024)
+            width, height = image.size
+        multiple = pipe.vae_scale_factor * 2
+        width, height = width // multiple * multiple, height // multiple * multiple
+        pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+        return pixels.to(device=pipe._execution_device, dtype=pipe.vae.dtype)
 
     def prepare_latents(self, num, height, width, generator, dtype):
         pipe = self.pipe
@@ -78,10 +132,14 @@ class Flux2Adapter(PipelineAdapter):
         if self.guidance_embedding:  # one value per row, as the pipeline's expanded `guidance`
             guidance = torch.full((latents.shape[0],), conditioning.guidance_scale, device=latents.device,
                                   dtype=torch.float32)
-        return self.model(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
-                          encoder_hidden_states=inputs["encoder_hidden_states"],
-                          txt_ids=conditioning.shared["txt_ids"], img_ids=conditioning.shared["img_ids"],
-                          return_dict=False)[0]
+        hidden, image_ids = latents, conditioning.shared["img_ids"]
+        if "source_latents" in inputs:  # the references' tokens after the noisy ones
+            hidden = torch.cat([latents, inputs["source_latents"].to(latents.dtype)], dim=1)
+            image_ids = torch.cat([image_ids, conditioning.shared["reference_ids"]])
+        out = self.model(hidden_states=hidden, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
+                         encoder_hidden_states=inputs["encoder_hidden_states"], txt_ids=conditioning.shared["txt_ids"],
+                         img_ids=image_ids, return_dict=False)[0]
+        return out[:, :latents.shape[1]]
 
     def vae_latents(self, latents, conditioning):
         """Packed latents to the VAE's: un-pack, undo the batch-norm normalisation, un-patchify [N, C, H, W]."""
@@ -118,16 +176,13 @@ class Flux2KleinAdapter(Flux2Adapter):
     def uses_cfg(cls, guidance_scale: float, pipeline_config: dict) -> bool:
         return guidance_scale > 1 and not pipeline_config.get("is_distilled", False)  # distilled klein: never
 
-    def encode(self, prompts, *, negative_prompt, guidance_scale, height, width, max_sequence_length):
-        embeds, text_ids = self._encode(prompts, max_sequence_length)
-        uncond = None
-        if self.uses_cfg(guidance_scale, self.pipe.config):
-            # the pipeline's negative prompt is always ""; a given one is honoured (same padded length)
-            negative = negative_prompt or ""
-            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-            uncond = {"encoder_hidden_states": self._encode(negative, max_sequence_length)[0]}
-        return Conditioning(cond={"encoder_hidden_states": embeds}, uncond=uncond, guidance_scale=guidance_scale,
-                            height=height, width=width, shared=self._shared(text_ids, height, width))
+    def _negative(self, prompts, negative_prompt, guidance_scale, max_sequence_length) -> dict | None:
+        if not self.uses_cfg(guidance_scale, self.pipe.config):
+            return None
+        # the pipeline's negative prompt is always ""; a given one is honoured (same padded length)
+        negative = negative_prompt or ""
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        return {"encoder_hidden_states": self._encode(negative, max_sequence_length)[0]}
 
     def stock_call_kwargs(self, kwargs: dict) -> dict:
         """The stock pipeline takes no `negative_prompt` (its own is always ""), only `negative_prompt_embeds`: a
