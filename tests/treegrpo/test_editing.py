@@ -316,7 +316,7 @@ def test_flux2_reference_run_trains_and_reloads(tmp_path_factory):
     tiny_flux2_pipeline().save_pretrained(root / "tiny_kontext")  # the recipe helper's folder name
     (root / "sources").mkdir()
     lines = []
-    for index, (name, colour) in enumerate(list(COLOURS.items())[:3]):
+    for name, colour in list(COLOURS.items())[:3]:
         Image.new("RGB", (64, 64), colour).save(root / "sources" / f"{name}.png")  # FLUX.2 takes 64 px and more
         lines.append({"prompt": f"a cat in {name}", "image": f"sources/{name}.png"})
     (root / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
