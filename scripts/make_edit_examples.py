@@ -2,7 +2,7 @@
 `builtin:shapes` world, scaled up) as source images, and a `.jsonl` whose lines ask to recolour one object, with
 GenEval metadata for the result (`include`: the recoloured object) and the object's box as `edit_region`.
 
-    python scripts/make_edit_examples.py   # writes recipes/prompts/edit_example.jsonl and recipes/prompts/edit_sources/
+    python scripts/make_edit_examples.py   # recipes/prompts/edit_example.jsonl and recipes/prompts/edit_sources/
 """
 
 from __future__ import annotations
