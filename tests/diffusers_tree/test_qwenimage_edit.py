@@ -79,7 +79,41 @@ def test_one_line_errors(pipe):
         tree.encode(PROMPTS, **SIZE)
     with pytest.raises(ValueError, match="3 source images for 2 prompts"):
         tree.encode(PROMPTS, image=[source(0)] * 3, **SIZE)
-    with pytest.raises(ValueError, match="must share an aspect ratio"):
+    with pytest.raises(ValueError, match="must share their number and aspect ratios"):
         tree.encode(PROMPTS, image=[source(0), source(1, 64, 32)], **SIZE)
     with pytest.raises(ValueError, match="exceed max_sequence_length=8"):
         tree.encode(PROMPTS, image=source(0), max_sequence_length=8, **SIZE)
+
+
+@pytest.fixture(scope="module")
+def plus():
+    from diffusers_tree.testing import tiny_qwenimage_edit_plus_pipeline
+
+    return tiny_qwenimage_edit_plus_pipeline()
+
+
+@pytest.mark.parametrize("sources,s,cfg", [(1, 0, False), (2, 1, True)])
+def test_plus_leaves_equal_stock_pipeline_with_one_or_two_sources(plus, sources, s, cfg):
+    """Qwen-Image-Edit-Plus (2509/2511): one or two sources of different aspect ratios, the VL encoder seeing each at
+    about 384² pixels and the VAE at 1024², one RoPE grid per source; the stock pipeline takes one prompt per call."""
+    k, w, T = 2, 2, 4
+    images = [source(3, 48, 32), source(4, 32, 64)][:sources]
+    tree = TreeRolloutPipeline.from_pipe(plus, branch_factor=k, window_width=w, window_start=s)
+    roots = tree.prepare_roots(1, 32, 32, torch.Generator().manual_seed(5), torch.float32)
+    guidance = {"guidance_scale": 4.0, "negative_prompt": "blurry"} if cfg else {}
+    conditioning = tree.encode([PROMPTS[1]], image=[images], **guidance, **SIZE)
+    assert sum(1 for key in conditioning.shared if key.startswith("source_grid")) == sources
+    out = tree([PROMPTS[1]], num_inference_steps=T, latents=roots, conditioning=conditioning, output_type="latent",
+               generator=torch.Generator().manual_seed(11), max_batch_size=6)
+    assert out.rows == (2 if cfg else 1) * unique_rows(T, k, w, s)
+    assert rescoring_ratio_error(tree, out.record, conditioning) < 1e-5
+    original = plus.scheduler
+    plus.scheduler = TreeSDEScheduler.from_scheduler(original, branch_factor=k, window_width=w,
+                                                     window_start=s).manual_seed(11)
+    stock_guidance = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"} if cfg else {}
+    stock = plus(image=images, prompt=PROMPTS[1], num_images_per_prompt=k**w, num_inference_steps=T,
+                 latents=roots.repeat_interleave(k**w, dim=0), output_type="latent", **stock_guidance, **SIZE).images
+    plus.scheduler = original
+    torch.testing.assert_close(out.images, stock, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"takes 1 to 3 source images per prompt; got \[4\]"):
+        tree.encode([PROMPTS[0]], image=[[source(0)] * 4], **SIZE)

@@ -28,7 +28,7 @@ from .flux import tiny_flux_pipeline
 from .flux2 import tiny_flux2_klein_pipeline, tiny_flux2_pipeline
 from .flux_kontext import tiny_flux_kontext_pipeline
 from .qwenimage import tiny_qwenimage_pipeline
-from .qwenimage_edit import tiny_qwenimage_edit_pipeline
+from .qwenimage_edit import tiny_qwenimage_edit_pipeline, tiny_qwenimage_edit_plus_pipeline
 from .sana import tiny_sana_pipeline
 from .sd import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .sd3 import tiny_sd3_pipeline
@@ -38,7 +38,7 @@ from .zimage import tiny_zimage_pipeline
 __all__ = ["TINY_PIPELINES", "rescoring_ratio_error", "tiny_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline",
            "tiny_sd3_pipeline", "tiny_flux_pipeline", "tiny_flux2_pipeline", "tiny_flux2_klein_pipeline",
            "tiny_qwenimage_pipeline", "tiny_sana_pipeline", "tiny_flux_kontext_pipeline", "TINY_EDIT_PIPELINES",
-           "tiny_qwenimage_edit_pipeline",
+           "tiny_qwenimage_edit_pipeline", "tiny_qwenimage_edit_plus_pipeline",
            "tiny_wan_pipeline", "tiny_zimage_pipeline",
            "DEFAULT_WORDS", "DIGIT_WORDS", "SD_BETAS", "TINY_VOCAB_SIZE"]
 
@@ -60,6 +60,7 @@ TINY_PIPELINES = {
 TINY_EDIT_PIPELINES = {
     "flux_kontext": (tiny_flux_kontext_pipeline, {"max_sequence_length": 16}),
     "qwenimage_edit": (tiny_qwenimage_edit_pipeline, {}),  # the source's 4 vision tokens + the template's
+    "qwenimage_edit_plus": (tiny_qwenimage_edit_plus_pipeline, {}),
 }
 
 

@@ -11,14 +11,14 @@ tokens) to keep the text encoder tiny.
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
+from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
 
 from .common import DEFAULT_WORDS, TINY_VOCAB_SIZE, _finish, _seeded
 from .qwenimage import QWEN_SPECIAL_TOKENS, tiny_qwenimage_pipeline
 
-__all__ = ["tiny_qwen_edit_processor", "tiny_qwenimage_edit_pipeline"]
+__all__ = ["tiny_qwen_edit_processor", "tiny_qwenimage_edit_pipeline", "tiny_qwenimage_edit_plus_pipeline"]
 
 # the vision tokens at the ids the tiny Qwen2.5-VL config gives them (`qwenimage._text_encoder`)
 VISION_TOKENS = {"<|image_pad|>": TINY_VOCAB_SIZE - 4, "<|video_pad|>": TINY_VOCAB_SIZE - 3,
@@ -27,7 +27,7 @@ VISION_TOKENS = {"<|image_pad|>": TINY_VOCAB_SIZE - 4, "<|video_pad|>": TINY_VOC
 EDIT_TEMPLATE_WORDS = ("system Describe the key features of the input image color shape size texture objects "
                        "background then explain how user s text instruction should alter or modify Generate a new "
                        "that meets requirements while maintaining consistency with original where appropriate "
-                       "assistant ( ) , . ' :").split()
+                       "assistant ( ) , . ' : Picture 1 2 3").split()  # Plus numbers its pictures
 
 
 class _ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -62,10 +62,11 @@ def tiny_qwen_edit_processor() -> Qwen2VLProcessor:
     return _ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def tiny_qwenimage_edit_pipeline(*, seed: int = 0) -> QwenImageEditPipeline:
+def tiny_qwenimage_edit_pipeline(*, seed: int = 0, plus: bool = False) -> QwenImageEditPipeline:
     """Call with a source ``image``, ``height=32, width=32`` and a short prompt; true CFG as Qwen-Image (a negative
     prompt and ``true_cfg_scale``). One prompt per stock call: a stock batch of several prompts tiles the sources
-    in the wrong order when it asks for several images per prompt."""
+    in the wrong order when it asks for several images per prompt. `plus`: `QwenImageEditPlusPipeline` (several
+    sources per prompt, ``image=[a, b]``)."""
     base = tiny_qwenimage_pipeline(seed=seed)
     with _seeded(seed + 1):
         vae = AutoencoderKLQwenImage(
@@ -73,6 +74,12 @@ def tiny_qwenimage_edit_pipeline(*, seed: int = 0) -> QwenImageEditPipeline:
             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.8, 1.2, 1.5, 0.9],
         )  # fmt: skip
     processor = tiny_qwen_edit_processor()
-    pipe = QwenImageEditPipeline(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder,
-                                 tokenizer=processor.tokenizer, processor=processor, transformer=base.transformer)
+    pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = pipeline_class(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder,
+                          tokenizer=processor.tokenizer, processor=processor, transformer=base.transformer)
     return _finish(pipe)
+
+
+def tiny_qwenimage_edit_plus_pipeline(*, seed: int = 0) -> QwenImageEditPlusPipeline:
+    """The tiny Qwen-Image-Edit-Plus pipeline (2509/2511): `tiny_qwenimage_edit_pipeline(plus=True)`."""
+    return tiny_qwenimage_edit_pipeline(seed=seed, plus=True)
