@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, builtin:digits or builtin:shapes.",
-                                         metavar="MODEL")]
+ModelArg = Annotated[str, typer.Argument(help="Hub id, local diffusers folder, builtin:digits, builtin:shapes or "
+                                         "builtin:shapes_edit.", metavar="MODEL")]
 LoraOption = Annotated[str | None, typer.Option("--lora", help="A trained LoRA: run folder's final/, a file, "
                                                 "or a hub repo id.", metavar="LORA")]
 PromptOption = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeatable).", metavar="TEXT")]
@@ -18,9 +18,10 @@ PromptsFileOption = Annotated[Path | None, typer.Option("--prompts", metavar="FI
 SourceImageOption = Annotated[Path | None, typer.Option(
     "--image", metavar="FILE", help="Editing models (FLUX.1 Kontext): the source image to edit, for every prompt "
     "whose .jsonl line names none.")]
-AutoResizeOption = Annotated[bool, typer.Option(
+AutoResizeOption = Annotated[bool | None, typer.Option(
     "--auto-resize/--keep-size", help="Editing models: resize the source to the family's preferred resolution "
-    "nearest its aspect ratio, as the stock pipeline does (Kontext: 672-1568 px), or keep its size.")]
+    "nearest its aspect ratio, as the stock pipeline does (Kontext: 672-1568 px), or keep its size (default: "
+    "the shipped model's setting, else resize).")]
 StepsOption = Annotated[int | None, typer.Option("--steps", metavar="N",
                                                  help="Denoising steps (default: the model's).")]
 GuidanceOption = Annotated[float | None, typer.Option("--guidance", metavar="SCALE",

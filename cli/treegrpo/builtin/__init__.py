@@ -27,14 +27,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BUILTIN_DIGITS_DIR", "BUILTIN_SHAPES_DIR", "BUILTIN_PREFIX", "BUILTIN_MODELS", "builtin_metadata",
-           "load_digits_pipeline", "load_shapes_pipeline", "resolve_pretrained"]
+__all__ = ["BUILTIN_DIGITS_DIR", "BUILTIN_SHAPES_DIR", "BUILTIN_SHAPES_EDIT_DIR", "BUILTIN_PREFIX", "BUILTIN_MODELS",
+           "builtin_metadata", "load_digits_pipeline", "load_shapes_pipeline", "load_shapes_edit_pipeline",
+           "resolve_pretrained"]
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIGITS_DIR = Path(__file__).resolve().parent / "digits"
 BUILTIN_SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
-BUILTIN_MODELS = {"digits": BUILTIN_DIGITS_DIR / "pipeline", "shapes": BUILTIN_SHAPES_DIR / "pipeline"}
-BUILD_SCRIPTS = {"digits": "scripts/train_digits.py", "shapes": "scripts/train_shapes.py"}
+BUILTIN_SHAPES_EDIT_DIR = Path(__file__).resolve().parent / "shapes_edit"
+BUILTIN_MODELS = {"digits": BUILTIN_DIGITS_DIR / "pipeline", "shapes": BUILTIN_SHAPES_DIR / "pipeline",
+                  "shapes_edit": BUILTIN_SHAPES_EDIT_DIR / "pipeline"}
+BUILD_SCRIPTS = {"digits": "scripts/train_digits.py", "shapes": "scripts/train_shapes.py",
+                 "shapes_edit": "scripts/train_shapes_edit.py"}
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -81,6 +85,20 @@ def load_shapes_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype 
     pipe.to(device, torch.float32 if dtype is None else dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, builtin_metadata("builtin:shapes")
+
+
+def load_shapes_edit_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load `builtin:shapes_edit` as a `FluxKontextPipeline` (recolours one object of a 32x32 shapes scene) on
+    `device`/`dtype` (default float32). Returns `(pipe, metadata)`; call it with `pipe(image=source, prompt="make
+    the red circle blue", **metadata["pipeline_kwargs"])`. Its prompts with their sources: in a checkout
+    `recipes/prompts/shapes_edit_train.jsonl` and `shapes_edit_test.jsonl`."""
+    import torch
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(resolve_pretrained("builtin:shapes_edit"))  # fp32 on disk
+    pipe.to(device, torch.float32 if dtype is None else dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, builtin_metadata("builtin:shapes_edit")
 
 
 def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

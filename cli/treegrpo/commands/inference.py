@@ -38,7 +38,8 @@ class Settings:
     width: int | None = None
     max_sequence_length: int | None = None
     seed: int = 0
-    auto_resize: bool = True  # editing models: the source resized to the family's preferred resolution (stock)
+    auto_resize: bool | None = None  # editing models: the source resized to the family's preferred resolution
+    # (the stock default), or kept; None: the shipped model's setting, else resized
 
 
 def parse_reward_spec(spec: str) -> tuple[str, dict]:
@@ -103,7 +104,8 @@ def call_kwargs(pipe, defaults: dict, settings: Settings) -> dict:
               "height": settings.height, "width": settings.width,
               "max_sequence_length": settings.max_sequence_length}
     merged = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
-    return stock_call(pipe, {**merged, "auto_resize": settings.auto_resize})
+    auto_resize = settings.auto_resize if settings.auto_resize is not None else defaults.get("_auto_resize", True)
+    return stock_call(pipe, {**merged, "auto_resize": auto_resize})
 
 
 def generate(pipe, prompts: list[str], num_images: int, kwargs: dict, seed: int, batch_size: int = 16,

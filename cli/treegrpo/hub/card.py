@@ -20,7 +20,8 @@ ALGORITHMS = {
 DTYPE_NAMES = {name: f"torch.{torch_name}" for name, torch_name in TORCH_NAMES.items()}  # for the snippet
 
 # shipped models: the loader of `treegrpo.builtin` a card's snippet calls
-BUILTIN_LOADERS = {"builtin:digits": "load_digits_pipeline", "builtin:shapes": "load_shapes_pipeline"}
+BUILTIN_LOADERS = {"builtin:digits": "load_digits_pipeline", "builtin:shapes": "load_shapes_pipeline",
+                   "builtin:shapes_edit": "load_shapes_edit_pipeline"}
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -101,7 +102,10 @@ def usage_snippet(summary: RunSummary, repo_id: str) -> str:
             "# the base model ships with treegrpo: in a checkout of diffusers-tree, `pip install -e .`",
             f"from treegrpo.builtin import {loader}",
             "", f"pipe, meta = {loader}()", f'pipe.load_lora_weights("{repo_id}")',
-            f"images = pipe([{json.dumps(prompt)}] * 8, **meta[\"pipeline_kwargs\"]).images"])
+            *(["from PIL import Image", 'source = Image.open("source.png").convert("RGB")  # a 32x32 scene',
+               f"images = pipe(image=source, prompt=[{json.dumps(prompt)}] * 8, **meta[\"pipeline_kwargs\"]).images"]
+              if summary.family.task == "image-to-image" else
+              [f"images = pipe([{json.dumps(prompt)}] * 8, **meta[\"pipeline_kwargs\"]).images"])])
     base = summary.base_model or summary.pretrained
     call = {"num_inference_steps": sampling.get("num_inference_steps"), "guidance_scale":
             sampling.get("guidance_scale"), "height": sampling.get("height"), "width": sampling.get("width")}
@@ -129,6 +133,9 @@ def _base_line(summary: RunSummary) -> str:
     if summary.pretrained == "builtin:shapes":
         return ("`builtin:shapes`, the tiny FLUX-style model (a real `FluxPipeline`, 32x32 scenes of coloured "
                 "shapes for GenEval-style prompts) shipped with treegrpo")
+    if summary.pretrained == "builtin:shapes_edit":
+        return ("`builtin:shapes_edit`, the tiny FLUX.1 Kontext-style editing model (a real `FluxKontextPipeline` "
+                "that recolours one object of a 32x32 shapes scene) shipped with treegrpo")
     if summary.pretrained == "builtin:digits":
         return ("`builtin:digits`, the tiny SD3-style model (a real `StableDiffusion3Pipeline`, 16x16 handwritten "
                 "digits) shipped with treegrpo")

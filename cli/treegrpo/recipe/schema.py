@@ -71,8 +71,9 @@ class LoraRecipe(_Table):
 
 class ModelRecipe(_Table):
     pretrained: str = Field(..., description="Hub id, local diffusers folder, or a shipped tiny model: "
-                            "`builtin:digits` (SD3-style, handwritten digits) or `builtin:shapes` (FLUX-style, "
-                            "GenEval-style scenes of coloured shapes).")
+                            "`builtin:digits` (SD3-style, handwritten digits), `builtin:shapes` (FLUX-style, "
+                            "GenEval-style scenes of coloured shapes) or `builtin:shapes_edit` (FLUX.1 Kontext-"
+                            "style: recolours one object of a shapes scene).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `pretrained`.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Dtype of the frozen weights and of the "
                                                     "mixed-precision forwards; trainable weights stay fp32.")
@@ -105,10 +106,11 @@ class SamplingRecipe(_Table):
     max_sequence_length: int | None = Field(None, gt=0, description="T5 token length (SD3/FLUX); default: the "
                                             "pipeline's, or the value stored with a builtin model.")
     negative_prompt: str | None = Field(None, description="Negative prompt for CFG (default empty).")
-    auto_resize: bool = Field(True, description="Editing models: resize each source image (a .jsonl line's "
-                              "`image`) to the family's preferred resolution nearest its aspect ratio, as the stock "
-                              "pipeline does (FLUX.1 Kontext: 672-1568 px a side); false keeps its size, floored to "
-                              "a multiple of 16 px. Ignored by text-to-image models.")
+    auto_resize: bool | None = Field(None, description="Editing models: resize each source image (a .jsonl "
+                                     "line's `image`) to the family's preferred resolution nearest its aspect ratio, "
+                                     "as the stock pipeline does (FLUX.1 Kontext: 672-1568 px a side); false keeps "
+                                     "its size, floored to a multiple of 16 px. Default: the shipped model's setting "
+                                     "(builtin:shapes_edit: false), else true. Ignored by text-to-image models.")
     max_batch_size: int = Field(64, ge=2, description="Most latent rows per denoiser forward while sampling (CFG "
                                 "halves included).")
     tail_steps: int | None = Field(None, ge=1, description="Denoiser steps per leaf after the SDE window: the "

@@ -172,7 +172,8 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         else loaded.defaults.get("guidance_scale", rollout.adapter.default_guidance_scale),
         height=s.height, width=s.width, negative_prompt=s.negative_prompt,
         max_sequence_length=s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
-        num_frames=s.num_frames, auto_resize=s.auto_resize)
+        num_frames=s.num_frames,
+        auto_resize=s.auto_resize if s.auto_resize is not None else loaded.defaults.get("_auto_resize", True))
     _check_sources(recipe, prompt_metadata, type(pipe).__name__, rollout.adapter)
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
