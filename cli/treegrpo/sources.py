@@ -32,8 +32,9 @@ def resolve_source(value, prompt_file: str | Path, key: str, line: int | None) -
     if not path.is_absolute():
         path = (Path(prompt_file).resolve().parent if line is not None else Path(prompt_file).resolve()) / path
     if not path.is_file():
-        raise SourceImageError(f"{where}: source image {value!r} ({path}) does not exist; image paths are relative "
-                               "to the .jsonl file's folder.")
+        rule = "image paths are relative to the .jsonl file's folder" if line is not None else \
+            "a relative path is read from the current folder"
+        raise SourceImageError(f"{where}: source image {value!r} ({path}) does not exist; {rule}.")
     width, height = source_size(str(path), where)
     if min(width, height) < MIN_SOURCE_PIXELS:
         raise SourceImageError(f"{where}: source image {value!r} is {width}x{height} pixels; sources need at least "
