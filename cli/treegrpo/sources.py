@@ -81,12 +81,24 @@ def source_argument(path: str | None) -> dict:
     return {} if path is None else {"image": load_source_images([path])[0]}
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=64)  # an epoch's prompts per process, a few dozen: 1024² sources are 3 MB each decoded
 def _load(path: str):
     from PIL import Image
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def check_sources_for(metadata: list[dict], pipeline_class: str, key: str) -> None:
+    """`check_sources` against the family adapter of `pipeline_class` (what `check`, `run`'s setup and `sample`/
+    `eval` all ask); a class without an adapter is not judged here (its loader reports it unsupported). Imports
+    torch and diffusers."""
+    from diffusers_tree.adapters import adapter_class
+
+    adapter = adapter_class(pipeline_class)
+    if adapter is not None:
+        check_sources(metadata, adapter.takes_source_image, pipeline_class, key,
+                      needs_source=adapter.needs_source_image)
 
 
 def check_sources(metadata: list[dict], takes_source: bool, pipeline_class: str, key: str,

@@ -9,7 +9,7 @@ from pathlib import Path
 from treegrpo.dtypes import DTYPE_NAMES
 from treegrpo.errors import UsageError
 from treegrpo.recipe.preflight import check_pretrained, pipeline_config, prompt_records
-from treegrpo.sources import SOURCE_KEY, check_sources, resolve_source
+from treegrpo.sources import SOURCE_KEY, check_sources_for, resolve_source
 
 
 def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file: Path | None,
@@ -34,13 +34,8 @@ def judge_sampling_arguments(model: str, prompt: list[str] | None, prompts_file:
         path = resolve_source(str(image), Path.cwd(), "--image", None)
         metadata = [m if SOURCE_KEY in m else {**m, SOURCE_KEY: path} for m in metadata]
     config = pipeline_config(model)
-    if config:
-        from diffusers_tree.adapters import adapter_class
-
-        adapter = adapter_class(str(config.get("_class_name", "")))
-        if adapter is not None:
-            check_sources(metadata, adapter.takes_source_image, str(config["_class_name"]),
-                          "--prompts / --image", needs_source=adapter.needs_source_image)
+    if config and config.get("_class_name"):
+        check_sources_for(metadata, str(config["_class_name"]), "--prompts / --image")
     return found, metadata
 
 

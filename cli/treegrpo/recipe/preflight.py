@@ -241,7 +241,7 @@ def _check_prompt_files(recipe: Recipe, about_to_load: bool) -> None:
     here (a local, built-in or cached model). The model's adapter imports torch and diffusers: `run` (about to load
     them anyway) asks it only when a line names a source, so its other early errors stay instant; an editing model
     given no sources is then found at setup, `check` finds it here."""
-    from treegrpo.sources import SOURCE_KEY, check_sources
+    from treegrpo.sources import SOURCE_KEY, check_sources_for
 
     config = pipeline_config(recipe.model.pretrained)
     pipeline_class = str(config.get("_class_name", "")) if config else ""
@@ -250,12 +250,7 @@ def _check_prompt_files(recipe: Recipe, about_to_load: bool) -> None:
             continue
         _, metadata = prompt_records(path, key)
         if pipeline_class and (not about_to_load or any(SOURCE_KEY in m for m in metadata)):
-            from diffusers_tree.adapters import adapter_class
-
-            adapter = adapter_class(pipeline_class)
-            takes_source = bool(adapter is not None and adapter.takes_source_image)
-            check_sources(metadata, takes_source, pipeline_class, f"{key} = {path!r}",
-                          needs_source=adapter is None or adapter.needs_source_image)
+            check_sources_for(metadata, pipeline_class, f"{key} = {path!r}")
 
 
 def _check_vlm_templates(recipe: Recipe) -> None:

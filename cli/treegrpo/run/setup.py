@@ -174,7 +174,7 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
         max_sequence_length=s.max_sequence_length or loaded.defaults.get("max_sequence_length"),
         num_frames=s.num_frames,
         auto_resize=s.auto_resize if s.auto_resize is not None else loaded.defaults.get("_auto_resize", True))
-    _check_sources(recipe, prompt_metadata, type(pipe).__name__, rollout.adapter)
+    _check_sources(recipe, prompt_metadata, type(pipe).__name__)
     run = Run(recipe=recipe, accelerator=accelerator, pipe=pipe, denoiser_name=name, rollout=rollout, model=model,
               optimizer=optimizer, params=params, rewards=rewards, prompts=prompts, window=window,
               sampling=sampling, out_dir=Path(recipe.output.dir), reporter=reporter, ema=ema,
@@ -185,9 +185,9 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
     return run
 
 
-def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str, adapter) -> None:
+def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str) -> None:
     """The prompt files' source images against the loaded model (`check` judges them only for models on disk)."""
-    from treegrpo.sources import SourceImageError, check_sources
+    from treegrpo.sources import SourceImageError, check_sources_for
 
     files = [("data.prompts", recipe.data.prompts, metadata)]
     if recipe.data.eval_prompts:
@@ -195,8 +195,7 @@ def _check_sources(recipe: Recipe, metadata: list[dict], pipeline_class: str, ad
                       read_prompt_records(recipe.data.eval_prompts, "data.eval_prompts")[1]))
     try:
         for key, path, lines in files:
-            check_sources(lines, adapter.takes_source_image, pipeline_class, f"{key} = {path!r}",
-                          needs_source=adapter.needs_source_image)
+            check_sources_for(lines, pipeline_class, f"{key} = {path!r}")
     except SourceImageError as err:
         raise SetupError(str(err)) from None
 
