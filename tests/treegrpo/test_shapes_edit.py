@@ -4,8 +4,6 @@ instructions only partly; the recipe runs from the shipped files with no downloa
 `treegrpo eval` edits each test source."""
 
 import json
-import os
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -16,12 +14,9 @@ from treegrpo.builtin import builtin_metadata, load_shapes_edit_pipeline
 from treegrpo.rewards import build_reward
 from treegrpo.rewards.detectors import ShapesDetector
 
-ROOT = Path(__file__).resolve().parents[2]
+from .test_shapes_recipe import ROOT, read_jsonl, run_shortened
+
 PROMPTS = ROOT / "recipes" / "prompts"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_every_instruction_names_an_object_of_its_source_inside_its_region():
@@ -64,16 +59,8 @@ def test_base_model_follows_the_instructions_only_partly():
 
 
 def test_shapes_edit_recipe_runs_and_eval_edits_the_test_sources(tmp_path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path / "edit"
-    result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "shapes_edit.toml"), "--set", "train.epochs=2",
-                                      "--set", "data.prompts_per_epoch=3", "--set", "evaluation.images_per_prompt=1",
-                                      "--set", f"output.dir={json.dumps(str(out))}", "--set", "output.samples=false"])
-    assert result.exit_code == 0, result.output
-    metrics = read_jsonl(out / "metrics.jsonl")
-    assert len(metrics) == 2
-    s = metrics[0]["tree/window_start"]  # 3 prompts, one 27-leaf tree each, (9, 3) children, 3-step tail, no CFG
-    assert metrics[0]["model/rollout_rows"] == 3 * (s + 10 + 27 * min(3, 10 - s - 2))
+    metrics = run_shortened("shapes_edit.toml", out)
     assert 0.0 <= metrics[0]["reward/geneval/mean"] <= 1.0 and 0.5 < metrics[0]["reward/preservation/mean"] <= 1.0
     evaluations = read_jsonl(out / "eval.jsonl")
     assert {"eval/judge/accuracy", "eval/preservation/mean"} <= set(evaluations[-1])

@@ -46,17 +46,25 @@ def test_base_model_follows_its_prompts_only_partly():
     assert 0.05 < accuracy < 0.7
 
 
-def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
+def run_shortened(recipe: str, out: Path) -> list[dict]:
+    """A shipped shapes recipe (`shapes.toml`, `shapes_edit.toml`) through `treegrpo run`, cut to 2 epochs of 3
+    prompts; its metrics, after checking the rows: one 27-leaf tree per prompt, (9, 3) children, 3-step tail, no
+    CFG (a Kontext source's tokens are no rows)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = tmp_path / "shapes"
-    result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "shapes.toml"), "--set", "train.epochs=2",
+    result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / recipe), "--set", "train.epochs=2",
                                       "--set", "data.prompts_per_epoch=3", "--set", "evaluation.images_per_prompt=1",
                                       "--set", f"output.dir={json.dumps(str(out))}", "--set", "output.samples=false"])
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(out / "metrics.jsonl")
     assert len(metrics) == 2
-    s = metrics[0]["tree/window_start"]  # 3 prompts, one 27-leaf tree each, (9, 3) children, 3-step tail, no CFG
+    s = metrics[0]["tree/window_start"]
     assert metrics[0]["model/rollout_rows"] == 3 * (s + 10 + 27 * min(3, 10 - s - 2))
+    return metrics
+
+
+def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
+    out = tmp_path / "shapes"
+    metrics = run_shortened("shapes.toml", out)
     assert 0.0 <= metrics[0]["reward/geneval/mean"] <= 1.0
     evaluations = read_jsonl(out / "eval.jsonl")
     assert [row["epoch"] for row in evaluations] == [0, 2]
