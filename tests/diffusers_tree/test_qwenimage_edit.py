@@ -115,5 +115,5 @@ def test_plus_leaves_equal_stock_pipeline_with_one_or_two_sources(plus, sources,
                  latents=roots.repeat_interleave(k**w, dim=0), output_type="latent", **stock_guidance, **SIZE).images
     plus.scheduler = original
     torch.testing.assert_close(out.images, stock, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"takes 1 to 3 source images per prompt; got \[4\]"):
+    with pytest.raises(ValueError, match=r"1 to 3 source images per prompt; got \[4\]"):
         tree.encode([PROMPTS[0]], image=[[source(0)] * 4], **SIZE)

@@ -229,6 +229,20 @@ def makes_videos(adapter: PipelineAdapter) -> bool:
     return adapter.default_num_frames is not None
 
 
+def source_sets(image, num_prompts: int, per_prompt: int | None = 1) -> list[list]:
+    """Each prompt's source images from an editing family's `image` argument: one image for all prompts, or one
+    entry per prompt, an image or (where `per_prompt` allows more than one; None: any number) a list of them."""
+    entries = list(image) if isinstance(image, (list, tuple)) else [image] * num_prompts
+    if len(entries) != num_prompts:
+        raise ValueError(f"{len(entries)} source images for {num_prompts} prompts: give one per prompt, or one for "
+                         "all.")
+    sets = [list(e) if isinstance(e, (list, tuple)) else [e] for e in entries]
+    if any(not images or (per_prompt is not None and len(images) > per_prompt) for images in sets):
+        raise ValueError(f"1 to {per_prompt or 'any number of'} source images per prompt; got "
+                         f"{[len(images) for images in sets]}.")
+    return sets
+
+
 def stock_call_kwargs(pipe, kwargs: dict) -> dict:
     """`kwargs` for a call of the stock pipeline `pipe` that samples as the tree does (its adapter's
     `stock_call_kwargs`)."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter
+from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter, source_sets
 
 
 @register_adapter("Flux2Pipeline")
@@ -79,14 +79,9 @@ class Flux2Adapter(PipelineAdapter):
     def _with_references(self, conditioning: Conditioning, image) -> Conditioning:
         """The prompts' reference images encoded once: `source_latents` `[P, S, 4·C]` per prompt (and in the
         negative rows), their position ids `reference_ids` `[S, 4]` shared by the batch."""
-        pipe, prompts = self.pipe, conditioning.num_prompts
-        per_prompt = [image] * prompts if not isinstance(image, (list, tuple)) else list(image)
-        if len(per_prompt) != prompts:
-            raise ValueError(f"{len(per_prompt)} reference entries for {prompts} prompts: give one per prompt (an "
-                             "image or a list of images), or one image for all.")
+        pipe = self.pipe
         encoded, ids = [], None
-        for index, refs in enumerate(per_prompt):
-            refs = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+        for index, refs in enumerate(source_sets(image, conditioning.num_prompts, per_prompt=None)):
             latents = [pipe._encode_vae_image(self.reference_pixels(ref), generator=None) for ref in refs]
             prompt_ids = pipe._prepare_image_ids(latents)[0]  # [S, 4]: T = 10, 20, ... per reference
             if ids is not None and prompt_ids.shape != ids.shape:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-from .base import register_adapter
+from .base import register_adapter, source_sets
 from .flux import FluxAdapter
 
 
@@ -54,10 +54,7 @@ class FluxKontextAdapter(FluxAdapter):
                                       height=height, width=width, max_sequence_length=max_sequence_length)
         if image is None:
             return conditioning
-        images = list(image) if isinstance(image, (list, tuple)) else [image] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} source images for {len(prompts)} prompts: give one per prompt, or one "
-                             "for all.")
+        images = [images[0] for images in source_sets(image, len(prompts))]
         pixels = self.source_pixels(images, auto_resize, conditioning.cond["encoder_hidden_states"].dtype)
         pipe = self.pipe
         latents = pipe._encode_vae_image(image=pixels, generator=None)  # the latent mode: no randomness

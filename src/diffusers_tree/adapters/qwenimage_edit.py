@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
-from .base import Conditioning, register_adapter
+from .base import Conditioning, register_adapter, source_sets
 from .qwenimage import EMPTY_NEGATIVE_PROMPT, QwenImageAdapter
 
 SOURCE_AREA = 1024 * 1024  # the stock pipelines' source resolution for the VAE (and Edit's VL encoder), in pixels
@@ -79,15 +79,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
         if image is None:
             raise ValueError(f"{type(self.pipe).__name__} edits a source image: pass image= (one per prompt, or one "
                              "for all).")
-        entries = list(image) if isinstance(image, (list, tuple)) else [image] * num_prompts
-        if len(entries) != num_prompts:
-            raise ValueError(f"{len(entries)} source images for {num_prompts} prompts: give one per prompt, or one "
-                             "for all.")
-        sets = [list(e) if isinstance(e, (list, tuple)) else [e] for e in entries]
-        if any(not 1 <= len(images) <= self.max_sources for images in sets):
-            raise ValueError(f"{type(self.pipe).__name__} takes 1 to {self.max_sources} source images per prompt; "
-                             f"got {[len(images) for images in sets]}.")
-        return sets
+        return source_sets(image, num_prompts, self.max_sources)
 
     def _resized(self, image, area: int):
         """`image` resized as the stock pipeline does: about `area` pixels at its aspect ratio, multiples of 32."""
