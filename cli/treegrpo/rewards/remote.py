@@ -60,22 +60,19 @@ def encode_request(images: list[Image.Image], prompts: list[str], metadata: list
                    source_images: list[Image.Image] | None = None) -> tuple[bytes, str]:
     """(request body, content type) of one batch; editing prompts send each image's source image too."""
     if body == "json":
-        payload = {"prompts": prompts, "metadata": metadata,
-                   "images": [base64.b64encode(png_bytes(image)).decode("ascii") for image in images]}
+        payload = {"prompts": prompts, "metadata": metadata, "images": _base64_pngs(images)}
         if source_images is not None:
-            payload["source_images"] = [base64.b64encode(png_bytes(image)).decode("ascii")
-                                        for image in source_images]
+            payload["source_images"] = _base64_pngs(source_images)
         return json.dumps(payload).encode(), "application/json"
     if body != "multipart":
         raise ValueError(f"body must be one of {BODIES}; got {body!r}.")
     boundary = uuid.uuid4().hex
     parts = [(b'Content-Disposition: form-data; name="request"\r\nContent-Type: application/json\r\n\r\n'
               + json.dumps({"prompts": prompts, "metadata": metadata}).encode())]
-    parts += [(f'Content-Disposition: form-data; name="image_{i}"; filename="{i}.png"\r\n'
-               "Content-Type: image/png\r\n\r\n").encode() + png_bytes(image) for i, image in enumerate(images)]
-    parts += [(f'Content-Disposition: form-data; name="source_{i}"; filename="source_{i}.png"\r\n'
+    parts += [(f'Content-Disposition: form-data; name="{field}_{i}"; filename="{field}_{i}.png"\r\n'
                "Content-Type: image/png\r\n\r\n").encode() + png_bytes(image)
-              for i, image in enumerate(source_images or [])]
+              for field, batch in (("image", images), ("source", source_images or []))
+              for i, image in enumerate(batch)]
     data = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
     return data + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
 
@@ -90,13 +87,11 @@ def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAG
         payload = json.loads(data)
         if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
             raise ValueError('the body must be a JSON object with an "images" list of base64 PNGs')
-        encoded = [base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-                   for text in payload["images"]]
+        encoded = _unbase64(payload["images"])
         sources = payload.get("source_images")
         if sources is not None and not isinstance(sources, list):
             raise ValueError('"source_images" must be a list of base64 PNGs, one per image (or absent)')
-        sources = None if sources is None else [base64.b64decode(text, validate=True) if isinstance(text, str)
-                                                else b"" for text in sources]
+        sources = None if sources is None else _unbase64(sources)
     elif content_type.startswith("multipart/form-data"):
         message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data)
         fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
@@ -104,10 +99,7 @@ def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAG
         if "request" not in fields:
             raise ValueError('the multipart body has no "request" part (the JSON with prompts and metadata)')
         payload = json.loads(fields["request"])
-        count = sum(1 for name in fields if str(name).startswith("image_"))
-        encoded = [fields.get(f"image_{i}") or b"" for i in range(count)]
-        source_count = sum(1 for name in fields if str(name).startswith("source_"))
-        sources = [fields.get(f"source_{i}") or b"" for i in range(source_count)] if source_count else None
+        encoded, sources = _numbered_parts(fields, "image"), _numbered_parts(fields, "source") or None
     else:
         raise ValueError(f"unsupported content type {content_type!r}; send application/json or multipart/form-data")
     prompts, metadata = _checked_texts(payload, len(encoded))
@@ -115,6 +107,21 @@ def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAG
         raise ValueError(f"{len(encoded)} images and {len(sources)} source images; send one source per image")
     return ([_decoded_png(blob, i, max_pixels) for i, blob in enumerate(encoded)], prompts, metadata,
             None if sources is None else [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(sources)])
+
+
+def _base64_pngs(images: list[Image.Image]) -> list[str]:
+    return [base64.b64encode(png_bytes(image)).decode("ascii") for image in images]
+
+
+def _unbase64(texts: list) -> list[bytes]:
+    """Base64 strings to bytes (anything else to b"", refused as "not a PNG" with its index)."""
+    return [base64.b64decode(text, validate=True) if isinstance(text, str) else b"" for text in texts]
+
+
+def _numbered_parts(fields: dict, name: str) -> list[bytes]:
+    """A multipart body's parts `<name>_0`, `<name>_1`, ... in order (a missing one as b"")."""
+    count = sum(1 for field in fields if str(field).startswith(f"{name}_"))
+    return [fields.get(f"{name}_{i}") or b"" for i in range(count)]
 
 
 def _checked_texts(payload, count: int) -> tuple[list[str], list[dict]]:
