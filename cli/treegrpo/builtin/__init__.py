@@ -78,13 +78,7 @@ def load_shapes_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype 
     off). Returns `(pipe, metadata)`; call it with `pipe(prompts, **metadata["pipeline_kwargs"])`. Its prompts, in
     GenEval's `.jsonl` schema: `treegrpo.builtin.shapes_world.split_prompts()` (in a checkout also
     `recipes/prompts/shapes_train.jsonl` and `shapes_test.jsonl`)."""
-    import torch
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(resolve_pretrained("builtin:shapes"))  # fp32 on disk
-    pipe.to(device, torch.float32 if dtype is None else dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, builtin_metadata("builtin:shapes")
+    return _load_builtin("shapes", "FluxPipeline", device, dtype)
 
 
 def load_shapes_edit_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -92,13 +86,7 @@ def load_shapes_edit_pipeline(device: str | torch.device = "cpu", dtype: torch.d
     `device`/`dtype` (default float32). Returns `(pipe, metadata)`; call it with `pipe(image=source, prompt="make
     the red circle blue", **metadata["pipeline_kwargs"])`. Its prompts with their sources: in a checkout
     `recipes/prompts/shapes_edit_train.jsonl` and `shapes_edit_test.jsonl`."""
-    import torch
-    from diffusers import FluxKontextPipeline
-
-    pipe = FluxKontextPipeline.from_pretrained(resolve_pretrained("builtin:shapes_edit"))  # fp32 on disk
-    pipe.to(device, torch.float32 if dtype is None else dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, builtin_metadata("builtin:shapes_edit")
+    return _load_builtin("shapes_edit", "FluxKontextPipeline", device, dtype)
 
 
 def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -107,11 +95,16 @@ def load_digits_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype 
 
     Returns `(pipe, metadata)`; call the pipeline with `pipe(prompts, **metadata["pipeline_kwargs"])`.
     """
-    import torch
-    from diffusers import StableDiffusion3Pipeline
+    return _load_builtin("digits", "StableDiffusion3Pipeline", device, dtype)
 
-    dtype = torch.float32 if dtype is None else dtype
-    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_pretrained("builtin:digits"))  # fp32 on disk
-    pipe.to(device, dtype)
+
+def _load_builtin(name: str, pipeline_class: str, device, dtype):
+    """`builtin:<name>` as its diffusers `pipeline_class` on `device`/`dtype` (fp32 on disk and by default), progress
+    bar off, with its metadata."""
+    import diffusers
+    import torch
+
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(resolve_pretrained(f"{BUILTIN_PREFIX}{name}"))
+    pipe.to(device, torch.float32 if dtype is None else dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, digits_metadata()
+    return pipe, builtin_metadata(f"{BUILTIN_PREFIX}{name}")
