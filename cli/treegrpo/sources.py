@@ -1,9 +1,11 @@
 """Source images of editing prompts: a `.jsonl` prompt line's `image`, a path relative to the `.jsonl` file.
 
 Editing models (FLUX.1 Kontext, ...) take a source image and an instruction. The prompt file names the source on
-each line (`{"prompt": "make the circle blue", "image": "scenes/0001.png"}`); `prompt_records` resolves the path to
-an absolute one in the line's metadata, so the rewards that take metadata see it, the prompt-embedding cache keys
-on it, and `check` judges every file before a model loads. Pillow only: `check` imports no torch.
+each line (`{"prompt": "make the circle blue", "image": "scenes/0001.png"}`), or a list of them for the families
+that take several (FLUX.2's references, Qwen-Image-Edit-Plus: `"image": ["person.png", "hat.png"]`, the first
+being the image edited); `prompt_records` resolves the paths to absolute ones in the line's metadata, so the
+rewards that take metadata see them, the prompt-embedding cache keys on them, and `check` judges every file before
+a model loads. Rewards that take sources see each line's first. Pillow only: `check` imports no torch.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ class SourceImageError(UsageError):
     """A prompt line's source image is missing, unreadable or unusable; exit code 2."""
 
 
-def resolve_source(value, prompt_file: str | Path, key: str, line: int | None) -> str:
-    """The absolute path of a line's `image` value (relative to the prompt file's folder), checked readable. With
-    `line` None, `value` is a command-line argument `key`, relative to the current folder (`prompt_file`)."""
+def resolve_source(value, prompt_file: str | Path, key: str, line: int | None) -> str | list[str]:
+    """The absolute path of a line's `image` value (relative to the prompt file's folder), checked readable, or the
+    paths of a list of them. With `line` None, `value` is a command-line argument `key`, relative to the current
+    folder (`prompt_file`)."""
     where = f"{key} = {str(prompt_file)!r}: line {line}" if line is not None else key
+    if isinstance(value, list) and line is not None and value:
+        return [resolve_source(item, prompt_file, key, line) for item in value]
     if not isinstance(value, str) or not value:
         raise SourceImageError(f'{where} has "image": {value!r}; give the source image as a path string, relative '
-                               'to the .jsonl file, like "image": "sources/cat.png".')
+                               'to the .jsonl file, like "image": "sources/cat.png" (or a list of them, like '
+                               '["person.png", "hat.png"], for a model that takes several).')
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = (Path(prompt_file).resolve().parent if line is not None else Path(prompt_file).resolve()) / path
@@ -62,21 +68,36 @@ def _verified_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
         return image.size
 
 
-def source_paths(metadata: list[dict] | None) -> list[str] | None:
-    """Each prompt's source image path, or None when no prompt has one (text-to-image data)."""
+def source_paths(metadata: list[dict] | None) -> list[str | list[str] | None] | None:
+    """Each prompt's source image path (a list of them for a line naming several), or None when no prompt has one
+    (text-to-image data)."""
     if not metadata or not any(SOURCE_KEY in m for m in metadata):
         return None
     return [m.get(SOURCE_KEY) for m in metadata]
 
 
-def load_source_images(paths: list[str]) -> list:
-    """The source images as RGB PIL images, one per path (each file decoded once per process)."""
-    return [_load(path).copy() for path in paths]  # a copy: a reward that draws on its image changes no other's
+def load_source_images(paths: list) -> list:
+    """The source images as RGB PIL images, one per path, a list of them per list of paths (each file decoded once
+    per process): the `image` argument of the rollout's `encode`."""
+    # a copy: a reward that draws on its image changes no other's
+    return [[_load(p).copy() for p in path] if isinstance(path, (list, tuple)) else _load(path).copy()
+            for path in paths]
 
 
-def source_argument(path: str | None) -> dict:
-    """`{"image": PIL image}` for a stock editing pipeline's call of ONE prompt, or nothing for text-to-image
-    prompts. One prompt per call: the stock pipelines read a list of images differently (FLUX.2: several references
+def first_sources(paths: list) -> list[str]:
+    """Each line's first source (the image edited): what rewards compare an edit with."""
+    return [path[0] if isinstance(path, (list, tuple)) else path for path in paths]
+
+
+def sources_of_line(path) -> list[str]:
+    """A line's source paths as a list (one or several)."""
+    return list(path) if isinstance(path, (list, tuple)) else [path]
+
+
+def source_argument(path: str | list[str] | None) -> dict:
+    """`{"image": PIL image}` (a list of them for a line naming several) for a stock editing pipeline's call of ONE
+    prompt, or nothing for text-to-image prompts. One prompt per call: the stock pipelines read a list of images
+    differently (FLUX.2: several references
     for every prompt; Kontext and Qwen-Image-Edit: tiled across the prompts' images in the wrong order)."""
     return {} if path is None else {"image": load_source_images([path])[0]}
 
@@ -98,14 +119,15 @@ def check_sources_for(metadata: list[dict], pipeline_class: str, key: str) -> No
     adapter = adapter_class(pipeline_class)
     if adapter is not None:
         check_sources(metadata, adapter.takes_source_image, pipeline_class, key,
-                      needs_source=adapter.needs_source_image)
+                      needs_source=adapter.needs_source_image, max_sources=adapter.max_sources)
 
 
 def check_sources(metadata: list[dict], takes_source: bool, pipeline_class: str, key: str,
-                  needs_source: bool = True) -> None:
+                  needs_source: bool = True, max_sources: int | None = 1) -> None:
     """A prompt file's sources (its lines' `metadata`) against the model: an editing pipeline needs one on every line,
-    a text-to-image pipeline none, one that takes them optionally (FLUX.2's references) one on every line or on none,
-    and one run's sources share a size (a batch shares their tokens' positions)."""
+    a text-to-image pipeline none, one that takes them optionally (FLUX.2's references) one on every line or on none;
+    at most `max_sources` on a line (None: any number), as many on every line, and one run's sources share a size (a
+    batch shares their tokens' positions)."""
     paths = [m.get(SOURCE_KEY) for m in metadata]
     missing = [line for line, path in enumerate(paths, 1) if path is None]
     if takes_source and not needs_source and 0 < len(missing) < len(paths):
@@ -121,10 +143,20 @@ def check_sources(metadata: list[dict], takes_source: bool, pipeline_class: str,
         raise SourceImageError(f"{key}: line {named[0]} names a source image but "
                                f"{pipeline_class} is a text-to-image pipeline; use an editing model "
                                "(FluxKontextPipeline) or drop the \"image\" fields.")
+    counts = {line: len(sources_of_line(path)) for line, path in enumerate(paths, 1) if path is not None}
+    too_many = next((line for line, count in counts.items() if max_sources is not None and count > max_sources), None)
+    if too_many is not None:
+        raise SourceImageError(f"{key}: line {too_many} names {counts[too_many]} source images; {pipeline_class} "
+                               f"takes {max_sources} per prompt{'' if max_sources == 1 else ' at most'}.")
+    if len(set(counts.values())) > 1:
+        (line_a, count_a), (line_b, count_b) = next(
+            (first, other) for first in counts.items() for other in counts.items() if other[1] != first[1])
+        raise SourceImageError(f"{key}: line {line_a} names {count_a} source image(s), line {line_b} {count_b}; one "
+                               "run's lines must name as many (a batch shares their tokens' positions).")
     sizes = {}
     for line, path in enumerate(paths, 1):
-        if path is not None:
-            sizes.setdefault(source_size(path, f"{key}: line {line}"), line)
+        for one in sources_of_line(path) if path is not None else ():
+            sizes.setdefault(source_size(one, f"{key}: line {line}"), line)
     if len(sizes) > 1:
         (first, line_a), (second, line_b) = list(sizes.items())[:2]
         raise SourceImageError(f"{key}: the source images differ in size (line {line_a}: {first[0]}x{first[1]}, "

@@ -47,8 +47,9 @@ LOAD_SCRIPT = textwrap.dedent("""
     pipe = getattr(diffusers, job.get("pipeline", "FluxKontextPipeline")).from_pretrained(job["model"])
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(job["lora"])
+    sources = [Image.open(path).convert("RGB") for path in job["sources"]]
     with torch.no_grad():
-        images = pipe(image=Image.open(job["source"]).convert("RGB"), prompt=job["prompt"], output_type="pt",
+        images = pipe(image=sources if len(sources) > 1 else sources[0], prompt=job["prompt"], output_type="pt",
                       generator=torch.Generator().manual_seed(0), **job["call"]).images
     torch.save(images, job["out"])
 """)
@@ -98,7 +99,7 @@ def edited(tmp_path_factory):
         with torch.no_grad():
             reference = run.pipe(image=Image.open(source).convert("RGB"), prompt="make the square yellow",
                                  output_type="pt", generator=torch.Generator().manual_seed(0), **call).images
-    job = {"model": str(root / "tiny_kontext"), "lora": str(root / "edit" / "final"), "source": str(source),
+    job = {"model": str(root / "tiny_kontext"), "lora": str(root / "edit" / "final"), "sources": [str(source)],
            "prompt": "make the square yellow", "call": {k: v for k, v in call.items() if v is not None},
            "out": str(root / "loaded.pt")}
     done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(job)], capture_output=True, text=True,
@@ -201,6 +202,8 @@ def test_http_payload_carries_each_source(edited):
     ("sizes", r"the source images differ in size \(line 1: 32x32, line 2: 48x32\)"),
     ("no image", r"line 2 has no \"image\" \(1 lines lack one\); FluxKontextPipeline edits a source image"),
     ("tiny", r"line 1: source image 'sources/tiny.png' is 8x8 pixels; sources need at least 16"),
+    ("two", r"line 1 names 2 source images; FluxKontextPipeline takes 1 per prompt\."),
+    ("empty list", r"line 1 has \"image\": \[\]; give the source image as a path string"),
 ])
 def test_check_names_the_bad_line(edited, tmp_path, monkeypatch, case, message):
     from treegrpo.recipe.preflight import PreflightError, preflight
@@ -212,7 +215,8 @@ def test_check_names_the_bad_line(edited, tmp_path, monkeypatch, case, message):
     Image.new("RGB", (48, 32)).save(tmp_path / "sources" / "wide.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "sources" / "tiny.png")
     (tmp_path / "sources" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    first = {"missing": "sources/nope.png", "unreadable": "sources/broken.png", "tiny": "sources/tiny.png"}
+    first = {"missing": "sources/nope.png", "unreadable": "sources/broken.png", "tiny": "sources/tiny.png",
+             "two": ["sources/a.png", "sources/a.png"], "empty list": []}
     lines = [{"prompt": "edit", "image": first.get(case, "sources/a.png")},
              {"prompt": "edit", **({"image": "sources/wide.png"} if case == "sizes" else {}),
               **({"image": "sources/a.png"} if case not in ("sizes", "no image") else {})}]
@@ -304,10 +308,11 @@ def test_best_of_tree_edits_score_each_leaf_against_its_source(edited):
 
 
 def test_flux2_reference_run_trains_and_reloads(tmp_path_factory):
-    """FLUX.2 [dev] with one reference image per prompt (optional for FLUX.2: every line or none): a 2-epoch run on
-    the tiny pipeline saved to disk, rows of the formula (the references' tokens are none), and the exported LoRA in
-    the stock `Flux2Pipeline` in a fresh process edits as the trained model does; a file that gives references on
-    some lines only is refused in one line."""
+    """FLUX.2 [dev] with TWO reference images per prompt (a list in the line's "image"; optional for FLUX.2: every
+    line or none): a 2-epoch run on the tiny pipeline saved to disk, rows of the formula (the references' tokens are
+    none), the reward sees each line's first reference, and the exported LoRA in the stock `Flux2Pipeline` given
+    both references in a fresh process edits as the trained model does; a file that gives references on some lines
+    only, or different numbers of them, is refused in one line."""
     from diffusers_tree.testing import tiny_flux2_pipeline
     from treegrpo.recipe.preflight import preflight
     from treegrpo.sources import SourceImageError
@@ -318,7 +323,8 @@ def test_flux2_reference_run_trains_and_reloads(tmp_path_factory):
     lines = []
     for name, colour in list(COLOURS.items())[:3]:
         Image.new("RGB", (64, 64), colour).save(root / "sources" / f"{name}.png")  # FLUX.2 takes 64 px and more
-        lines.append({"prompt": f"a cat in {name}", "image": f"sources/{name}.png"})
+        lines.append({"prompt": f"a cat in {name}", "image": [f"sources/{name}.png", "sources/grey.png"]})
+    Image.new("RGB", (64, 64), COLOURS["grey"]).save(root / "sources" / "grey.png")
     (root / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     (root / "edit_rewards.py").write_text(REWARD_MODULE)
     with pytest.MonkeyPatch.context() as patch:
@@ -329,21 +335,30 @@ def test_flux2_reference_run_trains_and_reloads(tmp_path_factory):
         recipe = edit_recipe(root, extra=["sampling.max_sequence_length=48"])
         run = train_capturing(recipe)
         call = {**stock_call(run.pipe, run.sampling.as_kwargs()), "num_inference_steps": 5}
-        source = root / "sources" / "green.png"
+        sources = [root / "sources" / "green.png", root / "sources" / "grey.png"]
         with torch.no_grad():
-            reference = run.pipe(image=Image.open(source).convert("RGB"), prompt="a cat in green", output_type="pt",
-                                 generator=torch.Generator().manual_seed(0), **call).images
+            reference = run.pipe(image=[Image.open(p).convert("RGB") for p in sources], prompt="a cat in green",
+                                 output_type="pt", generator=torch.Generator().manual_seed(0), **call).images
         (root / "mixed.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "a cat"}) + "\n")
         mixed = load_recipe(root / "edit.toml", ['data.prompts="mixed.jsonl"', "data.eval_prompts=null"])
         with pytest.raises(SourceImageError, match=r"line 2 has no \"image\" but other lines do .* Flux2Pipeline "
                                                    r"takes a reference image on every line of a run or on none"):
             preflight(mixed)
+        (root / "counts.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps(
+            {"prompt": "a cat", "image": "sources/red.png"}) + "\n")
+        counts = load_recipe(root / "edit.toml", ['data.prompts="counts.jsonl"', "data.eval_prompts=null"])
+        with pytest.raises(SourceImageError, match=r"line 1 names 2 source image\(s\), line 2 1; one run's lines "
+                                                   r"must name as many"):
+            preflight(counts)
+    seen = [json.loads(line) for line in (root / "seen.jsonl").read_text().splitlines()]
+    assert {tuple(colour) for prompt, colour in seen} <= {COLOURS[n] for n in ("red", "green", "blue")}  # the first
+    assert all(tuple(colour) == COLOURS[prompt.rsplit(" ", 1)[1]] for prompt, colour in seen)
     metrics = [json.loads(line) for line in (root / "edit" / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         assert m["model/rollout_rows"] == 2 * unique_rows(5, 2, 2, m["tree/window_start"])
         assert abs(m["policy/first_ratio_error"]) < 1e-4
     job = {"pipeline": "Flux2Pipeline", "model": str(root / "tiny_kontext"), "lora": str(root / "edit" / "final"),
-           "source": str(source), "prompt": "a cat in green", "out": str(root / "loaded.pt"),
+           "sources": [str(p) for p in sources], "prompt": "a cat in green", "out": str(root / "loaded.pt"),
            "call": {k: v for k, v in call.items() if v is not None}}
     done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(job)], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

@@ -88,12 +88,12 @@ class RewardBase:
 
 
 def source_images_of(metadata: list[dict] | None) -> list[Image.Image] | None:
-    """Each image's source (its prompt line's `image`, a path) as an RGB PIL image; None for text-to-image prompts
-    (a reward that needs sources says so itself)."""
-    from treegrpo.sources import load_source_images, source_paths
+    """Each image's source (its prompt line's `image`, a path; its first for a line naming several: the image edited)
+    as an RGB PIL image; None for text-to-image prompts (a reward that needs sources says so itself)."""
+    from treegrpo.sources import first_sources, load_source_images, source_paths
 
     paths = source_paths(metadata)
-    return None if paths is None else load_source_images(paths)
+    return None if paths is None else load_source_images(first_sources(paths))
 
 
 def score_with_accuracy(reward: RewardBase, images, prompts, metadata: list[dict] | None = None

@@ -62,7 +62,8 @@ class PromptEmbeddingCache:
         return len(self._rows)
 
     def __call__(self, prompts: list[str], sources: list[str] | None = None) -> Conditioning:
-        keys = list(zip(prompts, sources if sources is not None else [None] * len(prompts), strict=True))
+        keys = list(zip(prompts, [tuple(s) if isinstance(s, list) else s for s in sources]  # several: a tuple
+                        if sources is not None else [None] * len(prompts), strict=True))
         new = list(dict.fromkeys(key for key in keys if key not in self._rows))
         if new:
             with self._encoders_ready():

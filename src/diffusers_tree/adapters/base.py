@@ -96,6 +96,7 @@ class PipelineAdapter:
     # `needs_source_image`: they edit only (FLUX.2 takes reference images but also generates from text alone)
     takes_source_image: bool = False
     needs_source_image: bool = True
+    max_sources: int | None = 1  # source images per prompt (None: any number, FLUX.2's references)
 
     def __init__(self, pipe):
         self.pipe = pipe

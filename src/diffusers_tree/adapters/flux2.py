@@ -33,6 +33,7 @@ class Flux2Adapter(PipelineAdapter):
     hub_tags = ("flux2", "flux2-diffusers")
     takes_source_image = True  # reference images, optional: FLUX.2 also generates from text alone
     needs_source_image = False
+    max_sources = None  # any number of references per prompt
     default_guidance_scale = 4.0
     prediction_type = "flow"
     guidance_embedding = True  # [dev]: guidance_scale is a transformer input, not CFG
@@ -81,7 +82,7 @@ class Flux2Adapter(PipelineAdapter):
         negative rows), their position ids `reference_ids` `[S, 4]` shared by the batch."""
         pipe = self.pipe
         encoded, ids = [], None
-        for index, refs in enumerate(source_sets(image, conditioning.num_prompts, per_prompt=None)):
+        for index, refs in enumerate(source_sets(image, conditioning.num_prompts, self.max_sources)):
             latents = [pipe._encode_vae_image(self.reference_pixels(ref), generator=None) for ref in refs]
             prompt_ids = pipe._prepare_image_ids(latents)[0]  # [S, 4]: T = 10, 20, ... per reference
             if ids is not None and prompt_ids.shape != ids.shape:

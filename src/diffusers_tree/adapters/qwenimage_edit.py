@@ -41,7 +41,6 @@ class QwenImageEditAdapter(QwenImageAdapter):
     hub_tags = ("qwen-image", "qwen-image-diffusers", "qwen-image-edit")
     hub_task = "image-to-image"
     takes_source_image = True
-    max_sources = 1  # source images per prompt
     condition_area = SOURCE_AREA  # pixels of each source as the VL encoder sees it
 
     @classmethod
