@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from treegrpo.app import app
-from treegrpo.recipe.memory import Denoiser, gpu_gib, plan_memory, safetensors_params
+from treegrpo.recipe.memory import Denoiser, gpu_gib, plan_memory, safetensors_params, source_tokens
 
 from .conftest import write_recipe
 
@@ -60,6 +60,33 @@ def test_gpu_memory_values():
     assert gpu_gib("24") == 24 and gpu_gib("80GB") == 80 and gpu_gib("H100") == 80 and gpu_gib("rtx4090") == 24
     with pytest.raises(ValueError, match="give GiB .* or a card: "):
         gpu_gib("banana")
+
+
+def test_editing_sources_add_their_tokens_to_every_row():
+    """Each family's sources at the size it encodes them (1/256 tokens a pixel: FLUX's 8× VAE and 2×2 packing)."""
+    assert source_tokens("FluxKontextPipeline", [(512, 768)], 1 / 256) == 4096  # its ~1024² resolutions
+    assert source_tokens("FluxKontextPipeline", [(512, 768)], 1 / 256, auto_resize=False) == 1536
+    assert source_tokens("Flux2Pipeline", [(2048, 2048), (512, 512)], 1 / 256) == 4096 + 1024  # capped at 1024²
+    assert source_tokens("QwenImageEditPipeline", [(512, 512)], 1 / 256) == pytest.approx(4096 + 1024**2 / 784)
+    assert source_tokens("QwenImageEditPlusPipeline", [(512, 512)] * 2, 1 / 256) == pytest.approx(
+        2 * (4096 + 384**2 / 784))
+    assert source_tokens("StableDiffusion3Pipeline", [], 1 / 256) == 0
+    # activations scale with the tokens: 1,024 image + 141 text tokens, then 1,024 source tokens more
+    plain, edit = sd35m_plan(4), sd35m_plan(4, source_tokens=1024)
+    activations = {name: value for name, value in plain.rows if "activations" in name}
+    edited = {name.split(" tokens")[0]: value for name, value in edit.rows if "activations" in name}
+    for name, value in activations.items():
+        assert edited[name.split(" tokens")[0].replace("1165", "2189")] == pytest.approx(value * 2189 / 1165)
+
+
+def test_check_counts_an_edit_recipes_source_tokens():
+    """recipes/shapes_edit.toml: 16 image + 12 text tokens, and its 32×32 sources kept as given: 16 more."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "shapes_edit.toml"
+    result = CliRunner().invoke(app, ["check", str(recipe), "--gpu-memory", "24"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "44 tokens, 16 of them the sources'" in " ".join(result.output.split()), result.output
 
 
 def test_check_prints_the_plan_and_its_verdict(workdir, tiny_sd3_dir):

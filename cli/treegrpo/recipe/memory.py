@@ -11,6 +11,10 @@ The plan, in GiB (`MemoryPlan.rows`):
   plus every block's bf16 input (`CHECKPOINT_BYTES`, an estimate, not measured yet);
 - rollout: `FIXED_GIB` + weights + `sampling.max_batch_size` rows × tokens × hidden × `ROLLOUT_BYTES`.
 
+Editing models add their sources' tokens to every row's sequence (`source_tokens`: the first prompt line's sources
+at the size the family encodes them, plus Qwen-Image-Edit's vision tokens in the text): never denoised, never rows,
+but in every forward's activations.
+
 The constants are calibrated on the one model measured at real size: SD3.5-Medium's MMDiT (2.24B parameters)
 in bf16 at 512 px (1,024 image + 77 + 64 text tokens) with CFG on one H200 (docs/benchmarks.md, "GPU": 10.05 /
 14.74 / 24.10 / 42.75 / 66.20 GiB at 1 / 2 / 4 / 8 / 13 parents; rollout 18.7 GiB at 64-row forwards): a line
@@ -110,7 +114,7 @@ class MemoryPlan:
 def plan_memory(components: dict[str, int], denoiser: Denoiser, *, dtype: str, height: int, width: int, cfg: bool,
                 micro_batch_size: int, max_batch_size: int, lora_params: int, rewards: list[str],
                 offload_text_encoders: bool, offload_rewards: bool, gradient_checkpointing: bool,
-                gpu_memory_gib: float) -> MemoryPlan:
+                gpu_memory_gib: float, source_tokens: float = 0.0) -> MemoryPlan:
     """The plan from parameter counts per component (`components`: folder name → parameters) and the denoiser's
     shape; see the module docstring for the model."""
     size = DTYPE_BYTES[dtype]
@@ -130,15 +134,17 @@ def plan_memory(components: dict[str, int], denoiser: Denoiser, *, dtype: str, h
         plan.suggestions.append("no activation model for this denoiser (UNets): only the weights are planned")
         plan.rollout_gib = plan.training_gib = base
         return plan
-    tokens = height * width * denoiser.tokens_per_pixel + denoiser.text_tokens
+    tokens = height * width * denoiser.tokens_per_pixel + denoiser.text_tokens + source_tokens
+    of_sources = f", {source_tokens:.0f} of them the sources'" if source_tokens else ""
     rows_per_parent = 2 if cfg else 1
     per_element = CHECKPOINT_BYTES + TRAIN_BYTES / denoiser.layers if gradient_checkpointing else TRAIN_BYTES
     per_parent = rows_per_parent * denoiser.layers * tokens * denoiser.hidden * per_element / GIB
     plan.rows.append((f"training activations, {micro_batch_size} parent(s) × {rows_per_parent} row(s) × "
-                      f"{tokens:.0f} tokens" + (" (checkpointed: estimate)" if gradient_checkpointing else ""),
+                      f"{tokens:.0f} tokens{of_sources}" + (" (checkpointed: estimate)" if gradient_checkpointing
+                                                             else ""),
                       per_parent * micro_batch_size))
     rollout = max_batch_size * tokens * denoiser.hidden * ROLLOUT_BYTES / GIB
-    plan.rows.append((f"rollout activations, {max_batch_size} rows a forward", rollout))
+    plan.rows.append((f"rollout activations, {max_batch_size} rows a forward of {tokens:.0f} tokens", rollout))
     plan.training_gib, plan.rollout_gib = base + per_parent * micro_batch_size, base + rollout
     if plan.training_gib > plan.usable_gib:
         room = int((plan.usable_gib - base) // per_parent) if per_parent > 0 else 0
@@ -157,6 +163,38 @@ def plan_memory(components: dict[str, int], denoiser: Denoiser, *, dtype: str, h
             plan.suggestions.append("model.offload_rewards = true")
         plan.suggestions.append("FSDP (recipes/accelerate/fsdp.yaml) to shard the denoiser over the GPUs")
     return plan
+
+
+MEGAPIXEL = 1024 * 1024  # the editing families' source area: Kontext's resolutions, FLUX.2's cap, Qwen's VAE input
+QWEN_VL_PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14 px patches merged 2×2
+
+
+def source_tokens(pipeline_class: str, sizes: list[tuple[int, int]], tokens_per_pixel: float,
+                  auto_resize: bool = True) -> float:
+    """Tokens one prompt's sources (`sizes`: (width, height) each) add to every row's sequence, at the size the
+    family encodes them (the adapters' docstrings): FLUX.1 Kontext ~1024² with `auto_resize` (its preferred
+    resolutions) else as given; FLUX.2 references as given, at most 1024²; Qwen-Image-Edit 1024² for the VAE plus
+    the vision tokens of the VL encoder's view (1024² for Edit, 384² each for Plus) in the text."""
+    if not sizes:
+        return 0.0
+    if pipeline_class.startswith("QwenImageEdit"):
+        seen = 384 * 384 if pipeline_class == "QwenImageEditPlusPipeline" else MEGAPIXEL
+        return len(sizes) * (MEGAPIXEL * tokens_per_pixel + seen / QWEN_VL_PIXELS_PER_TOKEN)
+    if pipeline_class == "FluxKontextPipeline":
+        return sum(MEGAPIXEL if auto_resize else w * h for w, h in sizes) * tokens_per_pixel
+    return sum(min(w * h, MEGAPIXEL) for w, h in sizes) * tokens_per_pixel
+
+
+def first_line_source_sizes(prompts: str | None) -> list[tuple[int, int]]:
+    """(width, height) of the first prompt line's sources (`check` holds every line to the same number and size)."""
+    from treegrpo.recipe.preflight import prompt_records
+    from treegrpo.sources import SOURCE_KEY, source_size, sources_of_line
+
+    if not prompts or not str(prompts).endswith(".jsonl"):
+        return []
+    _, metadata = prompt_records(prompts)
+    first = metadata[0].get(SOURCE_KEY) if metadata else None
+    return [] if first is None else [source_size(path, "data.prompts: line 1") for path in sources_of_line(first)]
 
 
 def default_targets(folder: Path) -> int:
@@ -191,9 +229,18 @@ def recipe_memory_plan(loaded, gpu_memory_gib: float) -> MemoryPlan | str:
     lora_params = (denoiser.layers or 0) * targets * lora.rank * 2 * (denoiser.hidden or 0) if lora is not None \
         else components.get("transformer", components.get("unet", 0))  # full fine-tuning: every denoiser weight
     cfg, _ = cfg_rows_per_node(loaded)
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    auto_resize = sampling.auto_resize
+    if auto_resize is None:  # the shipped model's setting, else the stock default
+        from treegrpo.builtin import builtin_metadata
+
+        auto_resize = builtin_metadata(loaded.model.pretrained).get("pipeline_kwargs", {}).get("_auto_resize", True)
+    sources = source_tokens(str(index.get("_class_name", "")), first_line_source_sizes(loaded.data.prompts),
+                            denoiser.tokens_per_pixel, auto_resize)
     return plan_memory(components, denoiser, dtype=model.dtype, height=sampling.height, width=sampling.width,
                        cfg=cfg == 2, micro_batch_size=loaded.train.micro_batch_size,
                        max_batch_size=sampling.max_batch_size, lora_params=lora_params,
                        rewards=[spec.kind for spec in [*loaded.reward, *loaded.eval_reward]],
                        offload_text_encoders=model.offload_text_encoders, offload_rewards=model.offload_rewards,
-                       gradient_checkpointing=model.gradient_checkpointing, gpu_memory_gib=gpu_memory_gib)
+                       gradient_checkpointing=model.gradient_checkpointing, gpu_memory_gib=gpu_memory_gib,
+                       source_tokens=sources)
