@@ -8,9 +8,11 @@ RL recipe trains on the train split and is judged on the disjoint test split. St
 1. VAE: `AutoencoderKL` with blocks (16, 32, 32), 8 latent channels (32x32x3 -> 8x8x8, packed by FLUX into 16
    tokens of 32 channels); no quant convs (FLUX's layout); `shift_factor`/`scaling_factor` from the latents.
 2. Denoiser: `FluxTransformer2DModel` (2 double + 2 single blocks, no guidance embedding, like schnell) trained
-   with the rectified-flow loss (x_t = (1 - s) x0 + s eps, target eps - x0), 10 % empty prompts, frozen random
-   CLIP + T5 encoders. Constant learning rate after warm-up; the step budget is chosen so the base model follows
-   its prompts only partly (GenEval accuracy well below 70 %, counting and position weaker than single objects).
+   with the rectified-flow loss (x_t = (1 - s) x0 + s eps, target eps - x0), 10 % empty prompts, frozen CLIP and
+   T5 encoders: CLIP random, T5 first pretrained on the prompts' words (`pretrain_t5`: each output token predicts
+   its neighbours), the stand-in for a real model's pretrained T5, which binds each colour to its shape. Constant
+   learning rate after warm-up; the step budget is chosen so the base model follows its prompts only partly
+   (GenEval accuracy well below 70 %, counting and position weaker than single objects).
 
 Saved with `save_pretrained` (fp32 safetensors) under `<out>/pipeline`, metadata in `<out>/shapes.json`, the prompt
 splits as `recipes/prompts/shapes_train.jsonl` and `shapes_test.jsonl`, a sample grid in `--grid`.
@@ -97,7 +99,7 @@ def reconstruction_accuracy(vae: AutoencoderKL, reward: GenEvalReward, seed: int
 
 
 def build_pipeline(vae: AutoencoderKL, seed: int) -> FluxPipeline:
-    """FluxPipeline with a fresh denoiser and frozen random text encoders (real classes, tiny configs)."""
+    """FluxPipeline with a fresh denoiser and random text encoders (real classes, tiny configs), all frozen."""
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -132,6 +134,52 @@ def encode_prompts(pipe: FluxPipeline, prompts: list[str]) -> tuple[torch.Tensor
 def pack(pipe: FluxPipeline, latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     return pipe._pack_latents(latents, b, c, h, w)
+
+
+def pretrain_t5(pipe: FluxPipeline, prompts: list[str], steps: int, seed: int) -> dict:
+    """Pretrain the T5 encoder on the prompts alone: from each output token, linear heads predict the token itself
+    and its neighbours at offsets -2..2 (a tiny stand-in for T5's span corruption). FLUX gives text tokens no
+    position, so the denoiser reads the T5 output as a set of tokens; a frozen RANDOM T5 is a bag of words there
+    ("a red circle and a blue square" and "a blue circle and a red square" give nearly the same set: the first
+    build's plateau, docs/benchmarks.md "Why the plateau"). After this, each token carries its neighbours, so the
+    set tells them apart. Returns the before/after `binding_report`."""
+    before = binding_report(pipe)
+    torch.manual_seed(seed + 5)
+    encoder = pipe.text_encoder_2
+    ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+                           return_tensors="pt").input_ids
+    offsets = (-2, -1, 0, 1, 2)
+    heads = torch.nn.ModuleList(torch.nn.Linear(T5_WIDTH, encoder.config.vocab_size) for _ in offsets)
+    encoder.requires_grad_(True).train()
+    opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=3e-3, weight_decay=0.0)
+    padded = F.pad(ids, (2, 2), value=pipe.tokenizer_2.pad_token_id)  # a neighbour past either end reads as padding
+    for _ in range(steps):
+        hidden = encoder(ids, output_hidden_states=False)[0]
+        loss = sum(F.cross_entropy(head(hidden).flatten(0, 1), padded[:, 2 + o: 2 + o + TEXT_LENGTH].flatten())
+                   for head, o in zip(heads, offsets, strict=True)) / len(offsets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    encoder.requires_grad_(False).eval()
+    report = {"steps": steps, "loss": round(loss.item(), 4), "binding_before": before, "binding": binding_report(pipe)}
+    logger.info("T5 pretraining: %s", report)
+    return report
+
+
+def binding_report(pipe: FluxPipeline) -> dict:
+    """How well the T5 tokens (the denoiser's per-token conditioning, read as a set) tell a prompt from its
+    swapped-binding twin: the mean nearest-token distance between the two prompts' token sets, relative to the same
+    distance for prompts differing in one word. Near 0: a bag of words."""
+    pairs = [("a photo of a red circle and a blue square", "a photo of a blue circle and a red square"),
+             ("a photo of a red circle left of a blue square", "a photo of a blue square left of a red circle")]
+
+    def set_distance(a: str, b: str) -> float:
+        embeds, _ = encode_prompts(pipe, [a, b])
+        return torch.cdist(embeds[0], embeds[1]).min(1).values.mean().item()
+
+    scale = set_distance("a photo of a red circle", "a photo of a blue circle")
+    return {"colour_swap": round(set_distance(*pairs[0]) / scale, 3),
+            "position_swap": round(set_distance(*pairs[1]) / scale, 3)}
 
 
 def train_denoiser(pipe, latents: torch.Tensor, prompt_index: torch.Tensor, records: list[dict], args,
@@ -223,6 +271,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--denoiser-steps", type=int, default=6000, help="the budget that sets the base accuracy")
     parser.add_argument("--denoiser-lr", type=float, default=5e-4)
+    parser.add_argument("--t5-steps", type=int, default=500, help="T5 pretraining steps on the prompts (0: frozen "
+                        "random, the first build's bag of words)")
+    parser.add_argument("--vae-from", default="", help="reuse the VAE of a saved shapes pipeline (skips step 1)")
     parser.add_argument("--eval-per-prompt", type=int, default=8)
     parser.add_argument("--probe-every", type=int, default=0)
     parser.add_argument("--save-probes", default="", help="also save the pipeline at every probe under this folder")
@@ -240,12 +291,19 @@ def build(args: argparse.Namespace) -> tuple[FluxPipeline, dict, dict, list]:
     images, index = training_pairs(records, args.images, args.seed)
     pixels = to_vae(images)
     timings["render_s"] = round(time.perf_counter() - start, 1)
-    vae, vae_report = train_vae(pixels, args.seed, args.vae_steps)
+    if args.vae_from:  # the VAE does not depend on the text side: reuse a shipped one
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").requires_grad_(False).eval()
+        vae_report = {"from": str(args.vae_from)}
+    else:
+        vae, vae_report = train_vae(pixels, args.seed, args.vae_steps)
     timings["vae_s"] = round(time.perf_counter() - start - sum(timings.values()), 1)
     reward = GenEvalReward(detector="shapes")
     vae_report["geneval_accuracy_on_reconstructions"] = reconstruction_accuracy(vae, reward, args.seed)
     logger.info("vae: %s (%.0f s)", vae_report, timings["vae_s"])
     pipe = build_pipeline(vae, args.seed)
+    if args.t5_steps:
+        args.t5_report = pretrain_t5(pipe, [*[r["prompt"] for r in records], ""], args.t5_steps,
+                                                   args.seed)
     with torch.no_grad():
         z = torch.cat([vae.encode(pixels[i:i + 1024]).latent_dist.mean for i in range(0, len(pixels), 1024)])
     latents = (z - vae.config.shift_factor) * vae.config.scaling_factor
@@ -263,6 +321,7 @@ def finish(args: argparse.Namespace, pipe: FluxPipeline, vae_report: dict, timin
     save(pipe, out / "pipeline")
     splits = split_prompts()
     for name, split in splits.items():
+        args.prompts_dir.mkdir(parents=True, exist_ok=True)
         write_prompts(split, args.prompts_dir / f"shapes_{name}.jsonl")
     shipped = FluxPipeline.from_pretrained(out / "pipeline")
     shipped.set_progress_bar_config(disable=True)
@@ -277,9 +336,11 @@ def finish(args: argparse.Namespace, pipe: FluxPipeline, vae_report: dict, timin
     metadata = {
         "name": "shapes", "description": "Tiny FLUX pipeline: 32x32 scenes of 1-4 coloured shapes (GenEval-style).",
         "pipeline_kwargs": sample_kwargs(), "base_geneval": base, "base_geneval_judge": judged, "vae": vae_report,
+        "binding": binding_report(shipped),
         "training": {"seed": args.seed, "images": args.images, "vae_steps": args.vae_steps,
                      "denoiser_steps": args.denoiser_steps, "denoiser_lr": args.denoiser_lr, "batch": 128,
                      "empty_prompt_rate": 0.1, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "t5_pretraining": getattr(args, "t5_report", None),
                      "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
                      "timings": timings, "probes": probes, **json.loads(args.notes)},
     }

@@ -46,6 +46,29 @@ def test_base_model_follows_its_prompts_only_partly():
     assert 0.05 < accuracy < 0.7
 
 
+def test_text_conditioning_tells_a_prompt_from_its_swapped_binding():
+    """FLUX gives text tokens no position, so the denoiser sees the T5 tokens as a set: with the frozen random
+    encoders the first build shipped, "a red circle and a blue square" and "a blue circle and a red square" gave
+    nearly the same set (nearest-token distance 0.10-0.14 of a one-word change's), and no fine-tuning could learn
+    colour attribution or position (docs/benchmarks.md, "Why the plateau"). The shipped T5 is pretrained on the
+    prompts' words first (scripts/train_shapes.py, `pretrain_t5`); swapped prompts must now differ at least half as
+    much as a changed word does."""
+    import torch
+
+    pipe, _ = load_shapes_pipeline()
+
+    def token_set_distance(a: str, b: str) -> float:
+        embeds, _, _ = pipe.encode_prompt(prompt=[a, b], prompt_2=None, max_sequence_length=12)
+        return torch.cdist(embeds[0], embeds[1]).min(1).values.mean().item()
+
+    one_word = token_set_distance("a photo of a red circle", "a photo of a blue circle")
+    colour_swap = token_set_distance("a photo of a red circle and a blue square",
+                                     "a photo of a blue circle and a red square")
+    position_swap = token_set_distance("a photo of a red circle left of a blue square",
+                                       "a photo of a blue square left of a red circle")
+    assert colour_swap > 0.5 * one_word and position_swap > 0.5 * one_word, (colour_swap, position_swap, one_word)
+
+
 def run_shortened(recipe: str, out: Path) -> list[dict]:
     """A shipped shapes recipe (`shapes.toml`, `shapes_edit.toml`) through `treegrpo run`, cut to 2 epochs of 3
     prompts; its metrics, after checking the rows: one 27-leaf tree per prompt, (9, 3) children, 3-step tail, no
