@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # overrides of recipes/shapes.toml (the tree: (9, 3) children over a 2-step window, 27 leaves, a 3-step ODE tail)
 METHODS: dict[str, list[str]] = {
     "tree": [],
+    "tree-nokl": ["train.kl_beta=0"],
     "tree-paper": ["tree.branch_factor=3", "tree.window_width=3"],
     "mix-fast": ['tree.algorithm="mix"', "tree.branch_factor=5", "tree.window_width=2"],
     "flat-dancegrpo": ['tree.algorithm="flat"', "tree.branch_factor=3", "tree.window_width=3",
@@ -115,7 +116,8 @@ def summarize(runs: list[dict], methods: list[str], targets: tuple[float, ...], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "tree-nokl"],
+                        choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=10)

@@ -1,18 +1,19 @@
 """Train and ship `builtin:shapes_edit`: the shapes world's editing model, a tiny real FluxKontextPipeline that
 recolours one object of a 32x32 scene ("make the red circle blue") and should keep the rest.
 
-It starts from `builtin:shapes` (same VAE, frozen random text encoders, the transformer's weights) and is trained
-with Kontext's layout: the source scene's latents follow the noisy target tokens with frame-1 position ids, the
-loss is the rectified-flow loss on the target tokens only. The tokenizers gain the words "make" and "the" (new ids
-after the shapes vocabulary, so every old word keeps its id and embedding). Data: procedurally rendered pairs (a
-scene of 1-3 objects of different shapes, the same scene with one object recoloured), no download. The step budget
-is chosen so the base model follows only part of the instructions (room for RL).
+It starts from `builtin:shapes` (same VAE, its frozen text encoders: random CLIP, pretrained T5; the transformer's
+weights) and is trained with Kontext's layout: the source scene's latents follow the noisy target tokens with
+frame-1 position ids, the loss is the rectified-flow loss on the target tokens only. The tokenizers gain the words
+"make" and "the" (new ids after the shapes vocabulary, so every old word keeps its id and embedding). Data:
+procedurally rendered pairs (a scene of 1-3 objects of different shapes, the same scene with one object
+recoloured), no download. The step budget is chosen so the base model follows only part of the instructions (room
+for RL): 100 steps judge 0.50 on the held-out edits, 200 already 0.84.
 
 Also writes the RL prompt splits (`recipes/prompts/shapes_edit_{train,test}.jsonl` with their 32x32 sources under
 `recipes/prompts/shapes_edit/`): GenEval metadata for the edited object (`include`, tag `colors`) and its box as
 `edit_region`, so `geneval` judges the instruction and `preservation` the rest.
 
-    python scripts/train_shapes_edit.py --probe-every 500     # rebuilds cli/treegrpo/builtin/shapes_edit
+    python scripts/train_shapes_edit.py --steps 100 --probe-every 100   # rebuilds cli/treegrpo/builtin/shapes_edit
 """
 
 from __future__ import annotations
