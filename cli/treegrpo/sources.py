@@ -97,8 +97,8 @@ def sources_of_line(path) -> list[str]:
 def source_argument(path: str | list[str] | None) -> dict:
     """`{"image": PIL image}` (a list of them for a line naming several) for a stock editing pipeline's call of ONE
     prompt, or nothing for text-to-image prompts. One prompt per call: the stock pipelines read a list of images
-    differently (FLUX.2: several references
-    for every prompt; Kontext and Qwen-Image-Edit: tiled across the prompts' images in the wrong order)."""
+    differently (FLUX.2: several references for every prompt; Kontext and Qwen-Image-Edit: tiled across the prompts'
+    images in the wrong order)."""
     return {} if path is None else {"image": load_source_images([path])[0]}
 
 
