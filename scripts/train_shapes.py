@@ -302,8 +302,7 @@ def build(args: argparse.Namespace) -> tuple[FluxPipeline, dict, dict, list]:
     logger.info("vae: %s (%.0f s)", vae_report, timings["vae_s"])
     pipe = build_pipeline(vae, args.seed)
     if args.t5_steps:
-        args.t5_report = pretrain_t5(pipe, [*[r["prompt"] for r in records], ""], args.t5_steps,
-                                                   args.seed)
+        args.t5_report = pretrain_t5(pipe, [*[r["prompt"] for r in records], ""], args.t5_steps, args.seed)
     with torch.no_grad():
         z = torch.cat([vae.encode(pixels[i:i + 1024]).latent_dist.mean for i in range(0, len(pixels), 1024)])
     latents = (z - vae.config.shift_factor) * vae.config.scaling_factor
@@ -320,8 +319,8 @@ def finish(args: argparse.Namespace, pipe: FluxPipeline, vae_report: dict, timin
     out.mkdir(parents=True, exist_ok=True)
     save(pipe, out / "pipeline")
     splits = split_prompts()
+    args.prompts_dir.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
-        args.prompts_dir.mkdir(parents=True, exist_ok=True)
         write_prompts(split, args.prompts_dir / f"shapes_{name}.jsonl")
     shipped = FluxPipeline.from_pretrained(out / "pipeline")
     shipped.set_progress_bar_config(disable=True)
