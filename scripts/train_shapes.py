@@ -182,6 +182,15 @@ def binding_report(pipe: FluxPipeline) -> dict:
             "position_swap": round(set_distance(*pairs[1]) / scale, 3)}
 
 
+def rectified_flow_pair(x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The rectified-flow training pair for packed latents `x0` `[B, S, C]`: (x_t, s, eps - x0) with
+    x_t = (1 - s) x0 + s eps, s ~ U(0, 1); the denoiser's output at (x_t, s) regresses eps - x0. Draws s, then eps,
+    from `gen` (the shipped weights depend on that order). Shared with train_shapes_edit.py."""
+    sigma = torch.rand(len(x0), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise, sigma, noise - x0
+
+
 def train_denoiser(pipe, latents: torch.Tensor, prompt_index: torch.Tensor, records: list[dict], args,
                    reward: GenEvalReward) -> list[dict]:
     transformer = pipe.transformer
@@ -199,12 +208,10 @@ def train_denoiser(pipe, latents: torch.Tensor, prompt_index: torch.Tensor, reco
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = pack(pipe, latents[idx])
         cond = torch.where(torch.rand(batch, generator=gen) < 0.1, empty, prompt_index[idx])
-        sigma = torch.rand(batch, generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        xt, sigma, velocity = rectified_flow_pair(x0, gen)
         pred = transformer(hidden_states=xt, timestep=sigma, pooled_projections=pooled[cond],
                            encoder_hidden_states=embeds[cond], txt_ids=txt_ids, img_ids=img_ids).sample
-        loss = F.mse_loss(pred, noise - x0)
+        loss = F.mse_loss(pred, velocity)
         opt.zero_grad()
         loss.backward()
         opt.step()

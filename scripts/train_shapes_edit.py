@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import FluxKontextPipeline
+from train_shapes import rectified_flow_pair  # scripts/ is on the path when run as a script
 
 from diffusers_tree.testing import tiny_tokenizer
 from treegrpo.builtin import BUILTIN_MODELS, load_shapes_pipeline
@@ -143,14 +144,13 @@ def train(pipe, args) -> list[dict]:
         transformer.train()
         idx = torch.randint(len(pairs), (args.batch,), generator=gen)
         x0, src = target[idx], source[idx]
-        sigma = torch.rand(args.batch, generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        xt, sigma, velocity = rectified_flow_pair(x0, gen)
+        # Kontext's layout: [noisy target tokens; source tokens], the loss on the target tokens only
         pred = transformer(hidden_states=torch.cat([xt, src], dim=1), timestep=sigma,
                            pooled_projections=pooled[prompt_index[idx]],
                            encoder_hidden_states=embeds[prompt_index[idx]], txt_ids=text_ids,
                            img_ids=image_ids).sample[:, :x0.shape[1]]
-        loss = F.mse_loss(pred, noise - x0)
+        loss = F.mse_loss(pred, velocity)
         opt.zero_grad()
         loss.backward()
         opt.step()
