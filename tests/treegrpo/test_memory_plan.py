@@ -64,9 +64,12 @@ def test_gpu_memory_values():
 
 def test_editing_sources_add_their_tokens_to_every_row():
     """Each family's sources at the size it encodes them (1/256 tokens a pixel: FLUX's 8× VAE and 2×2 packing)."""
-    assert source_tokens("FluxKontextPipeline", [(512, 768)], 1 / 256) == 4096  # its ~1024² resolutions
+    # Kontext: its preferred resolution for 2:3 is 832×1248 (diffusers' PREFERRED_KONTEXT_RESOLUTIONS)
+    assert source_tokens("FluxKontextPipeline", [(512, 768)], 1 / 256) == 832 * 1248 / 256
     assert source_tokens("FluxKontextPipeline", [(512, 768)], 1 / 256, auto_resize=False) == 1536
     assert source_tokens("Flux2Pipeline", [(2048, 2048), (512, 512)], 1 / 256) == 4096 + 1024  # capped at 1024²
+    # 3000×1000 shrinks to 1773×591 pixels (sqrt(1024² / 3e6) = 0.5912), cropped to 1760×576
+    assert source_tokens("Flux2Pipeline", [(3000, 1000)], 1 / 256) == 1760 * 576 / 256
     assert source_tokens("QwenImageEditPipeline", [(512, 512)], 1 / 256) == pytest.approx(4096 + 1024**2 / 784)
     assert source_tokens("QwenImageEditPlusPipeline", [(512, 512)] * 2, 1 / 256) == pytest.approx(
         2 * (4096 + 384**2 / 784))

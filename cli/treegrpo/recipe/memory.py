@@ -165,24 +165,22 @@ def plan_memory(components: dict[str, int], denoiser: Denoiser, *, dtype: str, h
     return plan
 
 
-MEGAPIXEL = 1024 * 1024  # the editing families' source area: Kontext's resolutions, FLUX.2's cap, Qwen's VAE input
-QWEN_VL_PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: 14 px patches merged 2×2
-
-
 def source_tokens(pipeline_class: str, sizes: list[tuple[int, int]], tokens_per_pixel: float,
                   auto_resize: bool = True) -> float:
     """Tokens one prompt's sources (`sizes`: (width, height) each) add to every row's sequence, at the size the
-    family encodes them (the adapters' docstrings): FLUX.1 Kontext ~1024² with `auto_resize` (its preferred
-    resolutions) else as given; FLUX.2 references as given, at most 1024²; Qwen-Image-Edit 1024² for the VAE plus
-    the vision tokens of the VL encoder's view (1024² for Edit, 384² each for Plus) in the text."""
-    if not sizes:
+    family's adapter says its stock pipeline encodes them (`encoded_source_size`: FLUX.1 Kontext's preferred
+    resolution with `auto_resize`, FLUX.2 at most 1024², Qwen-Image-Edit ~1024²), plus the text tokens the adapter
+    says a source adds (`source_text_tokens`: Qwen-Image-Edit's vision tokens)."""
+    from diffusers_tree.adapters import adapter_class
+
+    adapter = adapter_class(pipeline_class)
+    if not sizes or adapter is None:
         return 0.0
-    if pipeline_class.startswith("QwenImageEdit"):
-        seen = 384 * 384 if pipeline_class == "QwenImageEditPlusPipeline" else MEGAPIXEL
-        return len(sizes) * (MEGAPIXEL * tokens_per_pixel + seen / QWEN_VL_PIXELS_PER_TOKEN)
-    if pipeline_class == "FluxKontextPipeline":
-        return sum(MEGAPIXEL if auto_resize else w * h for w, h in sizes) * tokens_per_pixel
-    return sum(min(w * h, MEGAPIXEL) for w, h in sizes) * tokens_per_pixel
+    total = 0.0
+    for width, height in sizes:
+        encoded_width, encoded_height = adapter.encoded_source_size(width, height, auto_resize)
+        total += encoded_width * encoded_height * tokens_per_pixel + adapter.source_text_tokens(width, height)
+    return total
 
 
 def first_line_source_sizes(prompts: str | None) -> list[tuple[int, int]]:

@@ -98,6 +98,17 @@ class PipelineAdapter:
     needs_source_image: bool = True
     max_sources: int | None = 1  # source images per prompt (None: any number, FLUX.2's references)
 
+    @classmethod
+    def encoded_source_size(cls, width: int, height: int, auto_resize: bool = True) -> tuple[int, int]:
+        """The (width, height) in pixels at which the family's stock pipeline VAE-encodes a source image of that
+        size (editing families; memory planning counts the tokens it adds to every row). Default: as given."""
+        return width, height
+
+    @classmethod
+    def source_text_tokens(cls, width: int, height: int) -> float:
+        """Tokens a source image adds to the text sequence (a vision-language encoder's view of it); default none."""
+        return 0.0
+
     def __init__(self, pipe):
         self.pipe = pipe
         self.model = getattr(pipe, self.denoiser_name)

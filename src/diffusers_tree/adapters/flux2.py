@@ -21,11 +21,15 @@ Quirks, as the pipelines do them:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
 from .base import Conditioning, PipelineAdapter, postprocess_decoded, register_adapter, source_sets
+
+REFERENCE_AREA = 1024 * 1024  # the stock pipeline shrinks larger references to this many pixels
 
 
 @register_adapter("Flux2Pipeline")
@@ -97,14 +101,22 @@ class Flux2Adapter(PipelineAdapter):
                             guidance_scale=conditioning.guidance_scale, height=conditioning.height,
                             width=conditioning.width, shared=shared)
 
+    @classmethod
+    def encoded_source_size(cls, width: int, height: int, auto_resize: bool = True) -> tuple[int, int]:
+        """At most 1024² pixels at the reference's aspect ratio (`reference_pixels`), cropped to multiples of 16."""
+        if width * height > REFERENCE_AREA:  # as Flux2ImageProcessor._resize_to_target_area
+            scale = math.sqrt(REFERENCE_AREA / (width * height))
+            width, height = int(width * scale), int(height * scale)
+        return width // 16 * 16, height // 16 * 16
+
     def reference_pixels(self, image) -> torch.Tensor:
         """One reference as the stock pipeline preprocesses it: at most 1024² pixels, cropped to a multiple of 16,
         `[1, 3, H, W]` in [-1, 1] on the VAE's device."""
         pipe = self.pipe
         pipe.image_processor.check_image_input(image)  # the stock checks: at least 64 px a side, no extreme ratio
         width, height = image.size
-        if width * height > 1024 * 1024:
-            image = pipe.image_processor._resize_to_target_area(image, 1024 * 1024)
+        if width * height > REFERENCE_AREA:
+            image = pipe.image_processor._resize_to_target_area(image, REFERENCE_AREA)
             width, height = image.size
         multiple = pipe.vae_scale_factor * 2
         width, height = width // multiple * multiple, height // multiple * multiple

@@ -72,6 +72,18 @@ class QwenImageEditAdapter(QwenImageAdapter):
         return Conditioning(cond=cond, uncond=uncond, guidance_scale=guidance_scale, height=height, width=width,
                             shared=shared)
 
+    @classmethod
+    def encoded_source_size(cls, width: int, height: int, auto_resize: bool = True) -> tuple[int, int]:
+        """About 1024² pixels at the source's aspect ratio, multiples of 32 (`_source_latents`)."""
+        encoded_width, encoded_height, _ = calculate_dimensions(SOURCE_AREA, width / height)
+        return encoded_width, encoded_height
+
+    @classmethod
+    def source_text_tokens(cls, width: int, height: int) -> float:
+        """The VL encoder's vision tokens for the source seen at `condition_area` pixels: one per 28×28 pixels
+        (Qwen2.5-VL's 14-pixel patches merged 2×2)."""
+        return cls.condition_area / (28 * 28)
+
     def source_sets(self, image, num_prompts: int) -> list[list]:
         """Each prompt's source images: `image` is one image for all, or one entry per prompt (an image, or for
         Plus a list of them)."""
