@@ -92,6 +92,9 @@ def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
     evaluations = read_jsonl(out / "eval.jsonl")
     assert [row["epoch"] for row in evaluations] == [0, 2]
     assert all(0.0 <= row["eval/geneval/mean"] <= 1.0 for row in evaluations)
+    for row in evaluations:  # the clutter GenEval's rules let through, reported by both evaluation rewards
+        for name in ("geneval", "judge"):
+            assert 0.0 <= row[f"eval/{name}/with_extra"] <= row[f"eval/{name}/extra_objects"] <= 4 * 4
     assert json.loads((out / "best" / "best.json").read_text())["reward"] == "geneval"
 
     table = CliRunner().invoke(app, ["eval", "builtin:shapes", "--lora", str(out / "final"), "--prompts",
@@ -99,6 +102,7 @@ def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
                                      "--num-images", "1", "--json", str(tmp_path / "eval.json")])
     assert table.exit_code == 0, table.output
     assert "GenEval overall" in table.output and all(tag in table.output for tag in CATEGORIES)
+    assert "with extra objects" in table.output
     data = json.loads((tmp_path / "eval.json").read_text())
     for label in ("base", "lora"):
         entry = data["results"][label]["geneval"]
@@ -108,6 +112,7 @@ def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
         counts = {tag: sum(r["tag"] == tag for r in split_prompts()["test"]) for tag in CATEGORIES}
         weighted = sum(by_tag[t] * counts[t] for t in CATEGORIES) / sum(counts.values())
         assert entry["accuracy"] == pytest.approx(weighted)
+        assert 0.0 <= entry["subscores"]["with_extra"] <= entry["subscores"]["extra_objects"]
 
 
 def test_best_of_tree_scores_each_leaf_against_its_prompts_geneval_metadata(tmp_path):

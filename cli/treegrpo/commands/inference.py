@@ -208,15 +208,20 @@ def reward_summary(reward, images: list, prompts: list[str], metadata: list[dict
     tags = [m.get("tag") for m in metadata]
     groups = {tag: [i for i, t in enumerate(tags) if t == tag] for tag in dict.fromkeys(tags)}
     values = torch.empty(len(images))
+    subscores = {sub: torch.empty(len(images)) for sub in reward.subscore_names}
     correct_by_tag, total = {}, 0.0
     for tag, index in groups.items():  # scored group by group: the per-tag accuracy comes with no extra pass
         group_values, accuracy = score_with_accuracy(reward, [images[i] for i in index], [prompts[i] for i in index],
                                                      [metadata[i] for i in index])
         values[index] = group_values
+        for sub, sub_values in subscores.items():
+            sub_values[index] = reward.last_subscores[sub].float().cpu()
         if accuracy is not None:
             correct_by_tag[tag] = float(accuracy)
             total += accuracy * len(index)
     summary = {"mean": float(values.mean()), "std": float(values.std(unbiased=False)), "n": values.numel()}
+    if subscores:
+        summary["subscores"] = {sub: float(sub_values.mean()) for sub, sub_values in subscores.items()}
     if len(correct_by_tag) == len(groups):
         summary["accuracy"] = total / len(images)
         if None not in groups:
@@ -328,7 +333,8 @@ def sample_images(request: SampleRequest) -> list[str]:
 
 def eval_table(data: dict):
     """`treegrpo eval`'s results as a rich table: a row per reward (and diversity), a column per model variant; for
-    rewards scored per GenEval category, a row per category and GenEval's overall score."""
+    rewards scored per GenEval category, a row per category, GenEval's overall score and the share of images with
+    objects nobody asked for."""
     from rich.table import Table
 
     table = Table(title=f"{data['model']}: {data['prompts']} prompts × {data['images_per_prompt']} images")
@@ -349,4 +355,8 @@ def eval_table(data: dict):
             for tag in variants[0][name]["by_tag"]:
                 table.add_row(f"  {tag}", *[f"{scores[name]['by_tag'][tag]:.1%}" for scores in variants])
             table.add_row("  GenEval overall", *[f"{scores[name]['overall']:.1%}" for scores in variants])
+        if "with_extra" in variants[0][name].get("subscores", {}):  # geneval: what GenEval's rules let through
+            table.add_row("  with extra objects", *[
+                f"{scores[name]['subscores']['with_extra']:.1%} ({scores[name]['subscores']['extra_objects']:.2f} "
+                "an image)" for scores in variants])
     return table

@@ -16,7 +16,7 @@ REWARD_OPTION_NAMES: dict[str, frozenset[str]] = {
     "digits": frozenset({"name", "classifier", "strict"}),
     "diversity": frozenset({"size"}),
     "preservation": frozenset(),
-    "geneval": frozenset({"detector", "score", "pretrained", "threshold"}),
+    "geneval": frozenset({"detector", "score", "pretrained", "threshold", "extras", "vocabulary"}),
     "ocr": frozenset({"psm", "lang", "tesseract_cmd", "parallel", "timeout"}),
     "python": frozenset({"function", "batch_size"}),
     "http": frozenset({"url", "body", "timeout", "retries", "backoff", "batch_size", "parallel", "headers",

@@ -47,6 +47,8 @@ class RewardBase:
     - `takes_source_images`: `__call__` accepts `source_images=` (editing: each image's source as an RGB PIL image,
       read from its prompt line's `image`).
     - `last_subscores`: `{name: float32 [N]}` of the last call (remote rewards' sub-scores); empty by default.
+    - `subscore_names`: the sub-scores every call returns (geneval's extras), which evaluation reports as
+      `eval/<name>/<sub-score>`; a sub-score a call may or may not send (a remote reward's) is logged in training only.
     - `score_and_accuracy`: the scores and, for rewards that judge right/wrong (digits), the accuracy.
     - `load()` loads what loads lazily and returns the reward; `modules()` lists the torch models it holds once
       loaded (what `model.offload_rewards` moves), none by default.
@@ -59,6 +61,7 @@ class RewardBase:
     takes_metadata: bool = False
     takes_source_images: bool = False
     last_subscores: Mapping[str, torch.Tensor] = MappingProxyType({})
+    subscore_names: tuple[str, ...] = ()
 
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -48,6 +48,8 @@ class Detector:
     """Base of the `geneval` detectors: `detect(image, classes)` returns the objects of those classes it finds."""
 
     name = "detector"
+    # every class it looks for besides a prompt's own, so the objects nobody asked for are counted (`geneval`'s extras)
+    vocabulary: tuple[str, ...] = ()
 
     def detect(self, image: Image.Image, classes: list[str]) -> list[Detection]:
         raise NotImplementedError
@@ -74,6 +76,7 @@ class ShapesDetector(Detector):
     """
 
     name = "shapes"
+    vocabulary = tuple(SHAPES)
 
     def __init__(self, min_ink: float = 0.5, sides: tuple[int, int] = (6, 16), min_iou: float = 0.6):
         self.min_ink, self.sides, self.min_iou = min_ink, sides, min_iou

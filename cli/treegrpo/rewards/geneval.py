@@ -12,6 +12,14 @@ its `count` objects found with the right colour, or found in the right relation 
 against, (count - 1) / found for a broken exclude). Every rule is a term whether its object was found or not, so all
 images of a prompt are scored on the same terms. It equals 1 exactly when the binary score does.
 
+GenEval's rules let a picture hold objects nobody asked for (only a counting prompt's `exclude` forbids more of its
+own class), and a policy trained on them learns to fill the picture: on `builtin:shapes` without the KL term, 3.7
+objects an image, 92 % with extras, while the learned judge, which applies the same rules, approves
+(docs/benchmarks.md, "Without the KL"). So every verdict also counts the objects beyond the prompt's (`extra`: all
+detections of every class the detector knows, less the count the prompt asks for), reported as the sub-scores
+`with_extra` and `extra_objects`; `extras = "forbid"` makes them a rule: the binary verdict fails on any extra object
+and the dense credit gains the term asked / found.
+
 A relation holds GenEval's way: the centre offset, shrunk on each axis by a tenth of both objects' sizes, must point
 within 60 degrees of the relation's direction (its normalised component along that axis above 0.5).
 """
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from treegrpo.builtin.shapes_world import SHAPES
 from treegrpo.rewards.base import RewardBase, check_batch
 from treegrpo.rewards.detectors import Detection, Detector, Owlv2Detector, ShapesDetector
 from treegrpo.rewards.shapes_judge import ShapesJudgeDetector
@@ -31,6 +40,7 @@ from treegrpo.rewards.shapes_judge import ShapesJudgeDetector
 POSITION_SHRINK = 0.1  # GenEval's threshold: a tenth of the two objects' sizes
 DETECTORS = ("shapes", "shapes_judge", "owlv2")
 SCORES = ("dense", "binary")
+EXTRAS = ("allow", "forbid")
 
 
 def relations(a: Detection, b: Detection) -> set[str]:
@@ -54,10 +64,12 @@ class Verdict:
     correct: bool
     partial: float
     failure: str = ""
+    extra: int = 0  # objects found beyond the count the prompt asks for (all classes the detector was asked about)
 
 
-def judge(detections: list[Detection], metadata: dict) -> Verdict:
-    """One image's verdict against its prompt's metadata (see the module docstring for the rules)."""
+def judge(detections: list[Detection], metadata: dict, extras: str = "allow") -> Verdict:
+    """One image's verdict against its prompt's metadata (see the module docstring for the rules); `detections` are
+    all the objects found, of any class; `extras = "forbid"` adds the rule "nothing beyond what is asked"."""
     by_class: dict[str, list[Detection]] = {}
     for d in sorted(detections, key=lambda d: -d.score):
         by_class.setdefault(d.cls, []).append(d)
@@ -85,8 +97,14 @@ def judge(detections: list[Detection], metadata: dict) -> Verdict:
         credits.append(1.0 if found < item["count"] else (item["count"] - 1) / found)
         if found >= item["count"]:
             failures.append(f"{found} {item['class']} (fewer than {item['count']} asked)")
+    asked = sum(item["count"] for item in include)
+    extra = max(0, len(detections) - asked)
+    if extras == "forbid":
+        credits.append(asked / max(asked, len(detections), 1))
+        if extra:
+            failures.append(f"{extra} object{'s' if extra > 1 else ''} not asked for")
     partial = sum(credits) / len(credits) if credits else 0.0
-    return Verdict(not failures and bool(credits), partial, failures[0] if failures else "")
+    return Verdict(not failures and bool(credits), partial, failures[0] if failures else "", extra)
 
 
 def classes_of(metadata: dict) -> list[str]:
@@ -115,20 +133,37 @@ class GenEvalReward(RewardBase):
         pretrained (`str`, *optional*): the OWLv2 checkpoint (hub id or folder) for `detector = "owlv2"`, or a
             judge folder for `detector = "shapes_judge"` (default: the shipped one).
         threshold (`float`, defaults to 0.3): OWLv2's box confidence (GenEval's value).
+        extras (`str`, defaults to "allow"): "allow" (GenEval's rules: objects nobody asked for are counted and
+            reported, not judged) or "forbid" (any such object fails the verdict and costs dense credit).
+        vocabulary (`list[str]`, *optional*): OWLv2 only: the classes it looks for besides each prompt's own, so
+            extras of other classes are found (e.g. GenEval's 80 COCO names); the shapes detectors know theirs.
+
+    `last_subscores` after each call: `with_extra` (1 where an image holds an object not asked for) and
+    `extra_objects` (how many), per image.
     """
 
     takes_metadata = True
+    subscore_names = ("with_extra", "extra_objects")  # always returned: evaluation reduces them across processes
 
     def __init__(self, *, detector: str = "shapes", score: str = "dense", pretrained: str | None = None,
-                 threshold: float = 0.3, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 threshold: float = 0.3, extras: str = "allow", vocabulary: list[str] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if detector not in DETECTORS:
             raise ValueError(f"geneval: detector = {detector!r} is not known; use one of {', '.join(DETECTORS)}.")
         if score not in SCORES:
             raise ValueError(f"geneval: score = {score!r} is not known; use one of {', '.join(SCORES)}.")
+        if extras not in EXTRAS:
+            raise ValueError(f"geneval: extras = {extras!r} is not known; use one of {', '.join(EXTRAS)}.")
         if detector == "shapes" and pretrained is not None:
             raise ValueError("geneval: `pretrained` names an OWLv2 checkpoint or a shapes judge folder; the shapes "
                              "detector has no weights.")
-        self.score_kind = score
+        if vocabulary is not None and detector != "owlv2":
+            raise ValueError(f"geneval: `vocabulary` is for the owlv2 detector; the {detector} detector looks for "
+                             f"every class of its world ({', '.join(SHAPES)}).")
+        if vocabulary is not None and (not isinstance(vocabulary, list | tuple) or not vocabulary
+                                       or not all(isinstance(c, str) and c for c in vocabulary)):
+            raise ValueError(f"geneval: vocabulary = {vocabulary!r} must be a non-empty list of class names.")
+        self.score_kind, self.extras = score, extras
         # named by its detector, so `treegrpo eval --reward geneval --reward geneval:detector=shapes_judge` keeps both
         self.name = {"shapes": "geneval", "shapes_judge": "geneval_judge"}.get(detector, f"geneval_{detector}")
         self.detector: Detector
@@ -139,7 +174,9 @@ class GenEvalReward(RewardBase):
         else:
             self.detector = Owlv2Detector(**({"pretrained": pretrained} if pretrained else {}), threshold=threshold,
                                           device=str(device), dtype=dtype)
+            self.detector.vocabulary = tuple(vocabulary or ())
         self.last_verdicts: list[Verdict] = []
+        self.last_subscores: dict[str, torch.Tensor] = {}
 
     def load(self) -> GenEvalReward:
         self.detector.load()
@@ -152,8 +189,10 @@ class GenEvalReward(RewardBase):
         n = check_batch(images, prompts, "geneval")
         metadata = metadata if metadata is not None else [None] * n
         checked = [check_metadata(m, i) for i, m in enumerate(metadata)]
-        found = self.detector.detect_batch(list(images), [classes_of(m) for m in checked])
-        return [judge(detections, m) for detections, m in zip(found, checked, strict=True)]
+        vocabulary = list(self.detector.vocabulary)
+        found = self.detector.detect_batch(list(images), [list(dict.fromkeys(classes_of(m) + vocabulary))
+                                                          for m in checked])
+        return [judge(detections, m, self.extras) for detections, m in zip(found, checked, strict=True)]
 
     def __call__(self, images, prompts, metadata: list[dict] | None = None) -> torch.Tensor:
         return self.score_and_accuracy(images, prompts, metadata)[0]
@@ -162,5 +201,7 @@ class GenEvalReward(RewardBase):
         self.last_verdicts = self.verdicts(images, prompts, metadata)
         correct = torch.tensor([float(v.correct) for v in self.last_verdicts])
         partial = torch.tensor([v.partial for v in self.last_verdicts], dtype=torch.float32)
+        extra = torch.tensor([float(v.extra) for v in self.last_verdicts])
+        self.last_subscores = {"with_extra": (extra > 0).float(), "extra_objects": extra}
         scores = correct if self.score_kind == "binary" else partial
         return scores, (correct.mean().item() if len(correct) else None)

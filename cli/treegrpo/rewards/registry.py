@@ -80,7 +80,9 @@ def build_reward(
     - ``diversity``: mean pixel distance to the prompt's other images in the batch (anti-collapse): ``size`` (64).
     - ``preservation``: editing: 1 - mean pixel difference to the source outside the prompt's ``edit_region``.
     - ``geneval``: GenEval's judgement against each prompt's metadata (a GenEval ``.jsonl``): ``detector``
-      ("shapes" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint), ``threshold`` (0.3).
+      ("shapes" | "shapes_judge" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint),
+      ``threshold`` (0.3), ``extras`` ("allow" | "forbid": objects nobody asked for), ``vocabulary`` (OWLv2's extra
+      classes).
     - ``ocr``: 1 - normalised edit distance to the prompt's quoted text, read by Tesseract: ``psm`` (6), ``lang``
       ("eng"), ``tesseract_cmd`` ("tesseract"), ``parallel`` (4), ``timeout`` (60).
     - ``python``: ``function`` (required, "module:function" or "file.py:function"), ``batch_size`` (all at once).

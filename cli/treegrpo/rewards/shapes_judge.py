@@ -116,6 +116,7 @@ class ShapesJudgeDetector(Detector):
     """`ShapesJudge` as a `geneval` detector (see the module docstring); `path` overrides the shipped weights."""
 
     name = "shapes_judge"
+    vocabulary = tuple(SHAPES)
 
     def __init__(self, path: str | Path | None = None):
         self.path, self._model = path, None

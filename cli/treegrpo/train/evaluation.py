@@ -105,8 +105,9 @@ def sample_evaluation_images(run: Run, prompts: list[str], share: list[int | Non
 
 
 def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -> dict[str, float]:
-    """`eval/<name>/mean` (and `eval/<name>/accuracy` for rewards that judge right/wrong) of every evaluation reward,
-    and `eval/diversity`, over every evaluation image of every process."""
+    """`eval/<name>/mean` (and `eval/<name>/accuracy` for rewards that judge right/wrong, `eval/<name>/<sub-score>`
+    for the sub-scores a reward declares, e.g. geneval's `with_extra`) of every evaluation reward, and
+    `eval/diversity`, over every evaluation image of every process."""
     acc, settings = run.accelerator, run.recipe.evaluation
     share = process_prompts(len(prompts), acc.process_index, acc.num_processes)
     images = sample_evaluation_images(run, prompts, share, settings.images_per_prompt, run.recipe.train.seed,
@@ -130,6 +131,8 @@ def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -
         totals[f"{reward.name}/sum"] = float(scores[index].double().sum()) if count else 0.0
         totals[f"{reward.name}/accuracy_sum"] = accuracy * count if accuracy is not None else 0.0
         totals[f"{reward.name}/accuracy_count"] = count if accuracy is not None else 0
+        for sub in reward.subscore_names:  # declared, so every process reduces the same keys (even with no images)
+            totals[f"{reward.name}/{sub}_sum"] = extras.get(f"{reward.name}/{sub}", 0.0) * count
     diversity, groups = leaf_diversity(images, owners) if len(owners) else (0.0, 0)
     totals |= {"images": len(owners), "diversity": diversity, "groups": groups}
     tags = prompt_tags(metadata)
@@ -141,6 +144,8 @@ def evaluate_policy(run: Run, prompts: list[str], metadata: list[dict] | None) -
         if sums[f"{reward.name}/accuracy_count"]:
             metrics[f"eval/{reward.name}/accuracy"] = (sums[f"{reward.name}/accuracy_sum"]
                                                        / sums[f"{reward.name}/accuracy_count"])
+        for sub in reward.subscore_names:
+            metrics[f"eval/{reward.name}/{sub}"] = sums[f"{reward.name}/{sub}_sum"] / max(sums["images"], 1)
         metrics |= tag_means(reward.name, sums, tags)
     metrics["eval/diversity"] = sums["diversity"] / max(sums["groups"], 1)
     return metrics

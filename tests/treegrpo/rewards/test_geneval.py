@@ -243,3 +243,46 @@ def test_dense_credit_has_the_same_terms_whether_objects_are_found_or_not():
                                                               "position": ["left of", 0]}]}
     assert judge([det("circle", 2, 20)], position).partial == pytest.approx((0 + 1 + 0) / 3)
     assert judge([det("circle", 25, 20), det("square", 5, 20)], position).partial == pytest.approx(2 / 3)
+
+
+# ---- objects nobody asked for ---------------------------------------------------------------------------------------
+def test_extra_objects_are_counted_and_forbid_fails_them():
+    """GenEval's rules pass a picture full of objects nobody asked for (the no-KL shapes hack); `extra` counts them
+    under either setting, and `extras = "forbid"` fails the verdict and adds the dense term asked / found."""
+    one_circle = {"include": [{"class": "circle", "count": 1}]}
+    circle, square, triangle = det("circle", 5, 5), det("square", 20, 20), det("triangle", 5, 25)
+    allowed = judge([circle, square, triangle], one_circle)
+    assert allowed.correct and allowed.partial == 1.0 and allowed.extra == 2
+    forbidden = judge([circle, square, triangle], one_circle, extras="forbid")
+    assert not forbidden.correct and forbidden.extra == 2 and forbidden.failure == "2 objects not asked for"
+    assert forbidden.partial == pytest.approx((1 + 1 / 3) / 2)
+    alone = judge([circle], one_circle, extras="forbid")
+    assert alone.correct and alone.partial == 1.0 and alone.extra == 0
+    # counting: 4 triangles for "two triangles": the exclude rule ((3 - 1) / 4) and the extras rule (2 / 4) both break
+    two = {"include": [{"class": "triangle", "count": 2}], "exclude": [{"class": "triangle", "count": 3}]}
+    four = [det("triangle", x, y) for x, y in ((5, 5), (20, 20), (5, 20), (20, 5))]
+    verdict = judge(four, two, extras="forbid")
+    assert verdict.extra == 2 and verdict.partial == pytest.approx((1 + 2 / 4 + 2 / 4) / 3)
+    assert judge([], two, extras="forbid").partial == pytest.approx((0 + 1 + 1) / 3)  # nothing found: nothing extra
+
+
+def test_reward_reports_extras_on_rendered_scenes_and_forbid_scores_them():
+    metadata = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]}] * 3
+    lone = render([Thing("circle", "red", 16, 16, 10)])
+    crowded = render([Thing("circle", "red", 8, 8, 10), Thing("square", "blue", 24, 24, 10)])
+    very = render([Thing("circle", "red", 8, 8, 10), Thing("square", "blue", 24, 24, 10),
+                   Thing("triangle", "green", 24, 8, 10)])
+    prompts = ["a photo of a circle"] * 3
+    allowing = build_reward("geneval", score="binary")
+    assert allowing([lone, crowded, very], prompts, metadata=metadata).tolist() == [1.0, 1.0, 1.0]
+    assert allowing.last_subscores["with_extra"].tolist() == [0.0, 1.0, 1.0]
+    assert allowing.last_subscores["extra_objects"].tolist() == [0.0, 1.0, 2.0]
+    forbidding = build_reward("geneval", score="binary", extras="forbid")
+    assert forbidding([lone, crowded, very], prompts, metadata=metadata).tolist() == [1.0, 0.0, 0.0]
+    dense = build_reward("geneval", extras="forbid")([lone, crowded, very], prompts, metadata=metadata)
+    assert dense.tolist() == pytest.approx([1.0, (1 + 1 / 2) / 2, (1 + 1 / 3) / 2])
+    with pytest.raises(ValueError, match="extras = 'none' is not known; use one of allow, forbid"):
+        build_reward("geneval", extras="none")
+    with pytest.raises(ValueError, match="`vocabulary` is for the owlv2 detector; the shapes detector looks for "
+                                         "every class of its world"):
+        build_reward("geneval", vocabulary=["dog"])

@@ -98,3 +98,22 @@ def test_owlv2_without_scipy_or_torchvision_names_the_extra(tiny_owlv2, monkeypa
                         lambda name, *a: None if name in ("scipy", "torchvision") else real(name, *a))
     with pytest.raises(ImportError, match=r"needs scipy .* \[owlv2\] extra"):
         Owlv2Detector(pretrained=tiny_owlv2).load()
+
+
+def test_owlv2_looks_for_the_vocabulary_besides_each_prompts_classes(tiny_owlv2, monkeypatch):
+    """`vocabulary` reaches OWLv2's queries (after the prompt's own classes, without repeats), so an object of
+    another class counts as an extra; without it only the prompt's classes are searched."""
+    asked = []
+
+    def record(self, images, classes):
+        asked.extend(classes)
+        return [[] for _ in images]
+
+    monkeypatch.setattr(Owlv2Detector, "detect_batch", record)
+    metadata = [{"include": [{"class": "square", "count": 1}]}]
+    build_reward("geneval", detector="owlv2", pretrained=tiny_owlv2)([scene()], ["a square"], metadata=metadata)
+    build_reward("geneval", detector="owlv2", pretrained=tiny_owlv2, vocabulary=["circle", "square", "dog"])(
+        [scene()], ["a square"], metadata=metadata)
+    assert asked == [["square"], ["square", "circle", "dog"]]
+    with pytest.raises(ValueError, match=r"vocabulary = \[\] must be a non-empty list of class names"):
+        build_reward("geneval", detector="owlv2", pretrained=tiny_owlv2, vocabulary=[])
