@@ -92,10 +92,13 @@ def test_shapes_recipe_runs_and_eval_prints_genevals_table(tmp_path):
     evaluations = read_jsonl(out / "eval.jsonl")
     assert [row["epoch"] for row in evaluations] == [0, 2]
     assert all(0.0 <= row["eval/geneval/mean"] <= 1.0 for row in evaluations)
-    for row in evaluations:  # the clutter GenEval's rules let through, reported by both evaluation rewards
-        for name in ("geneval", "judge"):
+    for row in evaluations:  # the clutter GenEval's rules let through, reported by every evaluation reward
+        for name in ("strict", "geneval", "judge"):
             assert 0.0 <= row[f"eval/{name}/with_extra"] <= row[f"eval/{name}/extra_objects"] <= 4 * 4
-    assert json.loads((out / "best" / "best.json").read_text())["reward"] == "geneval"
+        # forbidding extras fails exactly GenEval's correct images that hold one (same detector, same images)
+        allowed, extra = row["eval/geneval/mean"], row["eval/geneval/with_extra"]
+        assert allowed - extra - 1e-9 <= row["eval/strict/mean"] <= allowed + 1e-9
+    assert json.loads((out / "best" / "best.json").read_text())["reward"] == "strict"
 
     table = CliRunner().invoke(app, ["eval", "builtin:shapes", "--lora", str(out / "final"), "--prompts",
                                      str(ROOT / "recipes" / "prompts" / "shapes_test.jsonl"), "--reward", "geneval",
