@@ -14,11 +14,11 @@ images of a prompt are scored on the same terms. It equals 1 exactly when the bi
 
 GenEval's rules let a picture hold objects nobody asked for (only a counting prompt's `exclude` forbids more of its
 own class), and a policy trained on them learns to fill the picture: on `builtin:shapes` without the KL term, 3.7
-objects an image, 92 % with extras, while the learned judge, which applies the same rules, approves
-(docs/benchmarks.md, "Without the KL"). So every verdict also counts the objects beyond the prompt's (`extra`: all
-detections of every class the detector knows, less the count the prompt asks for), reported as the sub-scores
-`with_extra` and `extra_objects`; `extras = "forbid"` makes them a rule: the binary verdict fails on any extra object
-and the dense credit gains the term asked / found.
+objects an image, 92 % with extras, while the learned judge, applying the same rules, approves (docs/benchmarks.md,
+"Objects nobody asked for"). So every verdict also counts the objects beyond the prompt's (`extra`: all detections of
+every class the detector looks for, less the count the prompt asks for), reported as the sub-scores `with_extra` and
+`extra_objects`; `extras = "forbid"` makes them a rule: the binary verdict fails on any extra object and the dense
+credit gains the term asked / found.
 
 A relation holds GenEval's way: the centre offset, shrunk on each axis by a tenth of both objects' sizes, must point
 within 60 degrees of the relation's direction (its normalised component along that axis above 0.5).
