@@ -196,6 +196,40 @@ def test_http_payload_carries_each_source(edited):
     assert none is None
 
 
+def test_http_payload_sends_a_shared_source_once():
+    """A tree's leaves share their prompt's source (each a separate copy, as the trainer passes them): the request
+    holds each distinct source once plus every image's index, decodes to one source per image again, and the older
+    one-per-image form is still read; a bad index is refused with what is expected."""
+    import json
+
+    from treegrpo.rewards.remote import decode_request, encode_request
+
+    red, white = Image.new("RGB", (8, 8), (200, 0, 0)), Image.new("RGB", (8, 8), (255, 255, 255))
+    sources = [red.copy() for _ in range(27)] + [white.copy() for _ in range(27)]
+    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(54)]
+    data, content_type = encode_request(images, ["p"] * 54, [{}] * 54, "json", sources)
+    payload = json.loads(data)
+    assert len(payload["source_images"]) == 2 and payload["source_index"] == [0] * 27 + [1] * 27
+    multipart, multipart_type = encode_request(images, ["p"] * 54, [{}] * 54, "multipart", sources)
+    assert multipart.count(b'; name="source_') == 2
+    for body, kind in ((data, content_type), (multipart, multipart_type)):
+        _, _, _, decoded = decode_request(body, kind)
+        assert [np.asarray(s).tolist() for s in decoded] == [np.asarray(s).tolist() for s in sources]
+        assert decoded[0] is not decoded[1]  # copies, as the trainer's: a reward that draws on one changes no other
+    old_form = {"prompts": ["a", "b"], "images": payload["images"][:2],
+                "source_images": [payload["source_images"][0], payload["source_images"][1]]}
+    _, _, _, decoded = decode_request(json.dumps(old_form).encode(), "application/json")
+    assert [s.getpixel((0, 0)) for s in decoded] == [(200, 0, 0), (255, 255, 255)]
+    for index in ([0, 2], [0], [0, True], "0"):
+        bad = {**old_form, "source_index": index}
+        with pytest.raises(ValueError, match=r'"source_index" must list, for each of the 2 images, the index of its '
+                                             r"source among the 2 sent"):
+            decode_request(json.dumps(bad).encode(), "application/json")
+    unsourced = {"prompts": ["a"], "images": payload["images"][:1], "source_index": [0]}
+    with pytest.raises(ValueError, match='"source_index" without "source_images"'):
+        decode_request(json.dumps(unsourced).encode(), "application/json")
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", r"line 1: source image 'sources/nope.png' \(.*nope.png\) does not exist; image paths are relative"),
     ("unreadable", r"line 1: source image .*broken.png' is not a readable image"),

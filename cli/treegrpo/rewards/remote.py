@@ -6,6 +6,11 @@ A request is one HTTP POST of a batch, in either body:
 - ``multipart/form-data``: a part ``request`` (the same JSON without ``images``) and parts ``image_0`` ...
   ``image_{N-1}`` (``image/png``): no base64 inflation, for large images.
 
+Editing prompts add their source images: ``"source_images"`` (base64 PNGs; multipart parts ``source_0`` ...) holds
+each DISTINCT source once and ``"source_index"`` (in the JSON) names, per image, which one it edits: a tree's 27
+leaves share one source, which travels once, not 27 times. Without ``"source_index"`` there is one source per image
+(the older form, still accepted).
+
 The answer is JSON: ``{"scores": [float, ...]}`` with one score per image, in order, and optionally
 ``"subscores": {"name": [float, ...], ...}`` (each the same length; the trainer logs their means). Nothing is
 pickled in either direction: a compromised server can send wrong numbers, never code, and the client accepts only a
@@ -17,6 +22,7 @@ reward server needs no extra dependency; how the client connects, times out and 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
@@ -58,23 +64,42 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def encode_request(images: list[Image.Image], prompts: list[str], metadata: list[dict], body: str = "json",
                    source_images: list[Image.Image] | None = None) -> tuple[bytes, str]:
-    """(request body, content type) of one batch; editing prompts send each image's source image too."""
+    """(request body, content type) of one batch; editing prompts send their distinct source images once each and
+    which one every image edits."""
+    texts: dict = {"prompts": prompts, "metadata": metadata}
+    sources: list[Image.Image] = []
+    if source_images is not None:
+        sources, texts["source_index"] = distinct_images(source_images)
     if body == "json":
-        payload = {"prompts": prompts, "metadata": metadata, "images": _base64_pngs(images)}
+        payload = {**texts, "images": _base64_pngs(images)}
         if source_images is not None:
-            payload["source_images"] = _base64_pngs(source_images)
+            payload["source_images"] = _base64_pngs(sources)
         return json.dumps(payload).encode(), "application/json"
     if body != "multipart":
         raise ValueError(f"body must be one of {BODIES}; got {body!r}.")
     boundary = uuid.uuid4().hex
     parts = [(b'Content-Disposition: form-data; name="request"\r\nContent-Type: application/json\r\n\r\n'
-              + json.dumps({"prompts": prompts, "metadata": metadata}).encode())]
+              + json.dumps(texts).encode())]
     parts += [(f'Content-Disposition: form-data; name="{field}_{i}"; filename="{field}_{i}.png"\r\n'
                "Content-Type: image/png\r\n\r\n").encode() + png_bytes(image)
-              for field, batch in (("image", images), ("source", source_images or []))
+              for field, batch in (("image", images), ("source", sources))
               for i, image in enumerate(batch)]
     data = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
     return data + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
+
+
+def distinct_images(images: list[Image.Image]) -> tuple[list[Image.Image], list[int]]:
+    """The distinct images (equal RGB pixels count as one, whatever the object) and each image's index among them."""
+    seen: dict[tuple, int] = {}
+    distinct, index = [], []
+    for image in images:
+        rgb = image.convert("RGB")
+        key = (rgb.size, hashlib.blake2b(rgb.tobytes(), digest_size=16).digest())
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(rgb)
+        index.append(seen[key])
+    return distinct, index
 
 
 def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAGE_PIXELS
@@ -103,10 +128,33 @@ def decode_request(data: bytes, content_type: str, *, max_pixels: int = MAX_IMAG
     else:
         raise ValueError(f"unsupported content type {content_type!r}; send application/json or multipart/form-data")
     prompts, metadata = _checked_texts(payload, len(encoded))
-    if sources is not None and len(sources) != len(encoded):
-        raise ValueError(f"{len(encoded)} images and {len(sources)} source images; send one source per image")
-    return ([_decoded_png(blob, i, max_pixels) for i, blob in enumerate(encoded)], prompts, metadata,
-            None if sources is None else [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(sources)])
+    index = _source_index(payload, sources, len(encoded))
+    decoded = [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(encoded)]
+    if sources is None:
+        return decoded, prompts, metadata, None
+    distinct = [_decoded_png(blob, i, max_pixels) for i, blob in enumerate(sources)]  # each decoded once
+    # a copy per image, as `treegrpo.sources.load_source_images` gives: a reward that draws on one changes no other
+    return decoded, prompts, metadata, [distinct[i].copy() for i in index]
+
+
+def _source_index(payload: dict, sources: list[bytes] | None, count: int) -> list[int]:
+    """Which source each image edits: `source_index` (a list of `count` indices into the sources), or, without
+    it, the i-th source for the i-th image."""
+    index = payload.get("source_index")
+    if sources is None:
+        if index is not None:
+            raise ValueError('"source_index" without "source_images"; send the sources it indexes')
+        return []
+    if index is None:
+        if len(sources) != count:
+            raise ValueError(f"{count} images and {len(sources)} source images; send one source per image, or "
+                             '"source_index"')
+        return list(range(count))
+    if (not isinstance(index, list) or len(index) != count
+            or not all(type(i) is int and 0 <= i < len(sources) for i in index)):
+        raise ValueError(f'"source_index" must list, for each of the {count} images, the index of its source among '
+                         f"the {len(sources)} sent")
+    return index
 
 
 def _base64_pngs(images: list[Image.Image]) -> list[str]:
