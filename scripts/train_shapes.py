@@ -291,8 +291,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build(args: argparse.Namespace) -> tuple[FluxPipeline, dict, dict, list]:
-    """The whole build: render, VAE, denoiser. Returns (pipeline, VAE report, timings, probes)."""
+def build(args: argparse.Namespace) -> tuple[FluxPipeline, dict]:
+    """The whole build: render, VAE, T5 pretraining, denoiser. Returns the pipeline and what `finish` records of the
+    build: the VAE's report, the T5's (None without `--t5-steps`), timings and probes."""
     start, timings = time.perf_counter(), {}
     records = all_prompts()
     images, index = training_pairs(records, args.images, args.seed)
@@ -308,20 +309,21 @@ def build(args: argparse.Namespace) -> tuple[FluxPipeline, dict, dict, list]:
     vae_report["geneval_accuracy_on_reconstructions"] = reconstruction_accuracy(vae, reward, args.seed)
     logger.info("vae: %s (%.0f s)", vae_report, timings["vae_s"])
     pipe = build_pipeline(vae, args.seed)
-    if args.t5_steps:
-        args.t5_report = pretrain_t5(pipe, [*[r["prompt"] for r in records], ""], args.t5_steps, args.seed)
+    t5_report = (pretrain_t5(pipe, [*[r["prompt"] for r in records], ""], args.t5_steps, args.seed)
+                 if args.t5_steps else None)
     with torch.no_grad():
         z = torch.cat([vae.encode(pixels[i:i + 1024]).latent_dist.mean for i in range(0, len(pixels), 1024)])
     latents = (z - vae.config.shift_factor) * vae.config.scaling_factor
     probes = train_denoiser(pipe, latents, torch.tensor(index), records, args, reward)
     timings["denoiser_s"] = round(time.perf_counter() - start - sum(timings.values()), 1)
-    return pipe, vae_report, timings, probes
+    return pipe, {"vae": vae_report, "t5": t5_report, "timings": timings, "probes": probes}
 
 
-def finish(args: argparse.Namespace, pipe: FluxPipeline, vae_report: dict, timings: dict, probes: list) -> None:
+def finish(args: argparse.Namespace, pipe: FluxPipeline, built: dict) -> None:
     """Save the pipeline, the prompt splits, the base model's GenEval table (reloaded from disk, sampled as every
-    caller will), the sample grid and `shapes.json`."""
+    caller will), the sample grid and `shapes.json`; `built` is `build`'s record (empty for `--finish-from`)."""
     start = time.perf_counter()
+    timings = built.get("timings", {})
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     save(pipe, out / "pipeline")
@@ -341,14 +343,15 @@ def finish(args: argparse.Namespace, pipe: FluxPipeline, vae_report: dict, timin
     logger.info("base model: %s; by the judge: %s", base, judged)
     metadata = {
         "name": "shapes", "description": "Tiny FLUX pipeline: 32x32 scenes of 1-4 coloured shapes (GenEval-style).",
-        "pipeline_kwargs": sample_kwargs(), "base_geneval": base, "base_geneval_judge": judged, "vae": vae_report,
+        "pipeline_kwargs": sample_kwargs(), "base_geneval": base, "base_geneval_judge": judged,
+        "vae": built.get("vae", {}),
         "binding": binding_report(shipped),
         "training": {"seed": args.seed, "images": args.images, "vae_steps": args.vae_steps,
                      "denoiser_steps": args.denoiser_steps, "denoiser_lr": args.denoiser_lr, "batch": 128,
                      "empty_prompt_rate": 0.1, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "t5_pretraining": getattr(args, "t5_report", None),
+                     "t5_pretraining": built.get("t5"),
                      "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-                     "timings": timings, "probes": probes, **json.loads(args.notes)},
+                     "timings": timings, "probes": built.get("probes", []), **json.loads(args.notes)},
     }
     (out / "shapes.json").write_text(json.dumps(metadata, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -362,7 +365,7 @@ def main() -> None:
     if args.finish_from:  # a probe saved by --save-probes: the same weights as a build with that many steps
         pipe = FluxPipeline.from_pretrained(args.finish_from)
         pipe.set_progress_bar_config(disable=True)
-        finish(args, pipe, {}, {}, [])
+        finish(args, pipe, {})
     else:
         finish(args, *build(args))
 
