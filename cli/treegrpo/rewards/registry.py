@@ -79,10 +79,8 @@ def build_reward(
     - ``jpeg``: ``quality`` (95). ``digits``: the toy digit classifier of ``builtin:digits``.
     - ``diversity``: mean pixel distance to the prompt's other images in the batch (anti-collapse): ``size`` (64).
     - ``preservation``: editing: 1 - mean pixel difference to the source outside the prompt's ``edit_region``.
-    - ``geneval``: GenEval's judgement against each prompt's metadata (a GenEval ``.jsonl``): ``detector``
-      ("shapes" | "shapes_judge" | "owlv2"), ``score`` ("dense" | "binary"), ``pretrained`` (OWLv2 checkpoint),
-      ``threshold`` (0.3), ``extras`` ("allow" | "forbid": objects nobody asked for), ``vocabulary`` (OWLv2's extra
-      classes).
+    - ``geneval``: GenEval's rules on the prompt's metadata: ``detector`` ("shapes" | "shapes_judge" | "owlv2"),
+      ``score`` ("dense"|"binary"), ``pretrained``, ``threshold`` (0.3), ``extras`` ("allow"|"forbid"), ``vocabulary``.
     - ``ocr``: 1 - normalised edit distance to the prompt's quoted text, read by Tesseract: ``psm`` (6), ``lang``
       ("eng"), ``tesseract_cmd`` ("tesseract"), ``parallel`` (4), ``timeout`` (60).
     - ``python``: ``function`` (required, "module:function" or "file.py:function"), ``batch_size`` (all at once).
