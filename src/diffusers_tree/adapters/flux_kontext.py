@@ -25,13 +25,6 @@ from .base import register_adapter, source_sets
 from .flux import FluxAdapter
 
 
-def preferred_resolution(width: int, height: int) -> tuple[int, int]:
-    """The Kontext resolution (width, height) nearest the image's aspect ratio, as the stock pipeline picks it."""
-    _, preferred_width, preferred_height = min((abs(width / height - w / h), w, h)
-                                               for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
-    return preferred_width, preferred_height
-
-
 @register_adapter("FluxKontextPipeline")
 class FluxKontextAdapter(FluxAdapter):
     hub_tags = ("flux", "flux-diffusers", "flux-kontext")
@@ -74,12 +67,13 @@ class FluxKontextAdapter(FluxAdapter):
                                   guidance_scale=guidance_scale, height=height, width=width, shared=shared)
 
     @classmethod
-    def encoded_source_size(cls, width: int, height: int, auto_resize: bool = True) -> tuple[int, int]:
+    def encoded_source_size(cls, width: int, height: int, auto_resize: bool = True, multiple: int = 16
+                            ) -> tuple[int, int]:
         """Kontext's preferred resolution nearest the aspect ratio (`auto_resize`, the stock default), else as
-        given, floored to a multiple of 16 (as `source_pixels`)."""
+        given, floored to `multiple` (the VAE's scale × the 2×2 packing: 16 for the real models)."""
         if auto_resize:
-            width, height = preferred_resolution(width, height)
-        return width // 16 * 16, height // 16 * 16  # the real VAE's 8× and the 2×2 packing
+            _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return width // multiple * multiple, height // multiple * multiple
 
     def source_pixels(self, images: list, auto_resize: bool, dtype: torch.dtype) -> torch.Tensor:
         """The source images as the stock pipeline preprocesses them, `[P, 3, H, W]` in [-1, 1] on its device. The
@@ -89,9 +83,7 @@ class FluxKontextAdapter(FluxAdapter):
         tensors = []
         for index, img in enumerate(images):
             height, width = processor.get_default_height_width(img)
-            if auto_resize:
-                width, height = preferred_resolution(width, height)
-            height, width = height // multiple * multiple, width // multiple * multiple
+            width, height = self.encoded_source_size(width, height, auto_resize, multiple)
             tensors.append(processor.preprocess(processor.resize(img, height, width), height, width))
             if tensors[-1].shape != tensors[0].shape:
                 raise ValueError(f"source image {index} becomes {width}x{height} pixels but image 0 "

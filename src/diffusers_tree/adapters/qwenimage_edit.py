@@ -108,7 +108,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
         """One prompt's sources VAE-encoded (latent mode, normalised) and packed, `[S, 4·C]`, and their grids."""
         pipe, packed, grids = self.pipe, [], []
         for image in images:
-            width, height, _ = calculate_dimensions(SOURCE_AREA, image.size[0] / image.size[1])
+            width, height = self.encoded_source_size(*image.size)
             pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)  # [1, 3, 1, H, W]
             latents = pipe._encode_vae_image(pixels.to(pipe._execution_device, pipe.vae.dtype), generator=None)
             channels, grid_h, grid_w = latents.shape[1], latents.shape[3], latents.shape[4]
