@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from treegrpo.builtin.shapes_world import SHAPES
 from treegrpo.rewards.base import RewardBase, check_batch
 from treegrpo.rewards.detectors import Detection, Detector, Owlv2Detector, ShapesDetector
 from treegrpo.rewards.shapes_judge import ShapesJudgeDetector
@@ -159,7 +158,7 @@ class GenEvalReward(RewardBase):
                              "detector has no weights.")
         if vocabulary is not None and detector != "owlv2":
             raise ValueError(f"geneval: `vocabulary` is for the owlv2 detector; the {detector} detector looks for "
-                             f"every class of its world ({', '.join(SHAPES)}).")
+                             f"every class of its world ({', '.join(ShapesDetector.vocabulary)}).")
         if vocabulary is not None and (not isinstance(vocabulary, list | tuple) or not vocabulary
                                        or not all(isinstance(c, str) and c for c in vocabulary)):
             raise ValueError(f"geneval: vocabulary = {vocabulary!r} must be a non-empty list of class names.")
