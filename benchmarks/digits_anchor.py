@@ -9,6 +9,10 @@ anchor as a placeholder reward whose scores this replaces (its `weight` is the a
         strict=true}, {kind="python", function="benchmarks/digits_anchor.py:placeholder", weight=0.5,
         name="anchor"}]' --set output.dir='"/tmp/anchor"'
 
+Name the placeholder `anchor_gated` to gate the anchor by the first reward: a leaf earns closeness only as far as
+that reward accepts it (score · max(0, 1 − distance / ANCHOR_SCALE)), so a wrong digit gains nothing by staying near
+a wrong anchor.
+
 The first epoch prints the leaves' distance to their own tree's anchor and to another tree's (with `sampling.eta`
 near 0 the first is ~0.015: the replayed noise is the rollout's). Results: docs/benchmarks.md, "Judged strictly".
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 import sys
 
 import torch
+
+ANCHOR_SCALE = 0.3  # RMS pixel distance at which a gated anchor's credit reaches 0 (another tree's anchor: ~0.26)
 
 
 def placeholder(images, prompts):
@@ -57,7 +63,13 @@ def anchored(rollout_and_score):
             other = anchors[(tree_of_leaf + 1) % anchors.shape[0]]
             print(f"anchor: leaves' RMS distance to their own tree's anchor {rms(anchors[tree_of_leaf]).mean():.3f}, "
                   f"to another tree's {rms(other).mean():.3f}")
-        out.scores[1] = -rms(anchors[tree_of_leaf])
+        distance = rms(anchors[tree_of_leaf])
+        if run.recipe.reward[1].name.endswith("gated"):
+            # only a leaf the first reward accepts earns closeness (1 at its anchor, 0 at ANCHOR_SCALE or beyond):
+            # a wrong digit gains nothing by staying near a wrong anchor
+            out.scores[1] = out.scores[0] * (1 - distance / ANCHOR_SCALE).clamp(min=0)
+        else:
+            out.scores[1] = -distance
         return out
 
     return wrapped

@@ -43,3 +43,47 @@ def test_digits_recipe_runs_from_the_builtin_model(tmp_path):
     assert table.returncode == 0, table.stderr
     assert "| digit | base | recipe |" in table.stdout and "| **all** |" in table.stdout
     assert (tmp_path / "grids" / "digits_recipe_grid.png").is_file()
+
+
+def test_lora_steps_benchmark_switches_the_lora_at_exactly_the_listed_steps(tmp_path):
+    """benchmarks/digits_lora_steps.py's claim rests on its switch: the denoiser sees the LoRA at the listed steps
+    and no others (an off-by-one in the step callback would shift every row by a step), and the images with it on at
+    every step are the LoRA model's."""
+    import importlib.util
+
+    import torch
+    from peft import LoraConfig
+
+    from treegrpo.builtin import load_digits_pipeline
+
+    spec = importlib.util.spec_from_file_location("digits_lora_steps", ROOT / "benchmarks" / "digits_lora_steps.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe, meta = load_digits_pipeline()
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # peft starts B at zero (a no-op LoRA); a random B makes the switch visible in the images
+        for name, weight in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.05)
+    pipe.set_progress_bar_config(disable=True)
+    lora_layers = [m for m in pipe.transformer.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(not lora_layers[0].disable_adapters))
+
+    def sample(on):
+        seen.clear()
+        return bench.sample_with_lora_on(pipe, meta, on, "a handwritten digit four",
+                                         [torch.Generator().manual_seed(j) for j in range(2)])
+
+    steps = meta["pipeline_kwargs"]["num_inference_steps"]
+    for on in ({0, 1, 2}, {4, 5, 6, 7, 8, 9}, {3}):
+        sample(on)
+        assert seen == [step in on for step in range(steps)], on
+    assert not lora_layers[0].disable_adapters  # left on for whoever uses the pipeline next
+    with torch.no_grad():
+        lora = pipe("a handwritten digit four", num_images_per_prompt=2, output_type="pt",
+                    generator=[torch.Generator().manual_seed(j) for j in range(2)], **meta["pipeline_kwargs"]).images
+    torch.testing.assert_close(sample(set(range(steps))), lora, rtol=0, atol=0)
+    assert (sample(set()) - lora).abs().max() > 1e-3  # the random LoRA changes the images: the switch matters
+    assert set(bench.step_sets(steps)) == {"none", "all", "0-1", "0-2", "0-4", "2-9", "3-9", "5-9"}
