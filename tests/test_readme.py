@@ -73,11 +73,12 @@ def test_the_install_lines_get_the_cpu_build_and_ci_runs_the_test_command():
     cpu_torch = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
     assert quickstart.startswith(cpu_torch + " && pip install -e .")
     assert "treegrpo run recipes/digits.toml" in quickstart
+    tests = "python -m pytest -x -q -n auto --dist worksteal tests"  # one worker per core (tests/conftest.py)
     (command,) = [b for b in _blocks("bash") if "pytest" in b]
-    assert command.strip() == f'{cpu_torch} && pip install -e ".[dev]" && python -m pytest -x -q tests'
+    assert command.strip() == f'{cpu_torch} && pip install -e ".[dev]" && {tests}'
     ci = (ROOT / ".ci" / "run").read_text()
     # CI installs torch from its own CPU wheel (PyTorch's index is unreachable there), then exactly the rest
-    assert 'pip install -e ".[dev]"' in ci and "python -m pytest -x -q tests" in ci and "torch==2.13.0" in ci
+    assert 'pip install -e ".[dev]"' in ci and tests in ci and "torch==2.13.0" in ci
     assert "python .ci/check_install.py" in ci
 
 
