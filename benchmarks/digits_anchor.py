@@ -64,7 +64,7 @@ def anchored(rollout_and_score):
             print(f"anchor: leaves' RMS distance to their own tree's anchor {rms(anchors[tree_of_leaf]).mean():.3f}, "
                   f"to another tree's {rms(other).mean():.3f}")
         distance = rms(anchors[tree_of_leaf])
-        if run.recipe.reward[1].name.endswith("gated"):
+        if (run.recipe.reward[1].name or "").endswith("gated"):
             # only a leaf the first reward accepts earns closeness (1 at its anchor, 0 at ANCHOR_SCALE or beyond):
             # a wrong digit gains nothing by staying near a wrong anchor
             out.scores[1] = out.scores[0] * (1 - distance / ANCHOR_SCALE).clamp(min=0)

@@ -1,6 +1,6 @@
 """The whole suite takes its CPU threads like `treegrpo run` does (treegrpo.run.threads): on a busy machine torch's
 default of one thread per core made the suite 5x slower (29 min vs 5 min 51 s idle). OMP_NUM_THREADS, when set (as
-`.ci/run` does), still wins."""
+`.ci/run` does), still wins; under `pytest -n N` (the README's command) each worker takes its share of the cores."""
 
 import os
 
@@ -18,6 +18,7 @@ def pytest_configure(config):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         share = max(1, cores // workers)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
+    if "PYTEST_XDIST_WORKER" in os.environ:
         # xdist starts its workers with COLUMNS=80 / LINES=24, which rich reads once, when a Console is made (the
         # CLI's is made at import): the tables that tests read at COLUMNS=250 would wrap at 80 under `-n`
         os.environ.pop("COLUMNS", None)
