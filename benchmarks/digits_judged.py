@@ -28,27 +28,36 @@ from treegrpo.run.metrics import image_grid  # noqa: E402
 from treegrpo.train.diagnostics import leaf_diversity  # noqa: E402
 
 
-def judge_model(lora: str | None, samples: int) -> tuple[dict[int, dict[str, float]], torch.Tensor]:
-    """Per digit: the three accuracies (the `digits` reward as the trainer builds it) and the diversity; and every
-    sample's pixels `[10 · samples, 1, 16, 16]`."""
-    pipe, meta = load_digits_pipeline()
-    if lora:
-        pipe.load_lora_weights(lora)
+def judge_digits(sample, samples: int) -> tuple[dict[int, dict[str, float]], torch.Tensor]:
+    """Per digit: the three accuracies (the `digits` reward as the trainer builds it) and the diversity of
+    `sample(prompt, generators)`'s images, image j of digit c from seed 1000·c + j; and every sample's pixels
+    `[10 · samples, 1, 16, 16]`."""
     judges = {"reward": build_reward("digits"), "judge": build_reward("digits", classifier="judge"),
               "strict": build_reward("digits", classifier="judge", strict=True)}
     table, pixels = {}, []
     for digit, word in enumerate(DIGIT_WORDS):
-        generators = [torch.Generator().manual_seed(1000 * digit + j) for j in range(samples)]
         prompt = f"a handwritten digit {word}"
-        with torch.no_grad():
-            images = pipe(prompt=prompt, num_images_per_prompt=samples, generator=generators, output_type="pt",
-                          **meta["pipeline_kwargs"]).images
+        images = sample(prompt, [torch.Generator().manual_seed(1000 * digit + j) for j in range(samples)])
         table[digit] = {name: judge.score_and_accuracy(images, [prompt] * samples)[1]
                         for name, judge in judges.items()}
         diversity, _ = leaf_diversity(images, torch.zeros(samples, dtype=torch.long))  # one group: this digit
         table[digit]["diversity"] = diversity
         pixels.append(images_to_pixels(images))
     return table, torch.cat(pixels)
+
+
+def judge_model(lora: str | None, samples: int) -> tuple[dict[int, dict[str, float]], torch.Tensor]:
+    """`judge_digits` on the stock pipeline's ODE samples, with `lora` loaded if given."""
+    pipe, meta = load_digits_pipeline()
+    if lora:
+        pipe.load_lora_weights(lora)
+
+    def sample(prompt, generators):
+        with torch.no_grad():
+            return pipe(prompt=prompt, num_images_per_prompt=len(generators), generator=generators,
+                        output_type="pt", **meta["pipeline_kwargs"]).images
+
+    return judge_digits(sample, samples)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Where a tuned digits LoRA acts: the stock ODE sampler with the LoRA switched on at some denoising steps only
-(`callback_on_step_end` enables it for the next step, disables it otherwise), judged per set of steps by the strict
-judge and the judge, with within-prompt diversity (the trainer's `leaf_diversity`):
+(`callback_on_step_end` enables it for the next step, disables it otherwise), judged per set of steps as
+`digits_judged.py` judges a model (the strict judge, the judge, within-prompt diversity):
 
     python benchmarks/digits_lora_steps.py runs/digits/final --samples 16
 
@@ -17,12 +17,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
 
 from treegrpo.builtin import load_digits_pipeline  # noqa: E402
-from treegrpo.rewards import build_reward  # noqa: E402
-from treegrpo.rewards.digits import DIGIT_WORDS  # noqa: E402
-from treegrpo.train.diagnostics import leaf_diversity  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, as gpu_check.py does
+from digits_judged import judge_digits  # noqa: E402
 
 
 def step_sets(steps: int) -> dict[str, set[int]]:
@@ -51,17 +54,11 @@ def sample_with_lora_on(pipe, meta, on: set[int], prompt: str, generators: list)
         pipe.enable_lora()
 
 
-def judge_with_lora_on(pipe, meta, on: set[int], samples: int, judges: dict) -> dict[str, float]:
-    """Mean over digits of each judge's accuracy and of the within-digit diversity, the LoRA on at steps `on`."""
-    totals = dict.fromkeys([*judges, "diversity"], 0.0)
-    for digit, word in enumerate(DIGIT_WORDS):
-        prompt = f"a handwritten digit {word}"
-        generators = [torch.Generator().manual_seed(1000 * digit + j) for j in range(samples)]
-        images = sample_with_lora_on(pipe, meta, on, prompt, generators)
-        for name, judge in judges.items():
-            totals[name] += judge.score_and_accuracy(images, [prompt] * samples)[1] / len(DIGIT_WORDS)
-        totals["diversity"] += leaf_diversity(images, torch.zeros(samples, dtype=torch.long))[0] / len(DIGIT_WORDS)
-    return totals
+def judge_with_lora_on(pipe, meta, on: set[int], samples: int) -> dict[str, float]:
+    """Means over digits of `digits_judged.judge_digits`'s accuracies and diversity, the LoRA on at steps `on`."""
+    table, _ = judge_digits(lambda prompt, generators: sample_with_lora_on(pipe, meta, on, prompt, generators),
+                            samples)
+    return {key: sum(row[key] for row in table.values()) / len(table) for key in ("strict", "judge", "diversity")}
 
 
 def main() -> None:
@@ -72,13 +69,11 @@ def main() -> None:
     pipe, meta = load_digits_pipeline()
     pipe.load_lora_weights(args.lora)
     pipe.set_progress_bar_config(disable=True)
-    judges = {"strict": build_reward("digits", classifier="judge", strict=True),
-              "judge": build_reward("digits", classifier="judge")}
     steps = meta["pipeline_kwargs"]["num_inference_steps"]
     print(f"{args.samples} ODE samples per digit, LoRA on at the listed steps (0-based, of {steps})\n")
     print("| LoRA on at steps | strict judge | judge | diversity |\n|---|---|---|---|")
     for name, on in step_sets(steps).items():
-        row = judge_with_lora_on(pipe, meta, on, args.samples, judges)
+        row = judge_with_lora_on(pipe, meta, on, args.samples)
         print(f"| {name} | {row['strict']:.3f} | {row['judge']:.3f} | {row['diversity']:.3f} |", flush=True)
 
 
