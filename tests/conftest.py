@@ -8,15 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_configure(config):
-    from treegrpo.run.threads import apply_cpu_threads
+    from treegrpo.run.threads import apply_cpu_threads, usable_cores
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         # `pytest -n N`: the cores split between the workers, and the same count for the runs they start in
         # subprocesses (the environment wins there too); two workers at two threads each on two cores stall
         # every small op (treegrpo.run.threads)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        share = max(1, cores // workers)
+        share = max(1, usable_cores() // workers)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
     if "PYTEST_XDIST_WORKER" in os.environ:
         # xdist starts its workers with COLUMNS=80 / LINES=24, which rich reads once, when a Console is made (the

@@ -50,13 +50,18 @@ def choose_cpu_threads(*, recipe_threads: int | None, env: dict, usable_cores: i
                                  "process(es) here")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def apply_cpu_threads(recipe_threads: int | None, local_processes: int = 1, recorded: int | None = None
                       ) -> ThreadChoice:
     """Choose for this machine now (or reuse `recorded`) and set torch's intra-op threads. Returns the choice, its
     reason saying so when an explicit choice differs from `recorded` (for the log line)."""
     import torch
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     load = busy_cores_now()
     if load is None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
