@@ -67,6 +67,7 @@ def _literal(text: str):
 
 def build_rewards(specs: list[str], device, dtype) -> list:
     from treegrpo.rewards import build_reward
+    from treegrpo.rewards.registry import share_models
 
     rewards = []
     for spec in specs:
@@ -76,7 +77,7 @@ def build_rewards(specs: list[str], device, dtype) -> list:
         except ValueError as err:
             raise InferenceError(f"--reward {spec!r}: {err}") from None
         rewards.append(reward)
-    return rewards
+    return share_models(rewards)
 
 
 def load_for_inference(model: str, lora: str | None, *, dtype: str = "fp32", device: str | None = None):

@@ -52,6 +52,8 @@ class RewardBase:
     - `score_and_accuracy`: the scores and, for rewards that judge right/wrong (digits), the accuracy.
     - `load()` loads what loads lazily and returns the reward; `modules()` lists the torch models it holds once
       loaded (what `model.offload_rewards` moves), none by default.
+    - `share_from(earlier)`: adopt a model that a reward built before this one already holds, where both would load
+      the same one (two `geneval` rewards on one detector); nothing by default (`registry.share_models`).
 
     `__call__(images, prompts)` takes N 8-bit RGB PIL images and N prompts (image i was generated for prompt i) and
     returns float32 scores of shape `[N]` on the CPU; higher is better."""
@@ -71,6 +73,9 @@ class RewardBase:
 
     def modules(self) -> list[torch.nn.Module]:
         return []
+
+    def share_from(self, earlier: list[RewardBase]) -> None:
+        """Adopt a model of a reward in `earlier` where this one would load the same; nothing by default."""
 
     def score(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None = None,
               source_images: list[Image.Image] | None = None) -> torch.Tensor:

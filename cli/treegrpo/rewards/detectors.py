@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,12 +45,23 @@ class Detection:
     score: float
 
 
+@dataclass(frozen=True)
+class RememberedBatch:
+    """A detector's last batch (`Detector.detect_batch_once`): weak references to its images, the classes asked of
+    each, and what was found in each."""
+
+    images: tuple[weakref.ref, ...]
+    classes: tuple[tuple[str, ...], ...]
+    found: list[list[Detection]]
+
+
 class Detector:
     """Base of the `geneval` detectors: `detect(image, classes)` returns the objects of those classes it finds."""
 
     name = "detector"
     # every class it looks for besides a prompt's own, so the objects nobody asked for are counted (`geneval`'s extras)
     vocabulary: tuple[str, ...] = ()
+    _last_batch: RememberedBatch | None = None
 
     def detect(self, image: Image.Image, classes: list[str]) -> list[Detection]:
         raise NotImplementedError
@@ -57,6 +69,20 @@ class Detector:
     def detect_batch(self, images: list[Image.Image], classes: list[list[str]]) -> list[list[Detection]]:
         """`detect` on each image with its own classes (a detector with a batched model overrides this)."""
         return [self.detect(image, names) for image, names in zip(images, classes, strict=True)]
+
+    def detect_batch_once(self, images: list[Image.Image], classes: list[list[str]]) -> list[list[Detection]]:
+        """`detect_batch`, remembered for the last batch: rewards that share this detector (`geneval`'s `share_from`)
+        and score the same images in a row (the dense credit, then the verdict) run it once. A repeat must hold the
+        very same image objects, checked through weak references (an id alone can be reused once an image is
+        freed), and ask the same classes."""
+        asked = tuple(tuple(names) for names in classes)
+        last = self._last_batch
+        if last is not None and last.classes == asked and len(last.images) == len(images) \
+                and all(ref() is image for ref, image in zip(last.images, images, strict=True)):
+            return [list(found) for found in last.found]
+        found = self.detect_batch(images, classes)
+        self._last_batch = RememberedBatch(tuple(weakref.ref(image) for image in images), asked, found)
+        return [list(detections) for detections in found]
 
     def load(self) -> Detector:
         return self

@@ -163,6 +163,8 @@ class GenEvalReward(RewardBase):
                                        or not all(isinstance(c, str) and c for c in vocabulary)):
             raise ValueError(f"geneval: vocabulary = {vocabulary!r} must be a non-empty list of class names.")
         self.score_kind, self.extras = score, extras
+        # what makes two geneval rewards' detectors the same one (`share_from`)
+        self.detector_settings = (detector, pretrained, threshold, tuple(vocabulary or ()), str(device), dtype)
         # named by its detector, so `treegrpo eval --reward geneval --reward geneval:detector=shapes_judge` keeps both
         self.name = {"shapes": "geneval", "shapes_judge": "geneval_judge"}.get(detector, f"geneval_{detector}")
         self.detector: Detector
@@ -184,13 +186,21 @@ class GenEvalReward(RewardBase):
     def modules(self) -> list[torch.nn.Module]:
         return self.detector.modules()
 
+    def share_from(self, earlier: list) -> None:
+        """The detector of an earlier geneval reward with the same detector settings: one copy of OWLv2 (or the
+        judge) in memory, and one detection pass over a batch both score (`Detector.detect_batch_once`)."""
+        for other in earlier:
+            if isinstance(other, GenEvalReward) and other.detector_settings == self.detector_settings:
+                self.detector = other.detector
+                return
+
     def verdicts(self, images: list[Image.Image], prompts: list[str], metadata: list[dict] | None) -> list[Verdict]:
         n = check_batch(images, prompts, "geneval")
         metadata = metadata if metadata is not None else [None] * n
         checked = [check_metadata(m, i) for i, m in enumerate(metadata)]
         vocabulary = list(self.detector.vocabulary)
-        found = self.detector.detect_batch(list(images), [list(dict.fromkeys(classes_of(m) + vocabulary))
-                                                          for m in checked])
+        found = self.detector.detect_batch_once(list(images), [list(dict.fromkeys(classes_of(m) + vocabulary))
+                                                               for m in checked])
         return [judge(detections, m, self.extras) for detections, m in zip(found, checked, strict=True)]
 
     def __call__(self, images, prompts, metadata: list[dict] | None = None) -> torch.Tensor:

@@ -119,3 +119,12 @@ def build_reward(
             f"reward kind {kind!r} needs the option{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}."
         )
     return factory(device=torch.device(device), dtype=resolve_dtype(dtype), **options)
+
+
+def share_models(rewards: list[RewardBase]) -> list[RewardBase]:
+    """Let each reward adopt the models of those before it (`RewardBase.share_from`), so a run that judges with the
+    same detector twice (GenEval's dense credit and its verdict, in training and in evaluation) holds it once and,
+    for a batch both score, runs it once. Returns `rewards`."""
+    for i, reward in enumerate(rewards):
+        reward.share_from(rewards[:i])
+    return rewards

@@ -154,6 +154,9 @@ def setup(recipe: Recipe, reporter: Reporter, recorded_threads: int | None = Non
     # evaluation judges with the [[eval_reward]] tables, else with the training rewards themselves (no second load)
     eval_rewards = [] if not recipe.evaluation.enabled else \
         _setup_rewards(recipe, accelerator.device, reporter, "eval_reward") if recipe.eval_reward else rewards
+    from treegrpo.rewards.registry import share_models
+
+    share_models([*rewards, *(eval_rewards if eval_rewards is not rewards else [])])  # one detector, not three
     loaded = _setup_model(recipe, accelerator.device, reporter)
     pipe, name = loaded.pipe, loaded.denoiser_name
     denoiser = getattr(pipe, name)
