@@ -2,6 +2,7 @@
 batch that several of them score in a row (the shapes recipe's dense credit and verdict)."""
 
 import gc
+import json
 import random
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_treegrpo_eval_and_a_run_load_one_detector_per_setting(tmp_path):
                                           "cpu", torch.float32)
     assert binary.detector is shapes.detector and judge.detector is not shapes.detector
     # the shapes recipe: dense + verdict for training, strict + geneval (shapes) and judge for evaluation
-    recipe = load_recipe(ROOT / "recipes" / "shapes.toml", [f"output.dir={str(tmp_path / 'run')!r}".replace("'", '"')])
+    recipe = load_recipe(ROOT / "recipes" / "shapes.toml", [f"output.dir={json.dumps(str(tmp_path / 'run'))}"])
     run = setup(recipe, Reporter(enabled=False))
     detectors = {id(r.detector) for r in [*run.rewards, *run.eval_rewards]}
     assert len(detectors) == 2
